@@ -1,0 +1,9 @@
+// Umbrella header of the torch-free bitpress kernel API (link bitpress::kernels).
+#pragma once
+
+#include "bitpress/cpu.h"
+#include "bitpress/dtype.h"
+#include "bitpress/int4.h"
+#include "bitpress/int4_dequantize.h"
+#include "bitpress/status.h"
+#include "bitpress/version.h"

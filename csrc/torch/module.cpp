@@ -1,0 +1,119 @@
+// The extension module bitpress._C: every op schema of the `bitpress` library, and a few plain
+// Python functions (build and CPU facts, the CPU ISA override) for bitpress.info / tests.
+//
+// Importing bitpress._C runs the static registrations of this file and of the op files.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "bitpress/cpu.h"
+#include "bitpress/version.h"
+#include "glue.h"
+
+#ifndef BITPRESS_CUDA_ARCHS
+#define BITPRESS_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(bitpress, m) {
+  // Shapes: qweight [K/8, N] int32, scales [G, N], qzeros [G, ceil(N/8)] int32, g_idx [K] int32,
+  // out [K, N]. See python/bitpress/ops.py for the full contract.
+  m.def(
+      "int4_dequantize(Tensor qweight, Tensor scales, Tensor? qzeros, Tensor? g_idx, "
+      "int group_size, ScalarType? dtype=None) -> Tensor");
+}
+
+namespace {
+
+PyObject* py_cpu_features(PyObject*, PyObject*) {
+  const bitpress::CpuFeatures& f = bitpress::cpu_features();
+  std::string s;
+  auto add = [&](bool on, const char* name) {
+    if (on) s += std::string(s.empty() ? "" : ",") + name;
+  };
+  add(f.avx2, "avx2");
+  add(f.fma, "fma");
+  add(f.f16c, "f16c");
+  add(f.avx512f, "avx512f");
+  add(f.avx512bw, "avx512bw");
+  add(f.avx512vl, "avx512vl");
+  add(f.avx512dq, "avx512dq");
+  add(f.avx512_vnni, "avx512_vnni");
+  add(f.avx512_bf16, "avx512_bf16");
+  add(f.avx512_fp16, "avx512_fp16");
+  add(f.amx_tile, "amx_tile");
+  add(f.amx_bf16, "amx_bf16");
+  add(f.amx_int8, "amx_int8");
+  return PyUnicode_FromString(s.c_str());
+}
+
+PyObject* py_cuda_archs(PyObject*, PyObject*) { return PyUnicode_FromString(BITPRESS_CUDA_ARCHS); }
+
+PyObject* py_with_cuda(PyObject*, PyObject*) {
+#if defined(BITPRESS_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(bitpress::cpu_isa_name(bitpress::active_cpu_isa()));
+}
+
+PyObject* py_best_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(bitpress::cpu_isa_name(bitpress::best_cpu_isa()));
+}
+
+// set_cpu_isa(name or None): force a CPU kernel path ("scalar", "avx2", "avx512"); None resets.
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  if (arg == Py_None) {
+    bitpress::reset_cpu_isa();
+    Py_RETURN_NONE;
+  }
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (!name) return nullptr;
+  for (int i = 0; i <= int(bitpress::CpuIsa::kAvx512); ++i) {
+    const auto isa = bitpress::CpuIsa(i);
+    if (std::string(name) == bitpress::cpu_isa_name(isa)) {
+      if (bitpress::set_cpu_isa(isa) != bitpress::Status::kSuccess) {
+        PyErr_Format(PyExc_ValueError, "set_cpu_isa: this CPU cannot run the '%s' path (best: %s)",
+                     name, bitpress::cpu_isa_name(bitpress::best_cpu_isa()));
+        return nullptr;
+      }
+      Py_RETURN_NONE;
+    }
+  }
+  PyErr_Format(PyExc_ValueError,
+               "set_cpu_isa: isa must be 'scalar', 'avx2', 'avx512' or None, got '%s'", name);
+  return nullptr;
+}
+
+PyObject* py_set_poison_outputs(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  const bool prev = bitpress::glue::poison_outputs().exchange(on != 0);
+  return PyBool_FromLong(prev);
+}
+
+PyMethodDef kMethods[] = {
+    {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features the kernels can use."},
+    {"cuda_archs", py_cuda_archs, METH_NOARGS, "CUDA archs compiled into this extension."},
+    {"with_cuda", py_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The CPU kernel path in use."},
+    {"best_cpu_isa", py_best_cpu_isa, METH_NOARGS, "The best CPU kernel path of this CPU."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O, "Force a CPU kernel path; None resets."},
+    {"set_poison_outputs", py_set_poison_outputs, METH_O,
+     "Fill op outputs with NaN / INT_MIN before kernels write them; returns the previous flag."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "bitpress kernels (torch ops bitpress::*)",
+                       -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&kModule);
+  if (m) PyModule_AddStringConstant(m, "__version__", BITPRESS_VERSION_STRING);
+  return m;
+}
