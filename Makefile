@@ -48,7 +48,7 @@ test-cpp: $(VENV)/.deps
 test-py: build
 	$(PY) -m pytest -q tests
 
-test: build test-cpp test-py
+test: build lint test-cpp test-py
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only -q -s

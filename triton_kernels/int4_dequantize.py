@@ -42,8 +42,9 @@ def int4_dequantize_kernel(
     mask_k = offs_k < K
     mask = mask_k[:, None] & (offs_n < N)[None, :]
 
-    words = tl.load(qweight_ptr + (offs_k // 8)[:, None] * stride_q + offs_n[None, :], mask=mask,
-                    other=0)
+    words = tl.load(
+        qweight_ptr + (offs_k // 8)[:, None] * stride_q + offs_n[None, :], mask=mask, other=0
+    )
     q = (words >> ((offs_k % 8) * 4).to(tl.int32)[:, None]) & 0xF
 
     if HAS_G_IDX:
@@ -54,15 +55,20 @@ def int4_dequantize_kernel(
     g = tl.where(g_ok, g, 0)
     s = tl.load(scales_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask, other=0.0)
     if HAS_ZEROS:
-        zw = tl.load(qzeros_ptr + g[:, None] * stride_z + (offs_n // 8)[None, :], mask=mask, other=0)
+        zw = tl.load(
+            qzeros_ptr + g[:, None] * stride_z + (offs_n // 8)[None, :], mask=mask, other=0
+        )
         z = (zw >> ((offs_n % 8) * 4).to(tl.int32)[None, :]) & 0xF
     else:
         z = 8
     w = (q - z).to(tl.float32) * s.to(tl.float32)
     # A g_idx outside [0, G) cannot be raised without a host sync: NaN marks it.
     w = tl.where(g_ok[:, None], w, float("nan"))
-    tl.store(out_ptr + offs_k[:, None] * stride_o + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        out_ptr + offs_k[:, None] * stride_o + offs_n[None, :],
+        w.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -74,8 +80,16 @@ def _row_stride(t: torch.Tensor) -> int:
     return max(t.shape[1], 1) if t.shape[0] <= 1 else t.stride(0)
 
 
-def int4_dequantize(qweight, scales, qzeros, g_idx, group_size: int, dtype: torch.dtype,
-                    block_k: int = 32, block_n: int = 64):
+def int4_dequantize(
+    qweight,
+    scales,
+    qzeros,
+    g_idx,
+    group_size: int,
+    dtype: torch.dtype,
+    block_k: int = 32,
+    block_n: int = 64,
+):
     """Launch the kernel; arguments already checked by bitpress.ops."""
     K, N, G = qweight.shape[0] * 8, qweight.shape[1], scales.shape[0]
     out = new_output((K, N), dtype, qweight.device)
@@ -87,12 +101,22 @@ def int4_dequantize(qweight, scales, qzeros, g_idx, group_size: int, dtype: torc
     gs = K if group_size == -1 else group_size
     grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
     for_device(int4_dequantize_kernel, qweight.device)[grid](
-        qweight, scales, qzeros if qzeros is not None else qweight,
-        g_idx if g_idx is not None else qweight, out,
-        K, N, gs, G,
-        _row_stride(qweight), _row_stride(scales),
-        _row_stride(qzeros) if qzeros is not None else 0, _row_stride(out),
-        HAS_ZEROS=qzeros is not None, HAS_G_IDX=g_idx is not None,
-        BLOCK_K=block_k, BLOCK_N=block_n,
+        qweight,
+        scales,
+        qzeros if qzeros is not None else qweight,
+        g_idx if g_idx is not None else qweight,
+        out,
+        K,
+        N,
+        gs,
+        G,
+        _row_stride(qweight),
+        _row_stride(scales),
+        _row_stride(qzeros) if qzeros is not None else 0,
+        _row_stride(out),
+        HAS_ZEROS=qzeros is not None,
+        HAS_G_IDX=g_idx is not None,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
     )
     return out

@@ -1,102 +1,100 @@
 // CPU kernel of int4_dequantize (see bitpress/int4_dequantize.h for the formula and layouts).
 //
-// One body, compiled three times: plain, and inside functions with the AVX2 and AVX-512 target
-// attributes, so that the compiler vectorizes the N loop for each ISA; the run-time choice comes
-// from active_cpu_isa(). Work is split over packed rows (8 rows of K each).
-#include <cmath>
+// Work is split over packed rows (8 rows of K each). Per row k, the scales and zero points of its
+// group are widened once into float / int32 buffers (reused while consecutive rows share the group,
+// i.e. 128 rows at a time without act-order), so the inner loop over N is branch-free:
+//   t[n] = float(((qweight[k/8, n] >> 4(k%8)) & 15) - z[n]) * s[n]
+// which the compiler vectorizes for each ISA path (same body, compiled under the AVX2 / AVX-512
+// target attributes); the rounding to fp16/bf16 is an explicit SIMD conversion (convert.cpp).
+#include "bitpress/int4_dequantize.h"
+
+#include <algorithm>
+#include <vector>
 
 #include "bitpress/int4.h"
-#include "bitpress/int4_dequantize.h"
+#include "convert.h"
 
 namespace bitpress {
 namespace {
 
-template <DType T>
-struct Elem;
-template <>
-struct Elem<DType::kFloat32> {
-  using type = float;
-  static inline float load(float v) { return v; }
-  static inline float store(float v) { return v; }
-};
-template <>
-struct Elem<DType::kFloat16> {
-  using type = uint16_t;
-  static inline float load(uint16_t v) { return half_bits_to_float(v); }
-  static inline uint16_t store(float v) { return float_to_half_bits(v); }
-};
-template <>
-struct Elem<DType::kBFloat16> {
-  using type = uint16_t;
-  static inline float load(uint16_t v) { return bf16_bits_to_float(v); }
-  static inline uint16_t store(float v) { return float_to_bf16_bits(v); }
+constexpr int64_t kChunk = 1024;  // columns per inner pass: the float tile stays in L1
+
+struct RowBuffers {
+  std::vector<float> scale, tmp;
+  std::vector<int32_t> zero;
+  int64_t group = -1;
 };
 
-template <DType S, DType O>
-__attribute__((always_inline)) inline void dequant_rows(const Int4DequantizeParams& p,
-                                                        int64_t r0, int64_t r1) {
-  using ST = typename Elem<S>::type;
-  using OT = typename Elem<O>::type;
-  const ST* scales = static_cast<const ST*>(p.scales);
-  OT* out = static_cast<OT*>(p.out);
+inline void load_group(const Int4DequantizeParams& p, int64_t g, RowBuffers& b) {
+  for (int64_t n = 0; n < p.N; ++n) {
+    b.scale[n] = load_as_float(p.scales, p.scales_dtype, g * p.scales_row_stride + n);
+  }
+  if (p.qzeros) {
+    const uint32_t* zrow = reinterpret_cast<const uint32_t*>(p.qzeros + g * p.qzeros_row_stride);
+    for (int64_t n = 0; n < p.N; ++n) b.zero[n] = unpack_nibble(zrow[n >> 3], int(n & 7));
+  }
+  b.group = g;
+}
+
+__attribute__((always_inline)) inline void dequant_chunk(const uint32_t* __restrict q,
+                                                         const int32_t* __restrict z,
+                                                         const float* __restrict s,
+                                                         float* __restrict t, int shift,
+                                                         int64_t n) {
+  for (int64_t i = 0; i < n; ++i) t[i] = float(int32_t((q[i] >> shift) & 15u) - z[i]) * s[i];
+}
+
+__attribute__((always_inline)) inline void dequant_rows(const Int4DequantizeParams& p, int64_t r0,
+                                                        int64_t r1, cpu::ConvertFn convert) {
+  RowBuffers b;
+  b.scale.resize(p.N);
+  b.zero.assign(p.N, kInt4SymmetricZero);
+  b.tmp.resize(std::min(p.N, kChunk));
+  const int out_size = dtype_size(p.out_dtype);
   for (int64_t r = r0; r < r1; ++r) {
     const uint32_t* qrow = reinterpret_cast<const uint32_t*>(p.qweight + r * p.qweight_row_stride);
     for (int j = 0; j < 8; ++j) {
       const int64_t k = 8 * r + j;
       const int64_t g = int4_group_of(k, p.g_idx, p.group_size);
-      const ST* srow = scales + g * p.scales_row_stride;
-      const uint32_t* zrow =
-          p.qzeros ? reinterpret_cast<const uint32_t*>(p.qzeros + g * p.qzeros_row_stride) : nullptr;
-      OT* orow = out + k * p.out_row_stride;
-      for (int64_t n = 0; n < p.N; ++n) {
-        const int q = unpack_nibble(qrow[n], j);
-        const int z = zrow ? unpack_nibble(zrow[n >> 3], int(n & 7)) : kInt4SymmetricZero;
-        orow[n] = Elem<O>::store(float(q - z) * Elem<S>::load(srow[n]));
+      if (g != b.group) load_group(p, g, b);
+      char* orow = static_cast<char*>(p.out) + k * p.out_row_stride * out_size;
+      for (int64_t n0 = 0; n0 < p.N; n0 += kChunk) {
+        const int64_t n = std::min(kChunk, p.N - n0);
+        if (p.out_dtype == DType::kFloat32) {  // no rounding step: write the floats in place
+          dequant_chunk(qrow + n0, b.zero.data() + n0, b.scale.data() + n0,
+                        reinterpret_cast<float*>(orow) + n0, 4 * j, n);
+        } else {
+          dequant_chunk(qrow + n0, b.zero.data() + n0, b.scale.data() + n0, b.tmp.data(), 4 * j, n);
+          convert(b.tmp.data(), orow + n0 * out_size, n);
+        }
       }
     }
   }
 }
 
-using RowsFn = void (*)(const Int4DequantizeParams&, int64_t, int64_t);
+using RowsFn = void (*)(const Int4DequantizeParams&, int64_t, int64_t, cpu::ConvertFn);
 
-template <DType S, DType O>
-void rows_scalar(const Int4DequantizeParams& p, int64_t r0, int64_t r1) {
-  dequant_rows<S, O>(p, r0, r1);
+void rows_scalar(const Int4DequantizeParams& p, int64_t r0, int64_t r1, cpu::ConvertFn c) {
+  dequant_rows(p, r0, r1, c);
 }
 #if defined(__x86_64__)
-template <DType S, DType O>
 __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const Int4DequantizeParams& p, int64_t r0,
-                                                       int64_t r1) {
-  dequant_rows<S, O>(p, r0, r1);
+                                                        int64_t r1, cpu::ConvertFn c) {
+  dequant_rows(p, r0, r1, c);
 }
-template <DType S, DType O>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void rows_avx512(
-    const Int4DequantizeParams& p, int64_t r0, int64_t r1) {
-  dequant_rows<S, O>(p, r0, r1);
+    const Int4DequantizeParams& p, int64_t r0, int64_t r1, cpu::ConvertFn c) {
+  dequant_rows(p, r0, r1, c);
 }
 #endif
 
-template <DType S, DType O>
 RowsFn pick(CpuIsa isa) {
 #if defined(__x86_64__)
-  if (isa == CpuIsa::kAvx512) return rows_avx512<S, O>;
-  if (isa == CpuIsa::kAvx2) return rows_avx2<S, O>;
+  if (isa == CpuIsa::kAvx512) return rows_avx512;
+  if (isa == CpuIsa::kAvx2) return rows_avx2;
 #endif
   (void)isa;
-  return rows_scalar<S, O>;
-}
-
-template <DType S>
-RowsFn pick_out(DType out, CpuIsa isa) {
-  switch (out) {
-    case DType::kFloat32:
-      return pick<S, DType::kFloat32>(isa);
-    case DType::kFloat16:
-      return pick<S, DType::kFloat16>(isa);
-    case DType::kBFloat16:
-      return pick<S, DType::kBFloat16>(isa);
-  }
-  return nullptr;
+  return rows_scalar;
 }
 
 bool valid_dtype(DType t) {
@@ -131,22 +129,13 @@ Status int4_dequantize_cpu(const Int4DequantizeParams& p, const CpuThreadPool* p
     }
   }
   const CpuIsa isa = active_cpu_isa();
-  RowsFn fn = nullptr;
-  switch (p.scales_dtype) {
-    case DType::kFloat32:
-      fn = pick_out<DType::kFloat32>(p.out_dtype, isa);
-      break;
-    case DType::kFloat16:
-      fn = pick_out<DType::kFloat16>(p.out_dtype, isa);
-      break;
-    case DType::kBFloat16:
-      fn = pick_out<DType::kBFloat16>(p.out_dtype, isa);
-      break;
-  }
-  // ~32 KiB of output per task at N = 4096 bf16: big enough to amortize the pool's overhead.
+  const RowsFn fn = pick(isa);
+  const cpu::ConvertFn convert = cpu::converter(p.out_dtype, isa);
+  // At least 16 packed rows (128 rows of K: one group) per task, so each task widens the scales
+  // of a group once; more for narrow matrices so that a task is worth the pool's overhead.
   const int64_t rows = p.K / 8;
-  const int64_t grain = p.N >= 4096 ? 1 : (4096 + p.N - 1) / p.N;
-  parallel_for(pool, 0, rows, grain, [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
+  const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(p.N, 1));
+  parallel_for(pool, 0, rows, grain, [&](int64_t r0, int64_t r1) { fn(p, r0, r1, convert); });
   return Status::kSuccess;
 }
 

@@ -36,8 +36,7 @@ struct Elem<DType::kBFloat16> {
 constexpr int kThreads = 128;
 
 template <DType S, DType O>
-__global__ void __launch_bounds__(kThreads)
-    int4_dequantize_kernel(const Int4DequantizeParams p) {
+__global__ void __launch_bounds__(kThreads) int4_dequantize_kernel(const Int4DequantizeParams p) {
   using ST = typename Elem<S>::type;
   using OT = typename Elem<O>::type;
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
@@ -46,8 +45,8 @@ __global__ void __launch_bounds__(kThreads)
   OT* out = static_cast<OT*>(p.out);
   const uint32_t* qzeros = reinterpret_cast<const uint32_t*>(p.qzeros);
   for (int64_t r = blockIdx.y; r < p.K / 8; r += gridDim.y) {
-    const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(p.qweight) +
-                                r * p.qweight_row_stride + n);
+    const uint32_t word =
+        __ldg(reinterpret_cast<const uint32_t*>(p.qweight) + r * p.qweight_row_stride + n);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int64_t k = 8 * r + j;
@@ -56,9 +55,9 @@ __global__ void __launch_bounds__(kThreads)
       if (g < 0 || g >= p.num_groups) {
         v = __int_as_float(0x7fffffff);  // corrupt g_idx: NaN, never a plausible weight
       } else {
-        const int z = qzeros ? unpack_nibble(__ldg(qzeros + g * p.qzeros_row_stride + (n >> 3)),
-                                             int(n & 7))
-                             : kInt4SymmetricZero;
+        const int z =
+            qzeros ? unpack_nibble(__ldg(qzeros + g * p.qzeros_row_stride + (n >> 3)), int(n & 7))
+                   : kInt4SymmetricZero;
         const float s = Elem<S>::load(__ldg(scales + g * p.scales_row_stride + n));
         v = float(unpack_nibble(word, j) - z) * s;
       }

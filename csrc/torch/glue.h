@@ -21,11 +21,39 @@
 
 namespace bitpress::glue {
 
+// torch's Python names (int32, bfloat16, ...), so that messages read the same from every backend.
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kDouble:
+      return "float64";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    case at::kShort:
+      return "int16";
+    case at::kChar:
+      return "int8";
+    case at::kByte:
+      return "uint8";
+    case at::kBool:
+      return "bool";
+    default:
+      return c10::toString(t);
+  }
+}
+
 inline std::string dtype_list(std::initializer_list<at::ScalarType> dtypes) {
   std::ostringstream os;
   bool first = true;
   for (auto d : dtypes) {
-    os << (first ? "" : " or ") << c10::toString(d);
+    os << (first ? "" : " or ") << dtype_name(d);
     first = false;
   }
   return os.str();
@@ -37,7 +65,7 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* name,
     if (t.scalar_type() == d) return;
   }
   TORCH_CHECK_TYPE(false, op, ": ", name, " must be ", dtype_list(dtypes), ", got ",
-                   t.scalar_type());
+                   dtype_name(t.scalar_type()));
 }
 
 inline void check_dim(const at::Tensor& t, const char* op, const char* name, int64_t dim,
@@ -112,8 +140,7 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
 inline const CpuThreadPool* torch_thread_pool() {
   static const CpuThreadPool pool{
       [](void*, int64_t begin, int64_t end, int64_t grain, ParallelBody body, void* ctx) {
-        at::parallel_for(begin, end, grain,
-                         [&](int64_t b, int64_t e) { body(ctx, b, e); });
+        at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { body(ctx, b, e); });
       },
       nullptr};
   return &pool;

@@ -65,7 +65,8 @@ Prepared prepare(const at::Tensor& qweight_in, const at::Tensor& scales_in,
   }
   const at::ScalarType out_dtype = dtype.value_or(scales_in.scalar_type());
   TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-                   kOp, ": dtype must be float32, float16 or bfloat16, got ", out_dtype);
+                   kOp, ": dtype must be float32, float16 or bfloat16, got ",
+                   glue::dtype_name(out_dtype));
   r.qweight = rows_contiguous(qweight_in);
   r.scales = rows_contiguous(scales_in);
   r.out = glue::new_output({K, N}, scales_in.options().dtype(out_dtype));

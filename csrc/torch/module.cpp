@@ -107,8 +107,8 @@ PyMethodDef kMethods[] = {
      "Fill op outputs with NaN / INT_MIN before kernels write them; returns the previous flag."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "bitpress kernels (torch ops bitpress::*)",
-                       -1, kMethods};
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "bitpress kernels (torch ops bitpress::*)", -1,
+                       kMethods};
 
 }  // namespace
 

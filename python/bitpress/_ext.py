@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (_C links against libtorch/libc10: load them first)
+
 try:
     from bitpress import _C  # noqa: F401  (registers torch.ops.bitpress.*)
 except ImportError as e:  # pragma: no cover - only on a broken install

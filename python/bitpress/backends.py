@@ -99,7 +99,9 @@ def backend_available(name: str, device: torch.device | str) -> bool:
     if name == "triton":
         if not _have_triton():
             return False
-        return (dev == "cuda" and torch.cuda.is_available()) or (dev == "cpu" and triton_interpret())
+        return (dev == "cuda" and torch.cuda.is_available()) or (
+            dev == "cpu" and triton_interpret()
+        )
     return False
 
 
@@ -144,8 +146,11 @@ def select(op: str, device: torch.device | str, backend: str | None = None) -> t
                 f"(it has: {sorted(impls)})"
             )
         if not backend_available(name, dev):
-            hint = " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)" if (
-                name == "triton" and dev.type == "cpu") else ""
+            hint = (
+                " (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
+                if (name == "triton" and dev.type == "cpu")
+                else ""
+            )
             raise RuntimeError(
                 f"bitpress.{op}: backend {name!r} cannot run on device {dev} on this machine{hint}"
             )

@@ -161,7 +161,9 @@ torch.library.register_fake("bitpress::int4_dequantize_triton")(_int4_dequantize
 
 @backends.register("int4_dequantize", "triton")
 def _int4_dequantize_triton_backend(qweight, scales, qzeros, g_idx, group_size, dtype):
-    return torch.ops.bitpress.int4_dequantize_triton(qweight, scales, qzeros, g_idx, group_size, dtype)
+    return torch.ops.bitpress.int4_dequantize_triton(
+        qweight, scales, qzeros, g_idx, group_size, dtype
+    )
 
 
 @backends.register("int4_dequantize", "reference")

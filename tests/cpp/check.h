@@ -8,15 +8,15 @@ inline int& check_failures() {
   return n;
 }
 
-#define CHECK(cond, ...)                                                  \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
-      if (++check_failures() <= 20) {                                     \
+#define CHECK(cond, ...)                                                     \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
+      if (++check_failures() <= 20) {                                        \
         std::printf("%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                                         \
-        std::printf("\n");                                                \
-      }                                                                   \
-    }                                                                     \
+        std::printf(__VA_ARGS__);                                            \
+        std::printf("\n");                                                   \
+      }                                                                      \
+    }                                                                        \
   } while (0)
 
 inline int check_result(const char* name) {

@@ -35,8 +35,8 @@ uint16_t bf16_ref(float f) {
   const double dlo = std::fabs(double(as_float(lo)));
   // Past the largest finite bf16, the next step is 2^128 (not representable): rounding treats it
   // as the value one ulp above.
-  const double dhi = (hi & 0x7fffffffu) == 0x7f800000u ? std::ldexp(1.0, 128)
-                                                       : std::fabs(double(as_float(hi)));
+  const double dhi =
+      (hi & 0x7fffffffu) == 0x7f800000u ? std::ldexp(1.0, 128) : std::fabs(double(as_float(hi)));
   const double elo = x - dlo, ehi = dhi - x;
   if (elo < ehi) return uint16_t(lo >> 16);
   if (ehi < elo) return uint16_t(hi >> 16);
@@ -65,8 +65,8 @@ int main() {
   }
 
   // float -> 16-bit. Rounding depends on the sign, the exponent, the lowest kept mantissa bit and
-  // the dropped bits: sweep every sign and exponent, every pattern of the dropped bits, and a set of
-  // kept-bit patterns (both parities, carries into the exponent). Plus random patterns.
+  // the dropped bits: sweep every sign and exponent, every pattern of the dropped bits, and a set
+  // of kept-bit patterns (both parities, carries into the exponent). Plus random patterns.
   auto check_one = [](uint32_t u, bool half, bool bf16) {
     const float f = as_float(u);
     if (is_nan_bits32(u)) {
@@ -89,9 +89,11 @@ int main() {
     for (uint32_t e = 0; e < 256; ++e) {
       const uint32_t top = (sign << 31) | (e << 23);
       for (uint32_t kept : half_kept)
-        for (uint32_t low = 0; low < (1u << 13); ++low) check_one(top | (kept << 13) | low, true, false);
+        for (uint32_t low = 0; low < (1u << 13); ++low)
+          check_one(top | (kept << 13) | low, true, false);
       for (uint32_t kept : bf16_kept)
-        for (uint32_t low = 0; low < (1u << 16); ++low) check_one(top | (kept << 16) | low, false, true);
+        for (uint32_t low = 0; low < (1u << 16); ++low)
+          check_one(top | (kept << 16) | low, false, true);
     }
   }
   std::mt19937 rng(42);

@@ -31,8 +31,10 @@ struct Case {
 
 int main() {
   std::mt19937 rng(1234);
-  const Case cases[] = {{8, 1, 8, false, false},      {64, 33, 16, true, false},
-                        {136, 17, 32, true, true},    {256, 40, -1, true, false},
+  const Case cases[] = {{8, 1, 8, false, false},
+                        {64, 33, 16, true, false},
+                        {136, 17, 32, true, true},
+                        {256, 40, -1, true, false},
                         {128, 129, 128, false, true}};
   const CpuThreadPool pool{two_thread_pool, nullptr};
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
@@ -93,9 +95,10 @@ int main() {
               const float s = load_as_float(sptr, sd, g * c.N + n);
               const float want = float(q[k * c.N + n] - zero) * s;
               const float got = load_as_float(out.data(), od, k * c.N + n);
-              const float want_r = od == DType::kFloat32   ? want
-                                   : od == DType::kFloat16 ? half_bits_to_float(float_to_half_bits(want))
-                                                           : bf16_bits_to_float(float_to_bf16_bits(want));
+              const float want_r = od == DType::kFloat32 ? want
+                                   : od == DType::kFloat16
+                                       ? half_bits_to_float(float_to_half_bits(want))
+                                       : bf16_bits_to_float(float_to_bf16_bits(want));
               CHECK(std::memcmp(&got, &want_r, 4) == 0,
                     "K=%lld N=%lld isa=%d sd=%d od=%d at (%lld,%lld): %g vs %g", (long long)c.K,
                     (long long)c.N, isa, int(sd), int(od), (long long)k, (long long)n, got, want_r);

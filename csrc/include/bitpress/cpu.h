@@ -35,8 +35,8 @@ void reset_cpu_isa();
 // (the torch extension passes at::parallel_for). A null pool, or a null function, runs serially.
 using ParallelBody = void (*)(void* body_ctx, int64_t begin, int64_t end);
 struct CpuThreadPool {
-  void (*parallel_for)(void* pool_ctx, int64_t begin, int64_t end, int64_t grain,
-                       ParallelBody body, void* body_ctx) = nullptr;
+  void (*parallel_for)(void* pool_ctx, int64_t begin, int64_t end, int64_t grain, ParallelBody body,
+                       void* body_ctx) = nullptr;
   void* pool_ctx = nullptr;
 };
 

@@ -87,7 +87,7 @@ BITPRESS_INLINE uint16_t float_to_half_bits(float f) {
   uint32_t o;
   if (u >= (143u << 23)) {  // |f| >= 2^16: inf, or NaN kept quiet
     o = (u > 0x7f800000u) ? 0x7e00u : 0x7c00u;
-  } else if (u < (113u << 23)) {  // |f| < 2^-14: fp16 subnormal or zero
+  } else if (u < (113u << 23)) {        // |f| < 2^-14: fp16 subnormal or zero
     const uint32_t magic = 126u << 23;  // 0.5f
     o = float_bits(bits_float(u) + bits_float(magic)) - magic;
   } else {

@@ -33,7 +33,7 @@ struct Int4DequantizeParams {
   void* out = nullptr;
   DType out_dtype = DType::kFloat16;
   int64_t out_row_stride = 0;
-  int64_t K = 0;           // multiple of 8
+  int64_t K = 0;  // multiple of 8
   int64_t N = 0;
   int64_t num_groups = 0;  // G
   int64_t group_size = 0;  // used when g_idx is null; G == ceil(K / group_size)

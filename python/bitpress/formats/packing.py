@@ -37,7 +37,9 @@ def pack_int4_along_k(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4_along_k(qweight: torch.Tensor) -> torch.Tensor:
     """int32 ``[K/8, N]`` -> ``[K, N]`` uint8 values 0..15."""
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise TypeError(f"qweight must be int32 [K/8, N], got {qweight.dtype} {tuple(qweight.shape)}")
+        raise TypeError(
+            f"qweight must be int32 [K/8, N], got {qweight.dtype} {tuple(qweight.shape)}"
+        )
     R, N = qweight.shape
     nib = (qweight.unsqueeze(1) >> _SHIFTS.to(qweight.device).view(1, 8, 1)) & 0xF
     return nib.reshape(R * 8, N).to(torch.uint8)

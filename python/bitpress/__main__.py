@@ -1,0 +1,57 @@
+"""``python -m bitpress info | selftest``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def info() -> int:
+    import torch
+
+    import bitpress
+    from bitpress import _ext, backends
+
+    lines = [
+        ("bitpress", bitpress.__version__),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
+    ]
+    try:
+        import triton
+
+        lines.append(("triton", triton.__version__))
+    except ImportError:
+        lines.append(("triton", "not installed"))
+    lines += [
+        ("CPU", platform.processor() or platform.machine()),
+        ("CPU features", _ext.C.cpu_features() or "(none detected)"),
+        ("CPU kernel path", f"{_ext.C.cpu_isa()} (best: {_ext.C.best_cpu_isa()})"),
+        ("threads", str(torch.get_num_threads())),
+        ("CUDA kernels", ", ".join(_ext.cuda_archs()) if _ext.with_cuda() else "not compiled"),
+        ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        ("backends", ", ".join(backends.available_backends())),
+        ("forced backend", backends.forced_backend() or "none (best per device)"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bitpress")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, CPU features, CUDA archs, available backends")
+    sub.add_parser("selftest", help="every op on every available backend against the reference")
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        return info()
+    from bitpress import selftest
+
+    return selftest.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
