@@ -48,3 +48,26 @@ def make_int4(
         pack_int4_along_k(q),
         pack_int4_along_n(z) if zeros else None,
     )
+
+
+def make_quantized(
+    K, N, group_size=128, sym=True, act_order=False, scale_dtype=torch.float16, seed=0
+):
+    """A random QuantizedWeight (bitpress.quantize.common) with K rows and N columns."""
+    from bitpress.quantize.common import QuantizedWeight
+
+    gen = torch.Generator().manual_seed(seed + 7919 * K + N)
+    gs = K if group_size == -1 else group_size
+    G = -(-K // gs)
+    q = torch.randint(0, 16, (K, N), generator=gen).to(torch.uint8)
+    zeros = (
+        torch.full((G, N), 8, dtype=torch.uint8)
+        if sym
+        else torch.randint(0, 16, (G, N), generator=gen).to(torch.uint8)
+    )
+    scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002).to(scale_dtype)
+    if act_order:
+        g_idx = (torch.randperm(K, generator=gen) % G).to(torch.int32)
+    else:
+        g_idx = (torch.arange(K) // gs).to(torch.int32)
+    return QuantizedWeight(q, scales, zeros, g_idx, group_size, sym)

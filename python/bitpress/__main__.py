@@ -45,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, CPU features, CUDA archs, available backends")
     sub.add_parser("selftest", help="every op on every available backend against the reference")
+    demo = sub.add_parser("demo", help="INT4 quantization of a small Llama model, end to end")
+    demo.add_argument("--steps", type=int, default=300, help="training steps of the demo model")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return info()
+    if args.cmd == "demo":
+        from bitpress import demo as demo_mod
+
+        return demo_mod.main(args.steps)
     from bitpress import selftest
 
     return selftest.main()

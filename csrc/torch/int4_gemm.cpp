@@ -1,0 +1,164 @@
+// Torch glue of int4_gemm: checks, then the CPU kernel. The CUDA backend comes with the GPU
+// kernels (Marlin-style layout); until then CUDA tensors go to the Triton / reference backends.
+#include "bitpress/int4_gemm.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <cstdlib>
+
+#include "glue.h"
+
+namespace bitpress {
+namespace {
+
+constexpr const char* kOp = "int4_gemm";
+
+// From this many rows of x on, dequantize once and call the dense GEMM (oneDNN / MKL, AMX where
+// the CPU has it) instead of the fused kernel, whose cost grows with M at a lower FLOP rate.
+// BITPRESS_INT4_DENSE_MIN_M overrides (benchmarks, tests).
+int64_t dense_min_m() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("BITPRESS_INT4_DENSE_MIN_M");
+    return e ? std::atoll(e) : int64_t(64);
+  }();
+  return v;
+}
+
+// x [..., K]; qweight [Nt, Kp/8, 64] int32; scales [Nt, G, 64] float32; zeros [Nt, G, 64] uint8
+// or None; group_starts [G+1] int32; perm [Kp] int32 or None; bias [N] or None. Returns
+// [..., N] in x.dtype.
+at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
+                              const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                              const at::Tensor& group_starts, const std::optional<at::Tensor>& perm,
+                              int64_t out_features, const std::optional<at::Tensor>& bias) {
+  using namespace glue;
+  check_dtype(x, kOp, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., K], got a 0-D tensor");
+  check_dtype(qweight, kOp, "qweight", {at::kInt});
+  check_dim(qweight, kOp, "qweight", 3, "[Nt, Kp/8, 64]");
+  check_dtype(scales, kOp, "scales", {at::kFloat});
+  check_dim(scales, kOp, "scales", 3, "[Nt, G, 64]");
+  check_dtype(group_starts, kOp, "group_starts", {at::kInt});
+  check_dim(group_starts, kOp, "group_starts", 1, "[G+1]");
+  for (const auto& [t, name] :
+       {std::pair{&qweight, "qweight"}, {&scales, "scales"}, {&group_starts, "group_starts"}}) {
+    check_same_device(*t, x, kOp, name, "x");
+  }
+  const int64_t N = out_features;
+  TORCH_CHECK(N >= 0, kOp, ": out_features must be >= 0, got ", N);
+  const int64_t Nt = (N + kInt4TileN - 1) / kInt4TileN;
+  const int64_t Kp = qweight.size(1) * 8, G = scales.size(1), K = x.size(-1);
+  check_size(qweight, kOp, "qweight", 0, Nt, "Nt = ceil(out_features / 64)");
+  check_size(qweight, kOp, "qweight", 2, kInt4TileN, "the tile width");
+  check_size(scales, kOp, "scales", 0, Nt, "Nt = ceil(out_features / 64)");
+  check_size(scales, kOp, "scales", 2, kInt4TileN, "the tile width");
+  check_size(group_starts, kOp, "group_starts", 0, G + 1, "G + 1 = scales.size(1) + 1");
+  if (zeros) {
+    check_dtype(*zeros, kOp, "zeros", {at::kByte});
+    check_dim(*zeros, kOp, "zeros", 3, "[Nt, G, 64]");
+    TORCH_CHECK(zeros->sizes() == scales.sizes(), kOp, ": zeros must have the shape of scales ",
+                scales.sizes(), ", got ", zeros->sizes());
+    check_same_device(*zeros, x, kOp, "zeros", "x");
+  }
+  if (perm) {
+    check_dtype(*perm, kOp, "perm", {at::kInt});
+    check_dim(*perm, kOp, "perm", 1, "[Kp]");
+    check_size(*perm, kOp, "perm", 0, Kp, "Kp = 8 * qweight.size(1)");
+    check_same_device(*perm, x, kOp, "perm", "x");
+  } else {
+    TORCH_CHECK(K == Kp, kOp, ": x.size(-1) must be K = ", Kp,
+                " (8 * qweight.size(1); the weight has no row permutation), got shape ", x.sizes());
+  }
+  if (bias) {
+    check_dtype(*bias, kOp, "bias", {at::kFloat, at::kHalf, at::kBFloat16});
+    check_dim(*bias, kOp, "bias", 1, "[N]");
+    check_size(*bias, kOp, "bias", 0, N, "N = out_features");
+    check_same_device(*bias, x, kOp, "bias", "x");
+  }
+  const at::Tensor qw = qweight.contiguous(), sc = scales.contiguous();
+  const at::Tensor gs = group_starts.contiguous();
+  const at::Tensor zr = zeros ? zeros->contiguous() : at::Tensor();
+  const at::Tensor pm = perm ? perm->contiguous() : at::Tensor();
+  const at::Tensor bs = bias ? bias->contiguous() : at::Tensor();
+  {
+    const int32_t* g = gs.data_ptr<int32_t>();
+    TORCH_CHECK(G == 0 || (g[0] == 0 && g[G] == Kp / 8), kOp,
+                ": group_starts must run from 0 to Kp/8 = ", Kp / 8, ", got [", g[0], ", ", g[G],
+                "]");
+    for (int64_t i = 0; i < G; ++i) {
+      TORCH_CHECK(g[i + 1] >= g[i], kOp, ": group_starts must be non-decreasing, got ", g[i],
+                  " then ", g[i + 1], " at ", i);
+    }
+  }
+  if (pm.defined()) {
+    const int32_t* pp = pm.data_ptr<int32_t>();
+    for (int64_t i = 0; i < Kp; ++i) {
+      TORCH_CHECK(pp[i] >= -1 && pp[i] < K, kOp, ": perm values must lie in [-1, ", K,
+                  ") (K = x.size(-1)), got perm[", i, "] = ", pp[i]);
+    }
+  }
+
+  const at::Tensor x2 = rows_contiguous(x.reshape({-1, K}));
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = new_output(out_shape, x.options());
+  if (M == 0 || N == 0) return out;
+  if (M >= dense_min_m()) {
+    // W^T [K, N] in x's dtype, then one dense GEMM (bias folded in by addmm).
+    at::Tensor wt = at::empty({K, N}, x.options());
+    if (Kp != K) wt.zero_();  // rows no packed row maps to (possible only with a perm)
+    Int4GemmParams d;
+    d.qweight = qw.data_ptr<int32_t>();
+    d.scales = sc.data_ptr<float>();
+    d.zeros = zr.defined() ? zr.data_ptr<uint8_t>() : nullptr;
+    d.group_starts = gs.data_ptr<int32_t>();
+    d.perm = pm.defined() ? pm.data_ptr<int32_t>() : nullptr;
+    d.K = K;
+    d.Kp = Kp;
+    d.G = G;
+    d.N = N;
+    d.out = wt.data_ptr();
+    d.out_dtype = to_dtype(x.scalar_type());
+    d.out_row_stride = N;
+    check_status(int4_gemm_dequantize_cpu(d, torch_thread_pool()), kOp);
+    const at::Tensor y = bs.defined() ? at::addmm(bs.to(x.scalar_type()), x2, wt) : at::mm(x2, wt);
+    return out.copy_(y.view(out_shape));
+  }
+  const size_t ws_bytes = int4_gemm_cpu_workspace_size(M, Kp, G);
+  const at::Tensor ws = at::empty({int64_t(ws_bytes)}, x.options().dtype(at::kByte));
+
+  Int4GemmParams p;
+  p.x = x2.data_ptr();
+  p.x_dtype = to_dtype(x.scalar_type());
+  p.x_row_stride = row_stride(x2);
+  p.M = M;
+  p.K = K;
+  p.qweight = qw.data_ptr<int32_t>();
+  p.scales = sc.data_ptr<float>();
+  p.zeros = zr.defined() ? zr.data_ptr<uint8_t>() : nullptr;
+  p.group_starts = gs.data_ptr<int32_t>();
+  p.perm = pm.defined() ? pm.data_ptr<int32_t>() : nullptr;
+  p.Kp = Kp;
+  p.G = G;
+  p.N = N;
+  if (bs.defined()) {
+    p.bias = bs.data_ptr();
+    p.bias_dtype = to_dtype(bs.scalar_type());
+  }
+  p.out = out.data_ptr();
+  p.out_dtype = p.x_dtype;
+  p.out_row_stride = N;
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = ws_bytes;
+  check_status(int4_gemm_cpu(p, torch_thread_pool()), kOp);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bitpress, CPU, m) { m.impl("int4_gemm", &int4_gemm_cpu_impl); }
+
+}  // namespace bitpress

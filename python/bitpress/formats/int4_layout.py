@@ -1,0 +1,160 @@
+"""The CPU kernel layout of INT4 weights ("bitpress int4 tiles"), produced once at load time.
+
+Interchange (checkpoints, ``QuantizedWeight``): q [K, N] values 0..15, per-group scales and
+zero points [G, N], a group index per row ``g_idx`` [K]. The kernel wants instead:
+
+* **Groups contiguous, in whole octets.** Rows are reordered so that each group's rows are
+  consecutive (act-order checkpoints: sort by g_idx once, as ExLlama does, instead of gathering
+  scales per row at run time), and each group is padded with zero rows to a multiple of 8.
+  ``perm`` [Kp] gives the original row of each packed row (-1: padding); the kernel gathers
+  ``x[:, perm]`` (0 for padding) once per call. ``perm`` is None when it is the identity.
+  ``group_starts`` [G+1] holds the first octet of each group.
+* **Column tiles of 64.** ``qweight`` [Nt, Kp/8, 64] int32, Nt = ceil(N/64): a thread streams one
+  tile's strip contiguously. Columns past N are zero.
+* **Pair-interleaved nibbles.** Word ``qweight[t, o, c]`` holds the 8 rows 8o..8o+7 of column
+  64t+c with row 8o+j in nibble position ``NIBBLE_OF_ROW[j]``, i.e. nibble i holds row
+  ``ROW_OF_NIBBLE[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i]``. Then ``(word >> 4p) & 0x000F000F`` holds
+  rows (2p, 2p+1) in its two 16-bit halves: OR-ing 0x43004300 makes the bf16 pair
+  (128 + q[2p], 128 + q[2p+1]) that one AVX512-BF16 ``vdpbf16ps`` lane consumes (bf16 has 8
+  significant bits, so 128..143 are exact). The same word serves the fp32 FMA paths, which
+  unpack nibble i as row ROW_OF_NIBBLE[i].
+* ``scales`` [Nt, G, 64] float32 and ``zeros`` [Nt, G, 64] uint8 (None when every zero point
+  is 8, the symmetric case).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from bitpress.quantize.common import QuantizedWeight
+
+TILE_N = 64
+ROW_OF_NIBBLE = (0, 2, 4, 6, 1, 3, 5, 7)
+NIBBLE_OF_ROW = tuple(ROW_OF_NIBBLE.index(j) for j in range(8))
+
+
+@dataclasses.dataclass
+class Int4PackedWeight:
+    qweight: torch.Tensor  # int32 [Nt, Kp/8, 64]
+    scales: torch.Tensor  # float32 [Nt, G, 64]
+    zeros: torch.Tensor | None  # uint8 [Nt, G, 64]; None: all 8
+    group_starts: torch.Tensor  # int32 [G+1], in octets
+    perm: torch.Tensor | None  # int32 [Kp]; -1 = padding row; None = identity
+    in_features: int  # K
+    out_features: int  # N
+    scale_dtype: torch.dtype  # dtype of the interchange scales (for the exact round trip)
+
+    def tensors(self) -> tuple:
+        """The op arguments: (qweight, scales, zeros, group_starts, perm, out_features)."""
+        return (
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.group_starts,
+            self.perm,
+            self.out_features,
+        )
+
+    def to(self, device) -> Int4PackedWeight:
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self,
+            qweight=mv(self.qweight),
+            scales=mv(self.scales),
+            zeros=mv(self.zeros),
+            group_starts=mv(self.group_starts),
+            perm=mv(self.perm),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for the weight (packed nibbles, scales, zeros)."""
+        n = self.qweight.numel() * 4 + self.scales.numel() * 4
+        return n + (self.zeros.numel() if self.zeros is not None else 0)
+
+
+def pack(qw: QuantizedWeight) -> Int4PackedWeight:
+    """QuantizedWeight -> kernel layout (exactly invertible by :func:`unpack`)."""
+    q, g = qw.q, qw.g_idx.long()
+    K, N = q.shape
+    G = qw.scales.shape[0]
+    if g.numel() != K:
+        raise ValueError(f"g_idx must have K = {K} entries, got {g.numel()}")
+    if K and (int(g.min()) < 0 or int(g.max()) >= G):
+        raise ValueError(f"g_idx values must lie in [0, {G}), got [{int(g.min())}, {int(g.max())}]")
+    order = torch.argsort(g, stable=True)
+    counts = torch.bincount(g, minlength=G)
+    padded = (counts + 7) // 8 * 8
+    rows = []
+    start = 0
+    for c, p in zip(counts.tolist(), padded.tolist(), strict=True):
+        rows.append(order[start : start + c])
+        rows.append(torch.full((p - c,), -1, dtype=torch.long))
+        start += c
+    perm = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    Kp = perm.numel()
+    Nt = -(-N // TILE_N)
+    Np = Nt * TILE_N
+
+    q_perm = torch.zeros(Kp, Np, dtype=torch.int64)
+    valid = perm >= 0
+    q_perm[valid, :N] = q[perm[valid]].to(torch.int64)
+    q_oct = q_perm.reshape(Kp // 8, 8, Np)
+    words = torch.zeros(Kp // 8, Np, dtype=torch.int64)
+    for j in range(8):
+        words |= q_oct[:, j, :] << (4 * NIBBLE_OF_ROW[j])
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    qweight = words.reshape(Kp // 8, Nt, TILE_N).permute(1, 0, 2).contiguous()
+
+    def tiles(t: torch.Tensor, dtype) -> torch.Tensor:
+        t = torch.nn.functional.pad(t.to(dtype), (0, Np - N))
+        return t.reshape(G, Nt, TILE_N).permute(1, 0, 2).contiguous()
+
+    scales = tiles(qw.scales.float(), torch.float32)
+    zeros = None if bool((qw.zeros == 8).all()) else tiles(qw.zeros, torch.uint8)
+    group_starts = torch.zeros(G + 1, dtype=torch.int32)
+    group_starts[1:] = torch.cumsum(padded // 8, 0).to(torch.int32)
+    identity = Kp == K and bool((perm == torch.arange(K)).all())
+    return Int4PackedWeight(
+        qweight=qweight,
+        scales=scales,
+        zeros=zeros,
+        group_starts=group_starts,
+        perm=None if identity else perm.to(torch.int32),
+        in_features=K,
+        out_features=N,
+        scale_dtype=qw.scales.dtype,
+    )
+
+
+def unpack(p: Int4PackedWeight, group_size: int = -1, sym: bool = True) -> QuantizedWeight:
+    """Kernel layout -> QuantizedWeight (the inverse of :func:`pack`)."""
+    K, N = p.in_features, p.out_features
+    Nt, K8, _ = p.qweight.shape
+    Kp, G = K8 * 8, p.scales.shape[1]
+    words = p.qweight.cpu().permute(1, 0, 2).reshape(K8, Nt * TILE_N).to(torch.int64) & 0xFFFFFFFF
+    q_perm = torch.empty(K8, 8, Nt * TILE_N, dtype=torch.uint8)
+    for j in range(8):
+        q_perm[:, j, :] = ((words >> (4 * NIBBLE_OF_ROW[j])) & 0xF).to(torch.uint8)
+    q_perm = q_perm.reshape(Kp, -1)[:, :N]
+    perm = torch.arange(K) if p.perm is None else p.perm.cpu().long()
+    starts = p.group_starts.cpu().long() * 8
+    g_of_packed = torch.bucketize(torch.arange(Kp), starts[1:], right=True)
+    q = torch.empty(K, N, dtype=torch.uint8)
+    g_idx = torch.empty(K, dtype=torch.int32)
+    valid = perm >= 0
+    q[perm[valid]] = q_perm[valid]
+    g_idx[perm[valid]] = g_of_packed[valid].to(torch.int32)
+
+    def untile(t: torch.Tensor) -> torch.Tensor:
+        return t.cpu().permute(1, 0, 2).reshape(G, Nt * TILE_N)[:, :N]
+
+    scales = untile(p.scales).to(p.scale_dtype)
+    zeros = torch.full((G, N), 8, dtype=torch.uint8) if p.zeros is None else untile(p.zeros).clone()
+    return QuantizedWeight(
+        q=q, scales=scales, zeros=zeros, g_idx=g_idx, group_size=group_size, sym=sym
+    )

@@ -1,0 +1,113 @@
+"""``quantize_(model, config)``: swap the Linear layers of an existing model in place."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger("bitpress")
+
+
+def skip_lm_head(name: str, module: nn.Module) -> bool:
+    """The default filter: every Linear except the output projection ``lm_head``."""
+    return name.split(".")[-1] != "lm_head"
+
+
+@dataclasses.dataclass
+class Int4Config:
+    """INT4 weight-only quantization.
+
+    group_size : rows of K per scale/zero group: 32, 64, 128 (default) or -1 (one group).
+    sym : symmetric groups (zero point 8) or asymmetric (min/max).
+    method : "rtn" (round to nearest, no data) or "gptq" (needs ``calibration``).
+    act_order, damp, static_groups, block_size : GPTQ options (bitpress.quantize.gptq).
+    calibration : token-id batches [B, T] for GPTQ.
+    filter_fn : (name, module) -> bool, which Linear layers to quantize (default: all but lm_head).
+    dtype : dtype of scales and bias (default: the layer's weight dtype, float16 for float32).
+    """
+
+    group_size: int = 128
+    sym: bool = True
+    method: str = "rtn"
+    act_order: bool = False
+    damp: float = 0.01
+    static_groups: bool = False
+    block_size: int = 128
+    calibration: Sequence[torch.Tensor] | None = None
+    filter_fn: Callable[[str, nn.Module], bool] | None = None
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"Int4Config.method must be 'rtn' or 'gptq', got {self.method!r}")
+        if not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
+            raise ValueError(
+                "Int4Config.group_size must be -1 or a positive multiple of 8, got "
+                f"{self.group_size}"
+            )
+        if self.method == "gptq" and not self.calibration:
+            raise ValueError(
+                "Int4Config(method='gptq') needs calibration: a list of token-id batches [B, T]"
+            )
+
+
+def _compatible(linear: nn.Linear, group_size: int) -> str | None:
+    K = linear.in_features
+    if K % 8:
+        return f"in_features {K} is not a multiple of 8"
+    if group_size != -1 and K % group_size:
+        return f"in_features {K} is not a multiple of group_size {group_size}"
+    return None
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: Int4Config) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` by ``Int4Linear``, in place.
+
+    Layers rejected by ``config.filter_fn`` stay as they are; layers whose shape the format
+    cannot hold (in_features not a multiple of 8 or of the group size) are skipped with a warning.
+    Returns the model.
+    """
+    from bitpress.nn.int4 import Int4Linear
+
+    keep = config.filter_fn or skip_lm_head
+    chosen, skipped = {}, []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or not keep(name, mod):
+            continue
+        why = _compatible(mod, config.group_size)
+        if why:
+            skipped.append(f"{name} ({why})")
+        else:
+            chosen[name] = mod
+    if skipped:
+        log.warning(
+            "quantize_: left %d Linear layers unquantized: %s", len(skipped), ", ".join(skipped)
+        )
+
+    if config.method == "gptq":
+        from bitpress.quantize.gptq import gptq_quantize_model
+
+        return gptq_quantize_model(
+            model,
+            config.calibration,
+            group_size=config.group_size,
+            sym=config.sym,
+            act_order=config.act_order,
+            damp=config.damp,
+            static_groups=config.static_groups,
+            block_size=config.block_size,
+            filter_fn=lambda n, m: n in chosen,
+        )
+    for name, lin in chosen.items():
+        new = Int4Linear.from_linear(
+            lin, group_size=config.group_size, sym=config.sym, dtype=config.dtype
+        )
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model

@@ -1,0 +1,128 @@
+"""Int4Linear and quantize_: construction, forward against the dequantized weight, state_dict
+round trip, repr, device/dtype moves, and swapping the Linear layers of a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from int4_data import make_quantized
+from torch import nn
+
+import bitpress
+from bitpress.nn import Int4Linear
+from bitpress.testing import rel_err, sqnr_db
+
+
+@pytest.mark.parametrize("gs,sym", [(32, True), (64, False), (128, True), (-1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_from_linear_forward(gs, sym, dtype):
+    lin = nn.Linear(256, 96, bias=True)
+    m = Int4Linear.from_linear(lin, group_size=gs, sym=sym)
+    x = torch.randn(2, 3, 256).to(dtype)
+    y = m(x)
+    assert y.shape == (2, 3, 96) and y.dtype == dtype
+    w = m.dequantize(torch.float64)
+    ref = x.double() @ w.t() + m.bias.double()
+    assert rel_err(y, ref) < {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    # the quantized weight is close to the original: 4-bit RTN SQNR
+    assert sqnr_db(lin.weight, w.float()) > 15
+
+
+def test_from_quantized_act_order_and_state_dict_round_trip():
+    qw = make_quantized(128, 40, 32, sym=False, act_order=True)
+    bias = torch.randn(40, dtype=torch.float16)
+    m = Int4Linear.from_quantized(qw, bias)
+    back = m.quantized()
+    for name in ("q", "zeros", "g_idx", "scales"):
+        assert torch.equal(getattr(back, name), getattr(qw, name)), name
+    sd = m.state_dict()
+    assert set(sd) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
+    m2 = Int4Linear(128, 40, True, group_size=32, sym=False)
+    m2.load_state_dict(sd)
+    x = torch.randn(5, 128, dtype=torch.float16)
+    assert torch.equal(m2(x), m(x))
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_load_state_dict_invalidates_the_kernel_layout():
+    a = Int4Linear.from_quantized(make_quantized(64, 16, 32, seed=1))
+    b = Int4Linear.from_quantized(make_quantized(64, 16, 32, seed=2))
+    x = torch.randn(1, 64, dtype=torch.float16)
+    ya, yb = a(x), b(x)
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), yb) and not torch.equal(ya, yb)
+
+
+def test_gptq_tensors_round_trip():
+    qw = make_quantized(64, 24, 32, sym=False)
+    m = Int4Linear.from_quantized(qw)
+    for fmt in ("gptq", "gptq_v2"):
+        t = m.to_gptq(fmt)
+        m2 = Int4Linear.from_gptq(
+            t["qweight"],
+            t["qzeros"],
+            t["scales"],
+            t["g_idx"],
+            group_size=32,
+            sym=False,
+            checkpoint_format=fmt,
+        )
+        assert torch.equal(m2.qweight, m.qweight) and torch.equal(m2.qzeros, m.qzeros)
+
+
+def test_repr_and_errors():
+    m = Int4Linear.from_quantized(make_quantized(64, 16, 32, sym=False, act_order=True))
+    r = repr(m)
+    assert "in_features=64" in r and "out_features=16" in r and "group_size=32" in r
+    assert "act_order=True" in r and "sym=False" in r
+    with pytest.raises(ValueError, match="in_features must be a multiple of 8"):
+        Int4Linear(60, 8)
+    with pytest.raises(ValueError, match="x.shape\\[-1\\] must be in_features = 64"):
+        m(torch.randn(2, 63, dtype=torch.float16))
+
+
+def test_to_dtype_and_device_rebuilds_layout():
+    m = Int4Linear.from_quantized(make_quantized(64, 16, 32))
+    x = torch.randn(2, 64)
+    y = m(x)
+    assert m._packed
+    m = m.to(torch.float32)
+    assert not m._packed and m.scales.dtype == torch.float32
+    torch.testing.assert_close(m(x), y, rtol=2e-5, atol=1e-6)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 128)
+        self.odd = nn.Linear(60, 8)  # in_features not a multiple of 8: stays
+        self.down = nn.Linear(128, 64, bias=False)
+        self.lm_head = nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.lm_head(self.down(torch.relu(self.up(x))))
+
+
+def test_quantize_swaps_linears_in_place():
+    model = Tiny()
+    x = torch.randn(4, 64)
+    y0 = model(x)
+    out = bitpress.quantize_(model, bitpress.Int4Config(group_size=32, sym=False))
+    assert out is model
+    assert isinstance(model.up, Int4Linear) and isinstance(model.down, Int4Linear)
+    assert type(model.lm_head) is nn.Linear and type(model.odd) is nn.Linear
+    y1 = model(x)
+    assert sqnr_db(y0, y1) > 15
+
+
+def test_quantize_filter_and_config_errors():
+    model = Tiny()
+    bitpress.quantize_(model, bitpress.Int4Config(filter_fn=lambda n, m: n == "up", group_size=64))
+    assert isinstance(model.up, Int4Linear) and type(model.down) is nn.Linear
+    with pytest.raises(ValueError, match="method must be 'rtn' or 'gptq'"):
+        bitpress.Int4Config(method="awq")
+    with pytest.raises(ValueError, match="group_size must be -1 or a positive multiple of 8"):
+        bitpress.Int4Config(group_size=12)
+    with pytest.raises(ValueError, match="needs calibration"):
+        bitpress.Int4Config(method="gptq")
