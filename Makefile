@@ -35,7 +35,7 @@ build: $(VENV)/.installed
 	$(PY) setup.py --quiet build_ext --inplace
 
 demo: build
-	$(PY) -m bitpress selftest
+	$(PY) -m bitpress demo
 
 # The torch-free kernel library with CMake: the library, its install and package config, and the
 # C++ tests (ctest), including a separate project that links it with find_package(bitpress).

@@ -269,8 +269,8 @@ def test_bad_layout_values():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gs,sym,act", [(64, False, True), (32, True, False)])
-def test_large_m_dense_path(dtype, gs, sym, act):
-    """From M = 64 on, the op dequantizes once and calls the dense GEMM: same contract."""
+def test_large_m(dtype, gs, sym, act):
+    """Row counts past one row block (8) and odd remainders."""
     qw = make_quantized(256, 130, gs, sym, act)
     p = int4_layout.pack(qw)
     bias = torch.randn(130).to(dtype)

@@ -1,9 +1,11 @@
 // Entry points of the CUDA kernels in a build without CUDA: they exist, so that a runtime can link
 // one library whatever the build, and report kUnsupported.
 #include "bitpress/int4_dequantize.h"
+#include "bitpress/spec_verify.h"
 
 namespace bitpress {
 
 Status int4_dequantize_cuda(const Int4DequantizeParams&, void*) { return Status::kUnsupported; }
+Status spec_verify_cuda(const SpecVerifyParams&, void*) { return Status::kUnsupported; }
 
 }  // namespace bitpress

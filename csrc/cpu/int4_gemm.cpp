@@ -26,7 +26,7 @@
 namespace bitpress {
 namespace {
 
-constexpr int kMaxRowBlock = 4;
+constexpr int kMaxRowBlock = 8;
 constexpr int kRowOfNibble[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
 inline size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
@@ -129,18 +129,23 @@ BITPRESS_VEC(8)
 BITPRESS_VEC(16)
 #undef BITPRESS_VEC
 
+// Accumulators live in registers for one group and one column pass: MB rows x V vectors. With
+// 8 rows, passes of 2 vectors keep 16 accumulators plus the unpacked weights in 32 zmm registers.
+template <int MB>
+constexpr int kPassVectors = MB <= 4 ? 4 : 2;
+
 template <int W, int MB>
 __attribute__((always_inline)) inline void tile_fp32(const Int4GemmParams& p, const Workspace& w,
                                                      int64_t t, int64_t m0, float* acc) {
   using vf = typename Vec<W>::f;
   using vi = typename Vec<W>::i;
   using vb = typename Vec<W>::b;
-  constexpr int V = 4;       // vectors per column block: 4 * MB accumulators live
-  constexpr int CB = V * W;  // columns per block
+  constexpr int V = kPassVectors<MB>;
+  constexpr int CB = V * W;  // columns per pass
   const int64_t K8 = p.Kp / 8;
-  for (int64_t cb = 0; cb < kInt4TileN; cb += CB) {
-    vf out[MB][V] = {};
-    for (int64_t g = 0; g < p.G; ++g) {
+  for (int i = 0; i < MB * kInt4TileN; ++i) acc[i] = 0.f;
+  for (int64_t g = 0; g < p.G; ++g) {
+    for (int64_t cb = 0; cb < kInt4TileN; cb += CB) {
       vf a[MB][V] = {};
       for (int64_t o = p.group_starts[g]; o < p.group_starts[g + 1]; ++o) {
         const int32_t* wp = p.qweight + ((t * K8 + o) * kInt4TileN + cb);
@@ -160,7 +165,7 @@ __attribute__((always_inline)) inline void tile_fp32(const Int4GemmParams& p, co
       }
       const float* sp = p.scales + (t * p.G + g) * kInt4TileN + cb;
       for (int v = 0; v < V; ++v) {
-        vf s, z;
+        vf s, z, o;
         memcpy(&s, sp + v * W, sizeof(vf));
         if (p.zeros) {
           vb zb;
@@ -170,13 +175,13 @@ __attribute__((always_inline)) inline void tile_fp32(const Int4GemmParams& p, co
           z = vf{} + 8.f;
         }
         for (int m = 0; m < MB; ++m) {
-          const float xs = w.xsum[(m0 + m) * w.ldg + g];
-          out[m][v] += s * (a[m][v] - z * xs);
+          float* op = acc + m * kInt4TileN + cb + v * W;
+          memcpy(&o, op, sizeof(vf));
+          o += s * (a[m][v] - z * w.xsum[(m0 + m) * w.ldg + g]);
+          memcpy(op, &o, sizeof(vf));
         }
       }
     }
-    for (int m = 0; m < MB; ++m)
-      for (int v = 0; v < V; ++v) memcpy(acc + m * kInt4TileN + cb + v * W, &out[m][v], sizeof(vf));
   }
 }
 
@@ -207,57 +212,58 @@ BITPRESS_TARGET_AVX2 void tile_fp32_avx2(const Int4GemmParams& p, const Workspac
 template <int MB, bool LO>
 BITPRESS_TARGET_AVX512BF16 void tile_bf16(const Int4GemmParams& p, const Workspace& w, int64_t t,
                                           int64_t m0, float* acc) {
+  constexpr int V = kPassVectors<MB>;
   const int64_t K8 = p.Kp / 8;
   const __m512i nib = _mm512_set1_epi32(0x000F000F);
   const __m512i off = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
-  __m512 out[MB][4];
-  for (int m = 0; m < MB; ++m)
-    for (int c = 0; c < 4; ++c) out[m][c] = _mm512_setzero_ps();
+  for (int i = 0; i < MB * kInt4TileN; ++i) acc[i] = 0.f;
   for (int64_t g = 0; g < p.G; ++g) {
-    __m512 a[MB][4];
-    for (int m = 0; m < MB; ++m)
-      for (int c = 0; c < 4; ++c) a[m][c] = _mm512_setzero_ps();
-    const int64_t o1 = p.group_starts[g + 1];
-    for (int64_t o = p.group_starts[g]; o < o1; ++o) {
-      const int32_t* wp = p.qweight + (t * K8 + o) * kInt4TileN;
-      __m512i words[4];
-      for (int c = 0; c < 4; ++c) words[c] = _mm512_loadu_si512(wp + 16 * c);
+    const int64_t o0 = p.group_starts[g], o1 = p.group_starts[g + 1];
+    for (int cb = 0; cb < kInt4TileN; cb += 16 * V) {
+      __m512 a[MB][V];
+      for (int m = 0; m < MB; ++m)
+        for (int v = 0; v < V; ++v) a[m][v] = _mm512_setzero_ps();
+      for (int64_t o = o0; o < o1; ++o) {
+        const int32_t* wp = p.qweight + (t * K8 + o) * kInt4TileN + cb;
+        __m512i words[V];
+        for (int v = 0; v < V; ++v) words[v] = _mm512_loadu_si512(wp + 16 * v);
 #pragma GCC unroll 4
-      for (int pr = 0; pr < 4; ++pr) {
-        __m512i b[4];
-        // imm 0xEA: (A & B) | C.
-        for (int c = 0; c < 4; ++c)
-          b[c] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(words[c], 4 * pr), nib, off, 0xEA);
-        for (int m = 0; m < MB; ++m) {
-          const int64_t pi = (m0 + m) * w.ldp + 4 * o + pr;
-          const __m512i xh = _mm512_set1_epi32(int(w.xh[pi]));
-          for (int c = 0; c < 4; ++c)
-            a[m][c] = _mm512_dpbf16_ps(a[m][c], (__m512bh)b[c], (__m512bh)xh);
-          if (LO) {
-            const __m512i xl = _mm512_set1_epi32(int(w.xl[pi]));
-            for (int c = 0; c < 4; ++c)
-              a[m][c] = _mm512_dpbf16_ps(a[m][c], (__m512bh)b[c], (__m512bh)xl);
+        for (int pr = 0; pr < 4; ++pr) {
+          __m512i b[V];
+          // imm 0xEA: (A & B) | C.
+          for (int v = 0; v < V; ++v)
+            b[v] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(words[v], 4 * pr), nib, off, 0xEA);
+          for (int m = 0; m < MB; ++m) {
+            const int64_t pi = (m0 + m) * w.ldp + 4 * o + pr;
+            const __m512i xh = _mm512_set1_epi32(int(w.xh[pi]));
+            for (int v = 0; v < V; ++v)
+              a[m][v] = _mm512_dpbf16_ps(a[m][v], (__m512bh)b[v], (__m512bh)xh);
+            if (LO) {
+              const __m512i xl = _mm512_set1_epi32(int(w.xl[pi]));
+              for (int v = 0; v < V; ++v)
+                a[m][v] = _mm512_dpbf16_ps(a[m][v], (__m512bh)b[v], (__m512bh)xl);
+            }
           }
         }
       }
-    }
-    const float* sp = p.scales + (t * p.G + g) * kInt4TileN;
-    for (int c = 0; c < 4; ++c) {
-      const __m512 s = _mm512_loadu_ps(sp + 16 * c);
-      __m512 z = _mm512_set1_ps(136.f);  // 128 + the symmetric zero point 8
-      if (p.zeros) {
-        const __m128i zb = _mm_loadu_si128(
-            reinterpret_cast<const __m128i*>(p.zeros + (t * p.G + g) * kInt4TileN + 16 * c));
-        z = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)), _mm512_set1_ps(128.f));
-      }
-      for (int m = 0; m < MB; ++m) {
-        const __m512 xs = _mm512_set1_ps(w.xsum[(m0 + m) * w.ldg + g]);
-        out[m][c] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, a[m][c]), out[m][c]);
+      const int64_t sg = (t * p.G + g) * kInt4TileN + cb;
+      for (int v = 0; v < V; ++v) {
+        const __m512 s = _mm512_loadu_ps(p.scales + sg + 16 * v);
+        __m512 z = _mm512_set1_ps(136.f);  // 128 + the symmetric zero point 8
+        if (p.zeros) {
+          const __m128i zb =
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v));
+          z = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)), _mm512_set1_ps(128.f));
+        }
+        for (int m = 0; m < MB; ++m) {
+          float* op = acc + m * kInt4TileN + cb + 16 * v;
+          const __m512 xs = _mm512_set1_ps(w.xsum[(m0 + m) * w.ldg + g]);
+          _mm512_storeu_ps(
+              op, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, a[m][v]), _mm512_loadu_ps(op)));
+        }
       }
     }
   }
-  for (int m = 0; m < MB; ++m)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + m * kInt4TileN + 16 * c, out[m][c]);
 }
 #endif
 
@@ -278,8 +284,16 @@ TileFn by_rows(int mb) {
       return Sel<2>::fn;
     case 3:
       return Sel<3>::fn;
-    default:
+    case 4:
       return Sel<4>::fn;
+    case 5:
+      return Sel<5>::fn;
+    case 6:
+      return Sel<6>::fn;
+    case 7:
+      return Sel<7>::fn;
+    default:
+      return Sel<8>::fn;
   }
 }
 
@@ -384,44 +398,6 @@ Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
 #endif
       fn(p, w, t, m0, acc);
       store_tile(p, t, m0, mb, acc, convert);
-    }
-  });
-  return Status::kSuccess;
-}
-
-Status int4_gemm_dequantize_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
-  if (p.K < 0 || p.N < 0 || p.Kp % 8 != 0 || (!p.perm && p.Kp != p.K)) {
-    return Status::kInvalidArgument;
-  }
-  if (!valid_dtype(p.out_dtype) || (p.K && p.N && (!p.out || p.out_row_stride < p.N))) {
-    return Status::kInvalidArgument;
-  }
-  if (p.K == 0 || p.N == 0) return Status::kSuccess;
-  const int64_t Nt = (p.N + kInt4TileN - 1) / kInt4TileN, K8 = p.Kp / 8;
-  const cpu::ConvertFn convert = cpu::converter(p.out_dtype, active_cpu_isa());
-  const int osz = dtype_size(p.out_dtype);
-  // Task = one group of one tile: its scales and zeros are read once.
-  parallel_for(pool, 0, Nt * p.G, 1, [&](int64_t i0, int64_t i1) {
-    alignas(64) float row[kInt4TileN];
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / p.G, g = i % p.G;
-      const int64_t n0 = t * kInt4TileN, nn = std::min<int64_t>(kInt4TileN, p.N - n0);
-      const float* s = p.scales + (t * p.G + g) * kInt4TileN;
-      const uint8_t* z = p.zeros ? p.zeros + (t * p.G + g) * kInt4TileN : nullptr;
-      for (int64_t o = p.group_starts[g]; o < p.group_starts[g + 1]; ++o) {
-        const uint32_t* w =
-            reinterpret_cast<const uint32_t*>(p.qweight + (t * K8 + o) * kInt4TileN);
-        for (int i4 = 0; i4 < 8; ++i4) {
-          const int64_t packed_row = 8 * o + kRowOfNibble[i4];
-          const int64_t k = p.perm ? p.perm[packed_row] : packed_row;
-          if (k < 0) continue;
-          for (int64_t c = 0; c < nn; ++c) {
-            const int q = int((w[c] >> (4 * i4)) & 15u);
-            row[c] = float(q - (z ? int(z[c]) : 8)) * s[c];
-          }
-          convert(row, static_cast<char*>(p.out) + (k * p.out_row_stride + n0) * osz, nn);
-        }
-      }
     }
   });
   return Status::kSuccess;

@@ -2,11 +2,7 @@
 // kernels (Marlin-style layout); until then CUDA tensors go to the Triton / reference backends.
 #include "bitpress/int4_gemm.h"
 
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-
-#include <cstdlib>
 
 #include "glue.h"
 
@@ -14,17 +10,6 @@ namespace bitpress {
 namespace {
 
 constexpr const char* kOp = "int4_gemm";
-
-// From this many rows of x on, dequantize once and call the dense GEMM (oneDNN / MKL, AMX where
-// the CPU has it) instead of the fused kernel, whose cost grows with M at a lower FLOP rate.
-// BITPRESS_INT4_DENSE_MIN_M overrides (benchmarks, tests).
-int64_t dense_min_m() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("BITPRESS_INT4_DENSE_MIN_M");
-    return e ? std::atoll(e) : int64_t(64);
-  }();
-  return v;
-}
 
 // x [..., K]; qweight [Nt, Kp/8, 64] int32; scales [Nt, G, 64] float32; zeros [Nt, G, 64] uint8
 // or None; group_starts [G+1] int32; perm [Kp] int32 or None; bias [N] or None. Returns
@@ -106,27 +91,6 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
   out_shape.back() = N;
   at::Tensor out = new_output(out_shape, x.options());
   if (M == 0 || N == 0) return out;
-  if (M >= dense_min_m()) {
-    // W^T [K, N] in x's dtype, then one dense GEMM (bias folded in by addmm).
-    at::Tensor wt = at::empty({K, N}, x.options());
-    if (Kp != K) wt.zero_();  // rows no packed row maps to (possible only with a perm)
-    Int4GemmParams d;
-    d.qweight = qw.data_ptr<int32_t>();
-    d.scales = sc.data_ptr<float>();
-    d.zeros = zr.defined() ? zr.data_ptr<uint8_t>() : nullptr;
-    d.group_starts = gs.data_ptr<int32_t>();
-    d.perm = pm.defined() ? pm.data_ptr<int32_t>() : nullptr;
-    d.K = K;
-    d.Kp = Kp;
-    d.G = G;
-    d.N = N;
-    d.out = wt.data_ptr();
-    d.out_dtype = to_dtype(x.scalar_type());
-    d.out_row_stride = N;
-    check_status(int4_gemm_dequantize_cpu(d, torch_thread_pool()), kOp);
-    const at::Tensor y = bs.defined() ? at::addmm(bs.to(x.scalar_type()), x2, wt) : at::mm(x2, wt);
-    return out.copy_(y.view(out_shape));
-  }
   const size_t ws_bytes = int4_gemm_cpu_workspace_size(M, Kp, G);
   const at::Tensor ws = at::empty({int64_t(ws_bytes)}, x.options().dtype(at::kByte));
 

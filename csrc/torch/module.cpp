@@ -21,6 +21,17 @@ TORCH_LIBRARY(bitpress, m) {
   m.def(
       "int4_dequantize(Tensor qweight, Tensor scales, Tensor? qzeros, Tensor? g_idx, "
       "int group_size, ScalarType? dtype=None) -> Tensor");
+  // target_logits [B, K+1, V], draft_tokens [B, K]; the rest [B] (draft_probs [B, K, V]).
+  // Returns (tokens [B, K+1], num_accepted [B], num_emitted [B]), int64. See bitpress.ops.
+  m.def(
+      "spec_verify(Tensor target_logits, Tensor draft_tokens, Tensor? num_draft=None, "
+      "Tensor? draft_probs=None, Tensor? temperature=None, Tensor? top_k=None, "
+      "Tensor? top_p=None, Tensor? seeds=None, Tensor? offsets=None) -> (Tensor, Tensor, Tensor)");
+  // x [..., K]; weight in the CPU tile layout (bitpress/int4_gemm.h): qweight [Nt, Kp/8, 64],
+  // scales [Nt, G, 64], zeros [Nt, G, 64], group_starts [G+1], perm [Kp]; returns [..., N].
+  m.def(
+      "int4_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor group_starts, "
+      "Tensor? perm, int out_features, Tensor? bias=None) -> Tensor");
 }
 
 namespace {

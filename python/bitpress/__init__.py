@@ -10,14 +10,22 @@ from bitpress import (
     reference,
 )
 from bitpress.backends import available_backends, set_backend, use_backend
+from bitpress.formats.checkpoint import from_pretrained, save_pretrained
+from bitpress.nn import Int4Linear
+from bitpress.quantize.api import Int4Config, quantize_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Int4Config",
+    "Int4Linear",
     "__version__",
     "available_backends",
+    "from_pretrained",
     "ops",
+    "quantize_",
     "reference",
+    "save_pretrained",
     "set_backend",
     "use_backend",
 ]

@@ -174,3 +174,385 @@ def _int4_dequantize_reference(qweight, scales, qzeros, g_idx, group_size, dtype
         if lo < 0 or hi >= G:
             _fail("int4_dequantize", f"g_idx values must lie in [0, {G}), got [{lo}, {hi}]")
     return reference.int4_dequantize(qweight, scales, qzeros, g_idx, group_size, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# int4_gemm
+# --------------------------------------------------------------------------------------------
+
+
+def int4_gemm(
+    x: torch.Tensor,
+    weight,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""INT4 weight-only linear layer: ``y = x · Wᵀ + bias``.
+
+    .. math:: W[n, k] = (q[k, n] - z[g(k), n]) \cdot s[g(k), n]
+
+    Parameters
+    ----------
+    x : Tensor, float32 / float16 / bfloat16, shape [..., K]
+        Activations; any leading shape (M = their product, from 1 to thousands).
+    weight : bitpress.formats.int4_layout.Int4PackedWeight
+        The weight in the kernel layout (``int4_layout.pack(quantized_weight)``, done once at
+        load time): qweight int32 [Nt, Kp/8, 64], scales float32 [Nt, G, 64], zeros uint8
+        [Nt, G, 64] or None (symmetric), group_starts int32 [G+1], perm int32 [Kp] or None,
+        with N = ``weight.out_features``, Nt = ceil(N / 64).
+    bias : Tensor, shape [N], optional
+    backend : str, optional
+        Force a backend for this call (see :mod:`bitpress.backends`).
+
+    Returns
+    -------
+    Tensor, shape [..., N], ``x.dtype``.
+
+    Notes
+    -----
+    Accumulation is in float32. On CPUs with AVX512_BF16 the bf16/fp16 path multiplies exact bf16
+    representations of x (fp16 x as two bf16 terms), so its error is that of float32
+    accumulation; float32 x always takes the float32 FMA path.
+    """
+    _, impl = backends.select("int4_gemm", x.device, backend)
+    return impl(x, *weight.tensors(), bias)
+
+
+def _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias):
+    op = "int4_gemm"
+    _check_dtype(op, "x", x, _FLOAT_DTYPES)
+    if x.dim() < 1:
+        _fail(op, "x must be [..., K], got a 0-D tensor")
+    _check_dtype(op, "qweight", qweight, (torch.int32,))
+    _check_dim(op, "qweight", qweight, 3, "[Nt, Kp/8, 64]")
+    _check_dtype(op, "scales", scales, (torch.float32,))
+    _check_dim(op, "scales", scales, 3, "[Nt, G, 64]")
+    _check_dtype(op, "group_starts", group_starts, (torch.int32,))
+    _check_dim(op, "group_starts", group_starts, 1, "[G+1]")
+    for name, t in (("qweight", qweight), ("scales", scales), ("group_starts", group_starts)):
+        _check_device(op, name, t, x, "x")
+    N = out_features
+    if N < 0:
+        _fail(op, f"out_features must be >= 0, got {N}")
+    Nt = -(-N // 64)
+    Kp, G, K = qweight.shape[1] * 8, scales.shape[1], x.shape[-1]
+    _check_size(op, "qweight", qweight, 0, Nt, "Nt = ceil(out_features / 64)")
+    _check_size(op, "qweight", qweight, 2, 64, "the tile width")
+    _check_size(op, "scales", scales, 0, Nt, "Nt = ceil(out_features / 64)")
+    _check_size(op, "scales", scales, 2, 64, "the tile width")
+    _check_size(op, "group_starts", group_starts, 0, G + 1, "G + 1 = scales.size(1) + 1")
+    if zeros is not None:
+        _check_dtype(op, "zeros", zeros, (torch.uint8,))
+        _check_dim(op, "zeros", zeros, 3, "[Nt, G, 64]")
+        if zeros.shape != scales.shape:
+            _fail(
+                op,
+                f"zeros must have the shape of scales {list(scales.shape)}, "
+                f"got {list(zeros.shape)}",
+            )
+        _check_device(op, "zeros", zeros, x, "x")
+    if perm is not None:
+        _check_dtype(op, "perm", perm, (torch.int32,))
+        _check_dim(op, "perm", perm, 1, "[Kp]")
+        _check_size(op, "perm", perm, 0, Kp, "Kp = 8 * qweight.size(1)")
+        _check_device(op, "perm", perm, x, "x")
+    elif K != Kp:
+        _fail(
+            op,
+            f"x.size(-1) must be K = {Kp} (8 * qweight.size(1); the weight has no row "
+            f"permutation), got shape {list(x.shape)}",
+        )
+    if bias is not None:
+        _check_dtype(op, "bias", bias, _FLOAT_DTYPES)
+        _check_dim(op, "bias", bias, 1, "[N]")
+        _check_size(op, "bias", bias, 0, N, "N = out_features")
+        _check_device(op, "bias", bias, x, "x")
+    return K, N
+
+
+@torch.library.register_fake("bitpress::int4_gemm")
+def _int4_gemm_fake(x, qweight, scales, zeros, group_starts, perm, out_features, bias=None):
+    _, N = _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@backends.register("int4_gemm", "cpu")
+def _int4_gemm_compiled(x, qweight, scales, zeros, group_starts, perm, out_features, bias):
+    return torch.ops.bitpress.int4_gemm(
+        x, qweight, scales, zeros, group_starts, perm, out_features, bias
+    )
+
+
+@backends.register("int4_gemm", "reference")
+def _int4_gemm_reference(x, qweight, scales, zeros, group_starts, perm, out_features, bias):
+    _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
+    return reference.int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# spec_verify
+# --------------------------------------------------------------------------------------------
+
+
+def spec_verify(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_draft: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    temperature: torch.Tensor | float | None = None,
+    top_k: torch.Tensor | int | None = None,
+    top_p: torch.Tensor | float | None = None,
+    seeds: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Verify speculative-decoding drafts against the target's logits, for a batch of rows.
+
+    The draft proposed ``num_draft[b]`` tokens for row ``b``; the target scored them in one
+    forward pass. The result reproduces the target exactly: greedy rows emit the target's argmax
+    chain, sampling rows emit tokens distributed as the target's own samples (Leviathan et al.
+    2023, Chen et al. 2023).
+
+    For row ``b`` with ``n = num_draft[b]`` drafts ``d[0..n)``, position ``j`` (``0 <= j <= n``):
+
+    * **greedy** (``temperature[b] == 0``): accept ``d[j]`` while it equals
+      ``argmax_v target_logits[b, j, v]`` (ties: the lowest ``v``); emit that argmax at the first
+      mismatch, or at position ``n`` (the bonus token) when all ``n`` are accepted.
+    * **sampling**: the target distribution is
+
+      .. math:: p_j(v) = \frac{e_j(v)}{S_j}, \quad e_j(v) = \exp(z_{j,v} - \max_w z_{j,w}),
+         \quad z_{j,v} = \mathrm{logit}_{j,v} \cdot (1 / T),
+         \quad S_j = \sum_{v\ \mathrm{kept}} e_j(v)
+
+      over the tokens kept by ``top_k`` and ``top_p`` (all when they are off), 0 elsewhere.
+      ``d[j]`` is accepted iff :math:`u_0 \, q_j(d_j) < p_j(d_j)`, i.e. with probability
+      :math:`\min(1, p/q)`; ``q`` is ``draft_probs[b, j]``, or one-hot at ``d[j]`` when
+      ``draft_probs`` is None (deterministic drafts: prompt lookup, greedy draft model). At the
+      first rejection the emitted token is sampled from :math:`\max(0, p_j - q_j)` (normalized;
+      0 at ``d[j]`` for one-hot q; from :math:`p_j` if that has no mass); when all ``n`` are
+      accepted the bonus token is sampled from :math:`p_n`. Sampling is by inverse CDF: the
+      first ``v`` whose running sum of the weights exceeds :math:`u_1 W` (``W`` their total);
+      if rounding leaves the running sum short, the last ``v`` with positive weight, so a token
+      with zero weight is never returned.
+
+    ``u0``, ``u1`` are words 0 and 1 of Philox4x32-10 at key ``(seed lo, seed hi)`` and counter
+    ``(offset lo, offset hi, j, 0)``, as ``(bits >> 8) * 2^-24`` (csrc/include/bitpress/philox.h).
+
+    Parameters
+    ----------
+    target_logits : Tensor, float32 / float16 / bfloat16, shape [B, K+1, V]
+        The target's logits at each draft position and at the bonus position. Read once per
+        decided position; no probability tensor is materialized. Must not hold NaN (``-inf``
+        masks a token; a position whose logits are all ``-inf`` or that has ``+inf`` has no
+        distribution and is decided greedily).
+    draft_tokens : Tensor, int32 / int64, shape [B, K]
+        Proposed tokens; entries at ``j >= num_draft[b]`` are padding and are ignored. Real ones
+        must lie in ``[0, V)``.
+    num_draft : Tensor, int32 / int64, shape [B], optional
+        Real drafts per row, in ``0..K`` (ragged batches; 0: only the bonus token is sampled).
+        Default: K for every row.
+    draft_probs : Tensor, float32 / float16 / bfloat16, shape [B, K, V], optional
+        The draft's distribution ``q`` at each position (rows need not be exactly normalized).
+        None: q is one-hot at the proposed token.
+    temperature : Tensor float32 [B], or float, optional
+        ``> 0``: sampling at that temperature; ``0``: greedy. Greedy and sampling rows mix in one
+        batch. Default (None): every row greedy.
+    top_k : Tensor int32 / int64 [B], or int, optional
+        Keep the tokens whose scaled logit is at least the k-th largest (ties kept); ``<= 0`` or
+        ``>= V``: off. Applied to p before verification.
+    top_p : Tensor float32 [B], or float, optional
+        After top_k, keep the smallest set of most probable tokens whose mass reaches ``top_p``
+        (ties at the threshold kept); outside ``(0, 1)``: off.
+    seeds, offsets : Tensor, int64, shape [B], optional
+        Per-row randomness: use one seed per sequence and a new offset per call (e.g. the decode
+        step). ``seeds=None``: drawn from torch's default generator for the device when any
+        temperature is given, so ``torch.manual_seed`` makes runs repeatable (the op
+        ``torch.ops.bitpress.spec_verify`` itself takes 0). ``offsets=None``: 0.
+    backend : str, optional
+        Force a backend for this call (see :mod:`bitpress.backends`).
+
+    Returns
+    -------
+    tokens : Tensor, int64, shape [B, K+1]
+        The accepted drafts, then the correction or bonus token, then -1 padding.
+    num_accepted : Tensor, int64, shape [B]
+        Accepted drafts ``a`` (``0..num_draft[b]``).
+    num_emitted : Tensor, int64, shape [B]
+        ``a + 1``.
+
+    Notes
+    -----
+    *Exactness across backends.* Every backend uses the same uniforms, the same exp polynomial
+    (only individually rounded ``+ - *``; no FMA) and the same formulas, so they agree bit for bit
+    except through the order of the sums ``S``, ``W`` and the running CDF, which differs between
+    the CPU kernel (16/8/4 SIMD lanes), the CUDA kernel (block reductions), the Triton kernel
+    and the reference: a decision can differ only when a uniform falls within rounding of a
+    boundary (probability ~1e-7 per decision). The tests check identical tokens on many seeds.
+
+    *Cost.* A row reads only the positions it decides: one pass per position; the sampled token
+    costs one more pass over that row (CUDA / Triton: two). Rows with ``top_k`` / ``top_p`` take
+    binary searches over their positions: up to 32 counting passes (top_k) and ~30 masked sums
+    (top_p), from cache on the CPU.
+
+    *Errors.* Shapes, dtypes and devices are checked on every backend. Values (``num_draft`` in
+    ``[0, K]``, draft ids in ``[0, V)``, ``temperature >= 0``) are checked on CPU tensors; on CUDA
+    that would cost a host sync, so the kernels clamp ``num_draft`` to ``[0, K]``, reject a draft
+    id outside the vocabulary without reading it, and treat a negative temperature as greedy.
+    """
+    B, dev = target_logits.shape[0], target_logits.device
+    if isinstance(temperature, (int, float)):
+        temperature = torch.full((B,), float(temperature), dtype=torch.float32, device=dev)
+    if isinstance(top_k, int):
+        top_k = torch.full((B,), top_k, dtype=torch.int64, device=dev)
+    if isinstance(top_p, (int, float)):
+        top_p = torch.full((B,), float(top_p), dtype=torch.float32, device=dev)
+    if seeds is None and temperature is not None:
+        seeds = torch.randint(-(2**63), 2**63 - 1, (B,), dtype=torch.int64, device=dev)
+    _, impl = backends.select("spec_verify", dev, backend)
+    return impl(
+        target_logits, draft_tokens, num_draft, draft_probs, temperature, top_k, top_p, seeds,
+        offsets,
+    )  # fmt: skip
+
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_spec_verify(
+    target_logits, draft_tokens, num_draft, draft_probs, temperature, top_k, top_p, seeds, offsets
+):
+    """Shapes, dtypes and devices, with the messages of csrc/torch/spec_verify.cpp."""
+    op = "spec_verify"
+    _check_dtype(op, "target_logits", target_logits, _FLOAT_DTYPES)
+    _check_dim(op, "target_logits", target_logits, 3, "[B, K+1, V]")
+    B, K, V = target_logits.shape[0], target_logits.shape[1] - 1, target_logits.shape[2]
+    if K < 0 or V < 1:
+        _fail(
+            op,
+            "target_logits must have at least one position (K+1 >= 1) and one token (V >= 1), "
+            f"got shape {list(target_logits.shape)}",
+        )
+    if V >= 2**31:
+        _fail(op, f"target_logits.size(2) (V) must be below 2^31, got {V}")
+    _check_dtype(op, "draft_tokens", draft_tokens, _INT_DTYPES)
+    _check_dim(op, "draft_tokens", draft_tokens, 2, "[B, K]")
+    _check_size(op, "draft_tokens", draft_tokens, 0, B, "B = target_logits.size(0)")
+    _check_size(op, "draft_tokens", draft_tokens, 1, K, "K = target_logits.size(1) - 1")
+    _check_device(op, "draft_tokens", draft_tokens, target_logits, "target_logits")
+
+    def per_row(name, t, dtypes):
+        if t is not None:
+            _check_dtype(op, name, t, dtypes)
+            _check_dim(op, name, t, 1, "[B]")
+            _check_size(op, name, t, 0, B, "B = target_logits.size(0)")
+            _check_device(op, name, t, target_logits, "target_logits")
+
+    per_row("num_draft", num_draft, _INT_DTYPES)
+    if draft_probs is not None:
+        _check_dtype(op, "draft_probs", draft_probs, _FLOAT_DTYPES)
+        _check_dim(op, "draft_probs", draft_probs, 3, "[B, K, V]")
+        _check_size(op, "draft_probs", draft_probs, 0, B, "B = target_logits.size(0)")
+        _check_size(op, "draft_probs", draft_probs, 1, K, "K = target_logits.size(1) - 1")
+        _check_size(op, "draft_probs", draft_probs, 2, V, "V = target_logits.size(2)")
+        _check_device(op, "draft_probs", draft_probs, target_logits, "target_logits")
+    per_row("temperature", temperature, (torch.float32,))
+    per_row("top_k", top_k, _INT_DTYPES)
+    per_row("top_p", top_p, (torch.float32,))
+    per_row("seeds", seeds, (torch.int64,))
+    per_row("offsets", offsets, (torch.int64,))
+    return B, K, V
+
+
+def _check_spec_verify_values(target_logits, draft_tokens, num_draft, temperature):
+    """The value checks of the C++ glue (CPU tensors, outside torch.compile: they sync)."""
+    if target_logits.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    op = "spec_verify"
+    B, K, V = target_logits.shape[0], target_logits.shape[1] - 1, target_logits.shape[2]
+    n = num_draft.long() if num_draft is not None else torch.full((B,), K, dtype=torch.long)
+    d = draft_tokens.long()
+    for b in range(B):
+        nb = int(n[b])
+        if not 0 <= nb <= K:
+            _fail(op, f"num_draft values must lie in [0, K] (K = {K}), got num_draft[{b}] = {nb}")
+        bad = ((d[b, :nb] < 0) | (d[b, :nb] >= V)).nonzero()
+        if len(bad):
+            j = int(bad[0, 0])
+            _fail(
+                op,
+                f"draft_tokens values must lie in [0, V) (V = {V}), got draft_tokens[{b}, {j}] "
+                f"= {int(d[b, j])}",
+            )
+        if temperature is not None and not float(temperature[b]) >= 0.0:
+            _fail(
+                op,
+                f"temperature values must be >= 0 (0: greedy), got temperature[{b}] = "
+                f"{float(temperature[b]):g}",
+            )
+
+
+@torch.library.register_fake("bitpress::spec_verify")
+def _spec_verify_fake(
+    target_logits,
+    draft_tokens,
+    num_draft=None,
+    draft_probs=None,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    seeds=None,
+    offsets=None,
+):
+    B, K, _ = _check_spec_verify(
+        target_logits, draft_tokens, num_draft, draft_probs, temperature, top_k, top_p, seeds,
+        offsets,
+    )  # fmt: skip
+    new = target_logits.new_empty
+    return (
+        new((B, K + 1), dtype=torch.int64),
+        new((B,), dtype=torch.int64),
+        new((B,), dtype=torch.int64),
+    )
+
+
+@backends.register("spec_verify", "cpu")
+@backends.register("spec_verify", "cuda")
+def _spec_verify_compiled(*args):
+    return torch.ops.bitpress.spec_verify(*args)
+
+
+@torch.library.custom_op("bitpress::spec_verify_triton", mutates_args=())
+def _spec_verify_triton(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    num_draft: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from bitpress.triton_kernels import spec_verify as tk
+
+    args = (target_logits, draft_tokens, num_draft, draft_probs, temperature, top_k, top_p, seeds)
+    _check_spec_verify(*args, offsets)
+    _check_spec_verify_values(target_logits, draft_tokens, num_draft, temperature)
+    return tk.spec_verify(*args, offsets)
+
+
+torch.library.register_fake("bitpress::spec_verify_triton")(_spec_verify_fake)
+
+
+@backends.register("spec_verify", "triton")
+def _spec_verify_triton_backend(*args):
+    return torch.ops.bitpress.spec_verify_triton(*args)
+
+
+@backends.register("spec_verify", "reference")
+def _spec_verify_reference(*args):
+    _check_spec_verify(*args)
+    _check_spec_verify_values(args[0], args[1], args[2], args[4])
+    return reference.spec_verify(*args)

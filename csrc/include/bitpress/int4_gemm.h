@@ -63,10 +63,4 @@ Status int4_gemm_check(const Int4GemmParams& p);
 
 Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
 
-// The dense weight, transposed: out[k, n] = W[n, k] for k < K (rows in the original order, via
-// perm), n < N; out row stride out_row_stride, dtype out_dtype. Uses qweight, scales, zeros,
-// group_starts, perm, K, Kp, G, N, out, out_dtype, out_row_stride of `p` (x, M ignored).
-// For large M, dequantizing once and calling a dense GEMM beats the fused kernel.
-Status int4_gemm_dequantize_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
-
 }  // namespace bitpress

@@ -1,0 +1,93 @@
+"""int4_gemm on the CPU: Llama-3-8B projection shapes, group 128, bf16 activations.
+
+Per case: our time; the floor = bytes of the weight in the kernel layout (nibbles, fp32 scales;
+symmetric, so no zeros) / read bandwidth measured in this run; and two baselines measured in the
+same run: F.linear with a dense bf16 weight, and torch's own INT4 CPU op
+(_weight_int4pack_mm_for_cpu, group 128). GPU section: runs only with a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bench_util import Row, record, seconds_of, timeit
+
+from bitpress import ops
+from bitpress.formats import int4_layout
+from bitpress.quantize.common import QuantizedWeight
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # Llama-3-8B: q/o, gate/up, down
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 512]
+GROUP = 128
+
+
+def _weights(K, N):
+    gen = torch.Generator().manual_seed(K + N)
+    q = torch.randint(0, 16, (K, N), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(K // GROUP, N, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+    qw = QuantizedWeight(
+        q,
+        scales,
+        torch.full_like(scales, 8, dtype=torch.uint8),
+        (torch.arange(K) // GROUP).to(torch.int32),
+        GROUP,
+        True,
+    )
+    packed = int4_layout.pack(qw)
+    dense = qw.dequantize(torch.bfloat16).contiguous()  # [N, K]
+    tq = torch._convert_weight_to_int4pack_for_cpu(q.t().contiguous().to(torch.int32), 2)
+    sz = torch.stack([scales, -8 * scales], dim=-1).contiguous()  # w = q*s + (-8 s)
+    return packed, dense, tq, sz
+
+
+_CACHE = {}
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("K,N", SHAPES, ids=lambda s: str(s))
+def bench_int4_gemm_cpu(benchmark, K, N, M):
+    if (K, N) not in _CACHE:
+        _CACHE.clear()
+        _CACHE[(K, N)] = _weights(K, N)
+    packed, dense, tq, sz = _CACHE[(K, N)]
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    benchmark.group = f"int4_gemm {K}x{N}"
+    benchmark.pedantic(ops.int4_gemm, (x, packed), rounds=max(5, 64 // M), warmup_rounds=2)
+    t_ours = seconds_of(benchmark)
+    t_lin = timeit(lambda: F.linear(x, dense))
+    t_tq = timeit(lambda: torch._weight_int4pack_mm_for_cpu(x, tq, GROUP, sz))
+    case = f"K={K} N={N} M={M} bf16 g128"
+    flops = 2 * M * K * N
+    record(Row("int4_gemm", case, t_ours, packed.nbytes, flops, "F.linear bf16", t_lin), benchmark)
+    record(Row("int4_gemm", case, t_ours, packed.nbytes, flops, "torch int4pack_mm", t_tq))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 16, 64])
+@pytest.mark.parametrize("K,N", SHAPES, ids=lambda s: str(s))
+def bench_int4_gemm_gpu(benchmark, K, N, M):
+    packed, dense, _, _ = _weights(K, N)
+    packed, dense = packed.to("cuda"), dense.to("cuda", torch.float16)
+    x = torch.randn(M, K, dtype=torch.float16, device="cuda")
+
+    def run():
+        ops.int4_gemm(x, packed)
+        torch.cuda.synchronize()
+
+    benchmark(run)
+    t_lin = timeit(lambda: F.linear(x, dense), "cuda")
+    record(
+        Row(
+            "int4_gemm",
+            f"K={K} N={N} M={M} fp16",
+            seconds_of(benchmark),
+            packed.nbytes,
+            2 * M * K * N,
+            "F.linear fp16",
+            t_lin,
+            device="cuda",
+        ),
+        benchmark,
+    )

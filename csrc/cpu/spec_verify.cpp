@@ -1,0 +1,540 @@
+// CPU kernel of spec_verify (contract in bitpress/spec_verify.h and bitpress.ops.spec_verify).
+//
+// One task per row (at::parallel_for over rows through the pool hook). A row walks its positions
+// in order and stops at the first rejection, so only the positions it decides are read. Each
+// position streams its logits once, kChunk elements at a time through an L1-resident buffer:
+//   greedy:   chunk max, then the first index of it (only when the chunk beats the running max);
+//   sampling: online softmax (Milakov & Gimelshein 2018): running max m and sum S, S rescaled by
+//             exp(m_old - m_new) when a chunk raises the max; the accept test needs only e(x) / S.
+// The token sampled at the deciding position costs one more pass over that row: per-chunk sums of
+// the weights, then the chunk that holds the target and a sequential walk inside it.
+// top_k / top_p rows keep the scaled logits of the position in a row buffer and find their
+// thresholds by binary searches over it (32 counting passes for top_k, ~30 masked sums for top_p).
+//
+// The math is written once with GCC vector extensions and compiled for each ISA path under its
+// target attribute (16 lanes AVX-512, 8 lanes AVX2, 4 lanes portable); the scalar tails use the
+// same shared helpers. fp-contract=off keeps every multiply and add rounded on its own, as in the
+// other backends (an FMA would change the last bit of exp and of the accept test).
+#pragma GCC optimize("fp-contract=off")
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of always_inline helpers only
+
+#include "bitpress/spec_verify.h"
+
+#include <string.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace bitpress {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // floats per chunk: 8 KiB, two buffers stay in L1
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+template <int W>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+  typedef uint32_t u __attribute__((vector_size(4 * W)));
+  typedef uint16_t h __attribute__((vector_size(2 * W)));
+};
+
+template <int W>
+__attribute__((always_inline)) inline typename Vec<W>::f vload(const float* p) {
+  typename Vec<W>::f v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int W>
+__attribute__((always_inline)) inline typename Vec<W>::f vsplat(float x) {
+  return typename Vec<W>::f{} + x;
+}
+
+// m ? a : b with a lane mask (-1 / 0) as bit operations: GCC lowers the vector ?: of C++ to a
+// per-lane scalar sequence here, the bit select to vpternlog / blends.
+template <int W>
+__attribute__((always_inline)) inline typename Vec<W>::f vsel(typename Vec<W>::i m,
+                                                              typename Vec<W>::f a,
+                                                              typename Vec<W>::f b) {
+  using I = typename Vec<W>::i;
+  using F = typename Vec<W>::f;
+  return (F)(((I)a & m) | ((I)b & ~m));
+}
+
+// spec::exp_neg on W lanes: the same operations in the same order.
+template <int W>
+__attribute__((always_inline)) inline typename Vec<W>::f vexp_neg(typename Vec<W>::f x) {
+  using F = typename Vec<W>::f;
+  using I = typename Vec<W>::i;
+  const I ok = x >= vsplat<W>(spec::kExpMin);  // false for NaN and -inf
+  x = vsel<W>(ok, x, vsplat<W>(0.0f));
+  const F magic = vsplat<W>(spec::kRoundMagic);
+  const F n = (x * spec::kLog2e + magic) - magic;
+  const F r = (x - n * spec::kLn2Hi) - n * spec::kLn2Lo;
+  F y = vsplat<W>(spec::kExpP0) * r + spec::kExpP1;
+  y = y * r + spec::kExpP2;
+  y = y * r + spec::kExpP3;
+  y = y * r + spec::kExpP4;
+  y = y * r + spec::kExpP5;
+  y = (y * (r * r) + r) + 1.0f;
+  const I pow2 = (__builtin_convertvector(n, I) + 127) << 23;
+  const F e = y * (F)(pow2);
+  return vsel<W>(ok, e, vsplat<W>(0.0f));
+}
+
+// Exact fp16 -> float without F16C: the fp16 magnitude bits placed in a float are the value times
+// 2^-112 (normal and subnormal alike), so one exact multiply restores it; inf / NaN set apart.
+BITPRESS_INLINE float half_to_float_mul(uint16_t h) {
+  const uint32_t em = h & 0x7fffu;
+  float f = em >= 0x7c00u ? bits_float(0x7f800000u | ((em & 0x3ffu) << 13))
+                          : bits_float(em << 13) * 5.192296858534828e+33f;  // 2^112
+  return (h & 0x8000u) ? -f : f;
+}
+
+// dst[i] = float(src[off + i]) * scale for i < n, then `pad` up to a multiple of W.
+template <int W>
+__attribute__((always_inline)) inline void load_chunk(const void* src, DType dt, int64_t off,
+                                                      int64_t n, float scale, float pad,
+                                                      float* __restrict dst) {
+  using F = typename Vec<W>::f;
+  using U = typename Vec<W>::u;
+  using H = typename Vec<W>::h;
+  int64_t i = 0;
+  if (dt == DType::kFloat32) {
+    const float* s = static_cast<const float*>(src) + off;
+    for (; i + W <= n; i += W) {
+      const F v = vload<W>(s + i) * scale;
+      memcpy(dst + i, &v, sizeof(v));
+    }
+    for (; i < n; ++i) dst[i] = s[i] * scale;
+  } else if (dt == DType::kBFloat16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+    for (; i + W <= n; i += W) {
+      H h;
+      memcpy(&h, s + i, sizeof(h));
+      const U u = __builtin_convertvector(h, U) << 16;
+      const F v = (F)(u)*scale;
+      memcpy(dst + i, &v, sizeof(v));
+    }
+    for (; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]) * scale;
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+    const U exp_mask = U{} + 0x7c00u, mag_mask = U{} + 0x7fffu;
+    for (; i + W <= n; i += W) {
+      H h;
+      memcpy(&h, s + i, sizeof(h));
+      const U w = __builtin_convertvector(h, U);
+      const U em = w & mag_mask;
+      const U special = (U{} + 0x7f800000u) | ((em & 0x3ffu) << 13);
+      const U shifted = em << 13;
+      F f = (F)(shifted) * 5.192296858534828e+33f;
+      const U big = (U)(em >= exp_mask);
+      const U fu = (special & big) | ((U)(f) & ~big);
+      const U signed_u = fu | ((w & 0x8000u) << 16);
+      const F v = (F)(signed_u)*scale;
+      memcpy(dst + i, &v, sizeof(v));
+    }
+    for (; i < n; ++i) dst[i] = half_to_float_mul(s[i]) * scale;
+  }
+  for (; i % W; ++i) dst[i] = pad;
+}
+
+template <int W>
+__attribute__((always_inline)) inline float vmax(const float* z, int64_t n) {
+  using F = typename Vec<W>::f;
+  F m = vsplat<W>(-kInf);
+  for (int64_t i = 0; i < n; i += W) {
+    const F v = vload<W>(z + i);
+    m = vsel<W>(v > m, v, m);
+  }
+  float r = -kInf;
+  for (int l = 0; l < W; ++l) r = m[l] > r ? m[l] : r;
+  return r;
+}
+
+template <int W>
+__attribute__((always_inline)) inline float hsum(typename Vec<W>::f s) {
+  float r = 0.0f;
+  for (int l = 0; l < W; ++l) r += s[l];
+  return r;
+}
+
+// Σ exp(z - m) over a padded chunk.
+template <int W>
+__attribute__((always_inline)) inline float exp_sum(const float* z, int64_t n, float m) {
+  using F = typename Vec<W>::f;
+  F s = vsplat<W>(0.0f);
+  for (int64_t i = 0; i < n; i += W) s += vexp_neg<W>(vload<W>(z + i) - m);
+  return hsum<W>(s);
+}
+
+struct Filter {
+  float m = 0.0f, S = 0.0f;  // max of the scaled logits; normalizer over the kept set
+  float zthr = -kInf;        // top_k: keep z >= zthr
+  float etau = 0.0f;         // top_p: keep exp(z - m) >= etau
+  bool kept(float z, float e) const { return z >= zthr && e >= etau; }
+};
+
+struct Scratch {
+  std::vector<float> chunk, q, row, e, csum;
+  std::vector<uint32_t> keys;
+};
+
+inline int64_t padded(int64_t n, int W) { return (n + W - 1) / W * W; }
+
+// Every member is forced inline: only code inlined into the target-attributed entry points below
+// is compiled for AVX2 / AVX-512 (a separate function would get the baseline ISA and emulate the
+// wide vectors).
+#define BITPRESS_FORCE_INLINE __attribute__((always_inline)) inline
+
+template <int W>
+struct RowKernel {
+  const SpecVerifyParams& p;
+  Scratch& s;
+
+  BITPRESS_FORCE_INLINE const void* logits_row(int64_t b, int64_t j) const {
+    return static_cast<const char*>(p.logits) +
+           (b * p.logits_stride_b + j * p.logits_stride_k) * dtype_size(p.logits_dtype);
+  }
+  BITPRESS_FORCE_INLINE const void* q_row(int64_t b, int64_t j) const {
+    return static_cast<const char*>(p.draft_probs) +
+           (b * p.draft_probs_stride_b + j * p.draft_probs_stride_k) *
+               dtype_size(p.draft_probs_dtype);
+  }
+
+  // argmax_v logits[v] (ties: lowest v).
+  BITPRESS_FORCE_INLINE int64_t argmax(const void* row) {
+    float best = -kInf;
+    int64_t arg = 0;
+    bool found = false;
+    float* z = s.chunk.data();
+    for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, p.V - c0);
+      load_chunk<W>(row, p.logits_dtype, c0, n, 1.0f, -kInf, z);
+      const float cm = vmax<W>(z, padded(n, W));
+      if (cm > best || (!found && cm == best)) {
+        for (int64_t i = 0; i < n; ++i) {
+          if (z[i] == cm) {
+            arg = c0 + i;
+            break;
+          }
+        }
+        best = cm;
+        found = true;
+      }
+    }
+    return arg;
+  }
+
+  // Online softmax statistics of a row without filters: one pass.
+  BITPRESS_FORCE_INLINE Filter stats(const void* row, float inv_t) {
+    Filter f;
+    float m = -kInf, S = 0.0f;
+    float* z = s.chunk.data();
+    for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, p.V - c0), np = padded(n, W);
+      load_chunk<W>(row, p.logits_dtype, c0, n, inv_t, -kInf, z);
+      const float cm = vmax<W>(z, np);
+      if (cm > m) {
+        S = spec::mul(S, spec::exp_neg(spec::sub(m, cm)));
+        m = cm;
+      }
+      S = spec::add(S, exp_sum<W>(z, np, m));
+    }
+    f.m = m;
+    f.S = S;
+    return f;
+  }
+
+  // Statistics with top_k / top_p: thresholds by binary search over a row buffer.
+  BITPRESS_FORCE_INLINE Filter filtered_stats(const void* row, float inv_t, int64_t k,
+                                              float top_p) {
+    using F = typename Vec<W>::f;
+    using I = typename Vec<W>::i;
+    using U = typename Vec<W>::u;
+    const int64_t np = padded(p.V, W);
+    float* z = s.row.data();
+    for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
+      load_chunk<W>(row, p.logits_dtype, c0, std::min(kChunk, p.V - c0), inv_t, -kInf, z + c0);
+    }
+    Filter f;
+    f.m = vmax<W>(z, np);
+    if (k > 0 && k < p.V) {
+      uint32_t* keys = s.keys.data();
+      for (int64_t i = 0; i < p.V; ++i) keys[i] = spec::order_key(z[i]);
+      // Largest t with #{key >= t} >= k: the key of the k-th largest scaled logit.
+      uint64_t lo = 0, hi = uint64_t(1) << 32;
+      while (hi - lo > 1) {
+        const uint64_t mid = (lo + hi) / 2;
+        const U t = U{} + uint32_t(mid);
+        I cnt = I{};
+        int64_t i = 0;
+        for (; i + W <= p.V; i += W) {
+          U kv;
+          memcpy(&kv, keys + i, sizeof(kv));
+          cnt -= (kv >= t);  // true lanes are -1
+        }
+        int64_t total = 0;
+        for (int l = 0; l < W; ++l) total += cnt[l];
+        for (; i < p.V; ++i) total += keys[i] >= uint32_t(mid);
+        if (total >= k) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      f.zthr = spec::key_float(uint32_t(lo));
+    }
+    float* e = s.e.data();
+    const F zthr = vsplat<W>(f.zthr);
+    F acc = vsplat<W>(0.0f);
+    for (int64_t i = 0; i < np; i += W) {
+      const F zv = vload<W>(z + i);
+      const F ev = vsel<W>(zv >= zthr, vexp_neg<W>(zv - f.m), vsplat<W>(0.0f));
+      memcpy(e + i, &ev, sizeof(ev));
+      acc += ev;
+    }
+    f.S = hsum<W>(acc);
+    if (top_p > 0.0f && top_p < 1.0f) {
+      // Largest tau (as float bits, e >= 0 so bit order is value order) whose kept mass
+      // Σ_{e >= tau} e reaches top_p * S: the smallest top set, ties at tau kept.
+      const float target = spec::mul(top_p, f.S);
+      uint32_t lo = 0, hi = 0x3f800001u;
+      while (hi - lo > 1) {
+        const uint32_t mid = lo + (hi - lo) / 2;
+        if (mass(e, np, mid) >= target) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      f.etau = bits_float(lo);
+      f.S = mass(e, np, lo);
+    }
+    return f;
+  }
+
+  // Σ e over e >= tau (tau as float bits; e >= 0, so bit order is value order).
+  BITPRESS_FORCE_INLINE static float mass(const float* e, int64_t np, uint32_t t) {
+    using F = typename Vec<W>::f;
+    const F tau = vsplat<W>(bits_float(t));
+    F a = vsplat<W>(0.0f);
+    for (int64_t i = 0; i < np; i += W) {
+      const F ev = vload<W>(e + i);
+      a += vsel<W>(ev >= tau, ev, vsplat<W>(0.0f));
+    }
+    return hsum<W>(a);
+  }
+
+  // Residual weights of one padded chunk: w = max(0, p - q), p = kept ? e / S : 0. `one_hot`: q is
+  // 1 at that index (relative to the chunk) and 0 elsewhere, so w there is 0.
+  BITPRESS_FORCE_INLINE void weights(const void* row, const void* qrow, int64_t c0, int64_t n,
+                                     float inv_t, const Filter& f, int64_t one_hot, float* w) {
+    using F = typename Vec<W>::f;
+    load_chunk<W>(row, p.logits_dtype, c0, n, inv_t, -kInf, w);
+    const int64_t np = padded(n, W);
+    float* q = nullptr;
+    if (qrow) {
+      q = s.q.data();
+      load_chunk<W>(qrow, p.draft_probs_dtype, c0, n, 1.0f, 0.0f, q);
+    }
+    const F zthr = vsplat<W>(f.zthr), etau = vsplat<W>(f.etau), zero = vsplat<W>(0.0f);
+    for (int64_t i = 0; i < np; i += W) {
+      const F zv = vload<W>(w + i);
+      const F ev = vexp_neg<W>(zv - f.m);
+      const F pv = vsel<W>((zv >= zthr) & (ev >= etau), ev / f.S, zero);
+      F d = pv;
+      if (q) d = pv - vload<W>(q + i);
+      const F wv = vsel<W>(d > zero, d, zero);
+      memcpy(w + i, &wv, sizeof(wv));
+    }
+    if (one_hot >= 0 && one_hot < n) w[one_hot] = 0.0f;
+  }
+
+  // Inverse CDF over the weights: the first v whose running sum exceeds u * W; the last v with
+  // positive weight if rounding leaves the walk short. Returns -1 if every weight is 0.
+  BITPRESS_FORCE_INLINE int64_t sample(const void* row, const void* qrow, float inv_t,
+                                       const Filter& f, int64_t one_hot, float u) {
+    float* w = s.chunk.data();
+    const int64_t nchunks = (p.V + kChunk - 1) / kChunk;
+    float total = 0.0f;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t c0 = c * kChunk, n = std::min(kChunk, p.V - c0);
+      weights(row, qrow, c0, n, inv_t, f, one_hot >= 0 ? one_hot - c0 : -1, w);
+      s.csum[c] = exp_sum_plain(w, padded(n, W));
+      total = spec::add(total, s.csum[c]);
+    }
+    if (!(total > 0.0f)) return -1;
+    const float t = spec::mul(u, total);
+    float run = 0.0f;
+    int64_t c = 0, last = -1;
+    for (; c < nchunks; ++c) {
+      if (s.csum[c] > 0.0f) last = c;
+      const float next = spec::add(run, s.csum[c]);
+      if (next > t) break;
+      run = next;
+    }
+    if (c == nchunks) c = last;  // rounding: the target lies past the last chunk with mass
+    const int64_t c0 = c * kChunk, n = std::min(kChunk, p.V - c0);
+    weights(row, qrow, c0, n, inv_t, f, one_hot >= 0 ? one_hot - c0 : -1, w);
+    int64_t pick = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (w[i] > 0.0f) {
+        pick = i;
+        run = spec::add(run, w[i]);
+        if (run > t) break;
+      }
+    }
+    return c0 + pick;
+  }
+
+  BITPRESS_FORCE_INLINE static float exp_sum_plain(const float* w, int64_t n) {
+    using F = typename Vec<W>::f;
+    F a = vsplat<W>(0.0f);
+    for (int64_t i = 0; i < n; i += W) a += vload<W>(w + i);
+    return hsum<W>(a);
+  }
+
+  BITPRESS_FORCE_INLINE void run(int64_t b) {
+    const int64_t n = p.num_draft ? p.num_draft[b] : p.K;
+    const float temp = p.temperature ? p.temperature[b] : 0.0f;
+    const bool greedy_row = !(temp > 0.0f);
+    const float inv_t = greedy_row ? 1.0f : spec::div(1.0f, temp);
+    const int64_t k = p.top_k ? p.top_k[b] : 0;
+    const float top_p = p.top_p ? p.top_p[b] : 1.0f;
+    const bool filtered = (k > 0 && k < p.V) || (top_p > 0.0f && top_p < 1.0f);
+    const int64_t seed = p.seeds ? p.seeds[b] : 0, offset = p.offsets ? p.offsets[b] : 0;
+    const int64_t* d = p.draft_tokens + b * p.draft_tokens_stride;
+    int64_t* out = p.tokens + b * p.tokens_stride;
+
+    int64_t a = 0, token = -1;
+    for (int64_t j = 0; j <= n; ++j) {
+      const void* row = logits_row(b, j);
+      const bool is_draft = j < n;
+      const int64_t x = is_draft ? d[j] : -1;
+      Filter f;
+      bool greedy = greedy_row;
+      if (!greedy) {
+        f = filtered ? filtered_stats(row, inv_t, k, top_p) : stats(row, inv_t);
+        greedy = !(f.S > 0.0f);  // infinite or all -inf logits: no distribution, decide greedily
+      }
+      if (greedy) {
+        const int64_t am = argmax(row);
+        if (is_draft && x == am) {
+          ++a;
+          continue;
+        }
+        token = am;
+        break;
+      }
+      const Philox4x32 r = philox_stream(seed, offset, uint32_t(j));
+      const void* qrow = is_draft && p.draft_probs ? q_row(b, j) : nullptr;
+      if (is_draft) {
+        const float zx = spec::mul(load_as_float(row, p.logits_dtype, x), inv_t);
+        const float ex = spec::exp_neg(spec::sub(zx, f.m));
+        const float px = f.kept(zx, ex) ? spec::div(ex, f.S) : 0.0f;
+        const float qx = qrow ? load_as_float(qrow, p.draft_probs_dtype, x) : 1.0f;
+        if (spec::mul(uniform_from_bits(r.v[0]), qx) < px) {
+          ++a;
+          continue;
+        }
+      }
+      const float u = uniform_from_bits(r.v[1]);
+      token = sample(row, qrow, inv_t, f, is_draft && !qrow ? x : -1, u);
+      if (token < 0) token = sample(row, nullptr, inv_t, f, -1, u);  // p <= q everywhere: p
+      break;
+    }
+    for (int64_t j = 0; j < a; ++j) out[j] = d[j];
+    out[a] = token;
+    for (int64_t j = a + 1; j <= p.K; ++j) out[j] = -1;
+    p.num_accepted[b] = a;
+    p.num_emitted[b] = a + 1;
+  }
+};
+
+template <int W>
+__attribute__((always_inline)) inline void verify_rows(const SpecVerifyParams& p, int64_t b0,
+                                                       int64_t b1) {
+  Scratch s;
+  s.chunk.resize(kChunk);
+  s.q.resize(kChunk);
+  s.csum.resize((p.V + kChunk - 1) / kChunk);
+  const bool any_filter = p.top_k || p.top_p;
+  if (any_filter) {
+    s.row.resize(padded(p.V, 16));
+    s.e.resize(padded(p.V, 16));
+    s.keys.resize(p.V);
+  }
+  RowKernel<W> k{p, s};
+  for (int64_t b = b0; b < b1; ++b) k.run(b);
+}
+
+using RowsFn = void (*)(const SpecVerifyParams&, int64_t, int64_t);
+
+void rows_scalar(const SpecVerifyParams& p, int64_t b0, int64_t b1) { verify_rows<4>(p, b0, b1); }
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const SpecVerifyParams& p, int64_t b0,
+                                                        int64_t b1) {
+  verify_rows<8>(p, b0, b1);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void rows_avx512(
+    const SpecVerifyParams& p, int64_t b0, int64_t b1) {
+  verify_rows<16>(p, b0, b1);
+}
+#endif
+
+RowsFn pick(CpuIsa isa) {
+#if defined(__x86_64__)
+  if (isa == CpuIsa::kAvx512) return rows_avx512;
+  if (isa == CpuIsa::kAvx2) return rows_avx2;
+#endif
+  (void)isa;
+  return rows_scalar;
+}
+
+bool valid_dtype(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
+}  // namespace
+
+Status spec_verify_check(const SpecVerifyParams& p) {
+  if (p.B < 0 || p.K < 0 || p.V <= 0 || p.V > (int64_t(1) << 31) - 1) {
+    return Status::kInvalidArgument;
+  }
+  if (!valid_dtype(p.logits_dtype) || (p.draft_probs && !valid_dtype(p.draft_probs_dtype))) {
+    return Status::kInvalidArgument;
+  }
+  if (p.B == 0) return Status::kSuccess;
+  if (!p.logits || !p.tokens || !p.num_accepted || !p.num_emitted) return Status::kInvalidArgument;
+  if (p.K > 0 && !p.draft_tokens) return Status::kInvalidArgument;
+  // Inputs may overlap (expanded views read the same logits twice); the output may not.
+  if (p.logits_stride_b < 0 || p.logits_stride_k < 0) return Status::kInvalidArgument;
+  if (p.K > 0 && p.draft_tokens_stride < 0) return Status::kInvalidArgument;
+  if (p.draft_probs && (p.draft_probs_stride_b < 0 || p.draft_probs_stride_k < 0)) {
+    return Status::kInvalidArgument;
+  }
+  if (p.tokens_stride < p.K + 1) return Status::kInvalidArgument;
+  return Status::kSuccess;
+}
+
+Status spec_verify_cpu(const SpecVerifyParams& p, const CpuThreadPool* pool) {
+  const Status st = spec_verify_check(p);
+  if (st != Status::kSuccess || p.B == 0) return st;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t n = p.num_draft ? p.num_draft[b] : p.K;
+    if (n < 0 || n > p.K) return Status::kInvalidArgument;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t x = p.draft_tokens[b * p.draft_tokens_stride + j];
+      if (x < 0 || x >= p.V) return Status::kInvalidArgument;
+    }
+    if (p.temperature && !(p.temperature[b] >= 0.0f)) return Status::kInvalidArgument;
+  }
+  const RowsFn fn = pick(active_cpu_isa());
+  parallel_for(pool, 0, p.B, 1, [&](int64_t b0, int64_t b1) { fn(p, b0, b1); });
+  return Status::kSuccess;
+}
+
+}  // namespace bitpress
