@@ -63,7 +63,9 @@ def sm_names(arch_list: str) -> str:
 def extension():
     with_cuda = want_cuda()
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # -fopenmp: torch is built with OpenMP and at::parallel_for is a header template whose
+    # `#pragma omp parallel` is compiled into this extension; without the flag it runs serially.
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "torch", "*.cpp")))
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not with_cuda:
@@ -72,6 +74,7 @@ def extension():
             sources + cpu_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
             py_limited_api=False,
         )
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
@@ -90,6 +93,7 @@ def extension():
         sources + cpu_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
         include_dirs=include_dirs + cuda_header_dirs(),
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
+        extra_link_args=["-fopenmp"],
     )
 
 
