@@ -30,6 +30,21 @@ def sync(device: torch.device | str = "cpu") -> None:
         torch.cuda.synchronize()
 
 
+class Rotating:
+    """Cycles through copies of the arguments of a call so that, in total, they exceed the
+    last-level cache (``min_bytes``): each call then streams its operands from DRAM, as a decode
+    step does with weights no other layer has touched since the previous token."""
+
+    def __init__(self, make, nbytes: int, min_bytes: int = 256 * 2**20, max_copies: int = 16):
+        n = max(1, min(max_copies, -(-min_bytes // max(nbytes, 1))))
+        self.items = [make() for _ in range(n)]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
 def timeit(fn: Callable[[], object], device="cpu", min_time=0.2, min_reps=5, warmup=2) -> float:
     """Median seconds per call of ``fn`` (after warm-up), over at least ``min_reps`` calls and
     ``min_time`` seconds."""

@@ -213,6 +213,10 @@ template <int MB, bool LO>
 BITPRESS_TARGET_AVX512BF16 void tile_bf16(const Int4GemmParams& p, const Workspace& w, int64_t t,
                                           int64_t m0, float* acc) {
   constexpr int V = kPassVectors<MB>;
+  // vdpbf16ps has a latency of several cycles: with few rows, the 4 pairs of an octet would
+  // form one dependency chain per accumulator and bound the weight stream. Even and odd pairs
+  // go to separate accumulators (summed per group) until there are >= 16 independent chains.
+  constexpr int S = MB * V >= 16 ? 1 : 2;
   const int64_t K8 = p.Kp / 8;
   const __m512i nib = _mm512_set1_epi32(0x000F000F);
   const __m512i off = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
@@ -220,9 +224,10 @@ BITPRESS_TARGET_AVX512BF16 void tile_bf16(const Int4GemmParams& p, const Workspa
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t o0 = p.group_starts[g], o1 = p.group_starts[g + 1];
     for (int cb = 0; cb < kInt4TileN; cb += 16 * V) {
-      __m512 a[MB][V];
-      for (int m = 0; m < MB; ++m)
-        for (int v = 0; v < V; ++v) a[m][v] = _mm512_setzero_ps();
+      __m512 a[S][MB][V];
+      for (int k = 0; k < S; ++k)
+        for (int m = 0; m < MB; ++m)
+          for (int v = 0; v < V; ++v) a[k][m][v] = _mm512_setzero_ps();
       for (int64_t o = o0; o < o1; ++o) {
         const int32_t* wp = p.qweight + (t * K8 + o) * kInt4TileN + cb;
         __m512i words[V];
@@ -233,18 +238,23 @@ BITPRESS_TARGET_AVX512BF16 void tile_bf16(const Int4GemmParams& p, const Workspa
           // imm 0xEA: (A & B) | C.
           for (int v = 0; v < V; ++v)
             b[v] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(words[v], 4 * pr), nib, off, 0xEA);
+          __m512(&ak)[MB][V] = a[pr % S];
           for (int m = 0; m < MB; ++m) {
             const int64_t pi = (m0 + m) * w.ldp + 4 * o + pr;
             const __m512i xh = _mm512_set1_epi32(int(w.xh[pi]));
             for (int v = 0; v < V; ++v)
-              a[m][v] = _mm512_dpbf16_ps(a[m][v], (__m512bh)b[v], (__m512bh)xh);
+              ak[m][v] = _mm512_dpbf16_ps(ak[m][v], (__m512bh)b[v], (__m512bh)xh);
             if (LO) {
               const __m512i xl = _mm512_set1_epi32(int(w.xl[pi]));
               for (int v = 0; v < V; ++v)
-                a[m][v] = _mm512_dpbf16_ps(a[m][v], (__m512bh)b[v], (__m512bh)xl);
+                ak[m][v] = _mm512_dpbf16_ps(ak[m][v], (__m512bh)b[v], (__m512bh)xl);
             }
           }
         }
+      }
+      if (S == 2) {
+        for (int m = 0; m < MB; ++m)
+          for (int v = 0; v < V; ++v) a[0][m][v] = _mm512_add_ps(a[0][m][v], a[S - 1][m][v]);
       }
       const int64_t sg = (t * p.G + g) * kInt4TileN + cb;
       for (int v = 0; v < V; ++v) {
@@ -259,7 +269,7 @@ BITPRESS_TARGET_AVX512BF16 void tile_bf16(const Int4GemmParams& p, const Workspa
           float* op = acc + m * kInt4TileN + cb + 16 * v;
           const __m512 xs = _mm512_set1_ps(w.xsum[(m0 + m) * w.ldg + g]);
           _mm512_storeu_ps(
-              op, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, a[m][v]), _mm512_loadu_ps(op)));
+              op, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, a[0][m][v]), _mm512_loadu_ps(op)));
         }
       }
     }
@@ -379,8 +389,9 @@ Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
   parallel_for(pool, 0, Nt * blocks, 1, [&](int64_t i0, int64_t i1) {
     alignas(64) float acc[kMaxRowBlock * kInt4TileN];
     for (int64_t i = i0; i < i1; ++i) {
-      // Consecutive tasks share a row block and walk the tiles: the x block stays in L1.
-      const int64_t t = i % Nt, m0 = (i / Nt) * kMaxRowBlock;
+      // Consecutive tasks walk the row blocks of one tile: its weight strip (K/2 bytes per
+      // column, 128 KiB at K = 4096) is read from DRAM once and then from L2.
+      const int64_t t = i / blocks, m0 = (i % blocks) * kMaxRowBlock;
       const int mb = int(std::min<int64_t>(kMaxRowBlock, p.M - m0));
       TileFn fn;
 #if defined(__x86_64__)
