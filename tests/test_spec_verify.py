@@ -89,15 +89,24 @@ def test_uniform_from_bits():
     assert u.tolist() == [0.0, 0.0, 2.0**-24, 1.0 - 2.0**-24, 0.5]
 
 
-def test_exp_neg_accuracy_and_edges():
-    x = torch.cat([-torch.rand(200_000) * 87, torch.tensor([0.0, -1e-30, -86.99, -87.0])])
-    got = reference.exp_neg(x).double()
-    want = torch.exp(x.double())
-    assert ((got - want).abs() / want).max() < 3 * 2.0**-24  # about 2 ulp
-    assert reference.exp_neg(torch.tensor([0.0])).item() == 1.0
-    edge = reference.exp_neg(torch.tensor([-87.01, float("-inf"), float("nan")]))
+def test_exp2_neg_accuracy_and_edges():
+    d = torch.cat(
+        [
+            -torch.rand(200_000) * 126,
+            -torch.rand(100_000),  # |f| small: the polynomial near 1
+            torch.tensor([0.0, -1e-30, -0.5, -1.5, -125.99, -126.0]),
+        ]
+    )
+    got = reference.exp2_neg(d).double()
+    want = torch.exp2(d.double())
+    assert ((got - want).abs() / want).max() < 2 * 2.0**-24  # about 1 ulp
+    assert reference.exp2_neg(torch.tensor([0.0])).item() == 1.0
+    edge = reference.exp2_neg(torch.tensor([-126.01, float("-inf"), float("nan")]))
     assert edge.tolist() == [0.0, 0.0, 0.0]
-    assert (reference.exp_neg(torch.tensor([-87.0])) >= 2.0**-126).all()  # never subnormal
+    assert (reference.exp2_neg(torch.tensor([-126.0])) >= 2.0**-126).all()  # never subnormal
+    # f = d - round(d) is exact, so the integer parts never leak into the polynomial
+    ints = -torch.arange(0, 127, dtype=torch.float32)
+    assert (reference.exp2_neg(ints).double() == torch.exp2(ints.double())).all()
 
 
 # ------------------------------------------------------------------------------------------

@@ -31,18 +31,18 @@ from ._runtime import for_device, new_output
 
 
 @triton.jit
-def _exp_neg(x):
-    # spec::exp_neg: exp(x) for x <= 0, 0 below -87 (and for -inf / NaN).
-    ok = x >= -87.0
-    x = tl.where(ok, x, 0.0)
-    n = (x * 1.44269504088896341 + 12582912.0) - 12582912.0
-    r = (x - n * 0.693359375) - n * -2.12194440e-4
-    y = 1.9875691500e-4 * r + 1.3981999507e-3
-    y = y * r + 8.3334519073e-3
-    y = y * r + 4.1665795894e-2
-    y = y * r + 1.6666665459e-1
-    y = y * r + 5.0000001201e-1
-    y = (y * (r * r) + r) + 1.0
+def _exp2_neg(d):
+    # spec::exp2_neg: 2^d for d <= 0, 0 below -126 (and for -inf / NaN); n = round(d), f = d - n.
+    ok = d >= -126.0
+    d = tl.where(ok, d, 0.0)
+    n = (d + 12582912.0) - 12582912.0
+    f = d - n
+    y = 1.535336196e-04 * f + 1.339887502e-03
+    y = y * f + 9.618436918e-03
+    y = y * f + 5.550332367e-02
+    y = y * f + 2.402264774e-01
+    y = y * f + 6.931471825e-01
+    y = y * f + 1.0
     pow2 = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
     return tl.where(ok, y * pow2, 0.0)
 
@@ -63,12 +63,12 @@ def _key_float(k):
 
 
 @triton.jit
-def _weights(row_ptr, q_ptr, v0, V, inv_t, m, s, zthr, etau, one_hot, USE_Q, BLOCK_V: tl.constexpr):
+def _weights(row_ptr, q_ptr, v0, V, scale, m, s, zthr, etau, one_hot, USE_Q, BLOCK_V: tl.constexpr):
     # w = max(0, p - q), p = kept ? e / S : 0; q one-hot at `one_hot` (w = 0 there) when not USE_Q.
     offs = v0 + tl.arange(0, BLOCK_V)
     mask = offs < V
-    z = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-    e = _exp_neg(z - m)
+    z = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * scale
+    e = _exp2_neg(z - m)
     p = tl.where((z >= zthr) & (e >= etau), tl.math.div_rn(e, s), 0.0)
     if USE_Q:
         p = p - tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -77,12 +77,12 @@ def _weights(row_ptr, q_ptr, v0, V, inv_t, m, s, zthr, etau, one_hot, USE_Q, BLO
 
 
 @triton.jit
-def _sample(row_ptr, q_ptr, V, inv_t, m, s, zthr, etau, one_hot, u, USE_Q, BLOCK_V: tl.constexpr):
+def _sample(row_ptr, q_ptr, V, scale, m, s, zthr, etau, one_hot, u, USE_Q, BLOCK_V: tl.constexpr):
     # Inverse CDF: first v whose running sum exceeds u * W (chunk by chunk, then inside the chunk);
     # the last positive weight of the chunk if rounding leaves the walk short; -1 if W = 0.
     total = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        w, _ = _weights(row_ptr, q_ptr, v0, V, inv_t, m, s, zthr, etau, one_hot, USE_Q, BLOCK_V)
+        w, _ = _weights(row_ptr, q_ptr, v0, V, scale, m, s, zthr, etau, one_hot, USE_Q, BLOCK_V)
         total = total + tl.sum(w, axis=0)
     t = u * total
     run = tl.zeros((), tl.float32)
@@ -91,7 +91,7 @@ def _sample(row_ptr, q_ptr, V, inv_t, m, s, zthr, etau, one_hot, u, USE_Q, BLOCK
     found = total <= 0.0
     v0 = tl.zeros((), tl.int64)
     while (v0 < V) & (found == 0):
-        w, offs = _weights(row_ptr, q_ptr, v0, V, inv_t, m, s, zthr, etau, one_hot, USE_Q, BLOCK_V)
+        w, offs = _weights(row_ptr, q_ptr, v0, V, scale, m, s, zthr, etau, one_hot, USE_Q, BLOCK_V)
         csum = tl.sum(w, axis=0)
         chunk_last = tl.max(tl.where(w > 0.0, offs, -1), axis=0).to(tl.int64)
         last = tl.where(csum > 0.0, chunk_last, last)
@@ -135,7 +135,7 @@ def spec_verify_kernel(
     n = tl.minimum(tl.maximum(n, 0), K)  # no host sync to report it: clamp, never read past K
     temp = tl.load(temp_ptr + b)
     greedy_row = ~(temp > 0.0)
-    inv_t = tl.math.div_rn(1.0, tl.where(greedy_row, 1.0, temp))
+    scale = tl.math.div_rn(1.4426950408889634, tl.where(greedy_row, 1.0, temp))  # log2(e) / T
     top_k = tl.load(top_k_ptr + b)
     top_p = tl.load(top_p_ptr + b)
     use_k = (top_k > 0) & (top_k < V)
@@ -155,7 +155,7 @@ def spec_verify_kernel(
         is_draft = j < n
         x = tl.load(draft_ptr + b * K + j, mask=is_draft, other=-1)
         x_ok = is_draft & (x >= 0) & (x < V)
-        # One pass: argmax of the raw logits and the online-softmax statistics of z = x / T.
+        # One pass: argmax of the raw logits and the online-softmax statistics of z = x * scale.
         best = tl.full((), float("-inf"), tl.float32)
         best_i = tl.zeros((), tl.int64)
         m = tl.full((), float("-inf"), tl.float32)
@@ -167,9 +167,9 @@ def spec_verify_kernel(
             carg = tl.argmax(xv, axis=0, tie_break_left=True).to(tl.int64) + v0
             best_i = tl.where(cmax > best, carg, best_i)
             best = tl.maximum(cmax, best)
-            z = xv * inv_t
+            z = xv * scale
             new_m = tl.maximum(tl.max(z, axis=0), m)
-            s = s * _exp_neg(m - new_m) + tl.sum(_exp_neg(z - new_m), axis=0)
+            s = s * _exp2_neg(m - new_m) + tl.sum(_exp2_neg(z - new_m), axis=0)
             m = new_m
         zthr = tl.full((), float("-inf"), tl.float32)
         etau = tl.zeros((), tl.float32)
@@ -183,7 +183,7 @@ def spec_verify_kernel(
                     for v0 in range(0, V, BLOCK_V):
                         offs = v0 + tl.arange(0, BLOCK_V)
                         mask = offs < V
-                        z = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+                        z = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32) * scale
                         cnt += tl.sum(((_order_key(z) >= mid) & mask).to(tl.int64), axis=0)
                     lo = tl.where(cnt >= top_k, mid, lo)
                     hi = tl.where(cnt >= top_k, hi, mid)
@@ -193,8 +193,8 @@ def spec_verify_kernel(
                 for v0 in range(0, V, BLOCK_V):
                     offs = v0 + tl.arange(0, BLOCK_V)
                     z = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                    z = z * inv_t
-                    s += tl.sum(tl.where(z >= zthr, _exp_neg(z - m), 0.0), axis=0)
+                    z = z * scale
+                    s += tl.sum(tl.where(z >= zthr, _exp2_neg(z - m), 0.0), axis=0)
             if ~greedy_row & use_p:  # largest tau with sum(e[e >= tau]) >= top_p * S
                 target = top_p * s
                 lo = tl.zeros((), tl.int64)
@@ -207,7 +207,7 @@ def spec_verify_kernel(
                     for v0 in range(0, V, BLOCK_V):
                         offs = v0 + tl.arange(0, BLOCK_V)
                         z = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                        e = tl.where(z * inv_t >= zthr, _exp_neg(z * inv_t - m), 0.0)
+                        e = tl.where(z * scale >= zthr, _exp2_neg(z * scale - m), 0.0)
                         mass += tl.sum(tl.where(e >= tau, e, 0.0), axis=0)
                     ok = mass >= target
                     lo = tl.where(ok, mid, lo)
@@ -221,8 +221,8 @@ def spec_verify_kernel(
         u0 = (w[0] >> 8).to(tl.float32) * 5.9604644775390625e-08
         u1 = (w[1] >> 8).to(tl.float32) * 5.9604644775390625e-08
         xs = tl.where(x_ok, x, 0)
-        zx = tl.load(row + xs).to(tl.float32) * inv_t
-        ex = _exp_neg(zx - m)
+        zx = tl.load(row + xs).to(tl.float32) * scale
+        ex = _exp2_neg(zx - m)
         px = tl.where((zx >= zthr) & (ex >= etau), tl.math.div_rn(ex, s), 0.0)
         q_row = q_ptr + b * stride_qb + j * stride_qk
         if HAS_Q:
@@ -239,10 +239,10 @@ def spec_verify_kernel(
             else:
                 one_hot = tl.where(is_draft & (HAS_Q == 0), x, -1)
                 token = _sample(
-                    row, q_row, V, inv_t, m, s, zthr, etau, one_hot, u1, HAS_Q & is_draft, BLOCK_V
+                    row, q_row, V, scale, m, s, zthr, etau, one_hot, u1, HAS_Q & is_draft, BLOCK_V
                 )
                 if token < 0:  # p <= q everywhere: sample p
-                    token = _sample(row, q_row, V, inv_t, m, s, zthr, etau, -1, u1, False, BLOCK_V)
+                    token = _sample(row, q_row, V, scale, m, s, zthr, etau, -1, u1, False, BLOCK_V)
             done = j >= 0
         j += 1
     offs_k = tl.arange(0, BLOCK_K)
@@ -257,7 +257,7 @@ def spec_verify_kernel(
 # The helpers stay compilable JITFunctions even when this module is first imported with
 # TRITON_INTERPRET=1 (triton.jit then returns interpreted functions): a compiled kernel cannot
 # reference those. _interpretable below swaps in interpreted versions for CPU launches.
-for _name in ("_exp_neg", "_order_key", "_key_float", "_weights", "_sample"):
+for _name in ("_exp2_neg", "_order_key", "_key_float", "_weights", "_sample"):
     if isinstance(globals()[_name], InterpretedFunction):
         globals()[_name] = JITFunction(globals()[_name].fn)
 

@@ -7,6 +7,8 @@
 
 #include <string.h>
 
+#include "isa.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -27,7 +29,7 @@ void bf16_scalar(const float* x, void* y, int64_t n) {
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma,f16c"))) void f16_avx2(const float* x, void* y, int64_t n) {
+BITPRESS_TARGET_AVX2 void f16_avx2(const float* x, void* y, int64_t n) {
   uint16_t* o = static_cast<uint16_t*>(y);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -37,7 +39,7 @@ __attribute__((target("avx2,fma,f16c"))) void f16_avx2(const float* x, void* y, 
   for (; i < n; ++i) o[i] = float_to_half_bits(x[i]);
 }
 
-__attribute__((target("avx2,fma,f16c"))) void bf16_avx2(const float* x, void* y, int64_t n) {
+BITPRESS_TARGET_AVX2 void bf16_avx2(const float* x, void* y, int64_t n) {
   uint16_t* o = static_cast<uint16_t*>(y);
   const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
@@ -58,9 +60,7 @@ __attribute__((target("avx2,fma,f16c"))) void bf16_avx2(const float* x, void* y,
   for (; i < n; ++i) o[i] = float_to_bf16_bits(x[i]);
 }
 
-#define BITPRESS_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
-
-__attribute__((target(BITPRESS_AVX512))) void f16_avx512(const float* x, void* y, int64_t n) {
+BITPRESS_TARGET_AVX512 void f16_avx512(const float* x, void* y, int64_t n) {
   uint16_t* o = static_cast<uint16_t*>(y);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -70,7 +70,7 @@ __attribute__((target(BITPRESS_AVX512))) void f16_avx512(const float* x, void* y
   for (; i < n; ++i) o[i] = float_to_half_bits(x[i]);
 }
 
-__attribute__((target(BITPRESS_AVX512))) void bf16_avx512(const float* x, void* y, int64_t n) {
+BITPRESS_TARGET_AVX512 void bf16_avx512(const float* x, void* y, int64_t n) {
   uint16_t* o = static_cast<uint16_t*>(y);
   const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);

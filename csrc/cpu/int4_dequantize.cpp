@@ -13,6 +13,7 @@
 
 #include "bitpress/int4.h"
 #include "convert.h"
+#include "isa.h"
 
 namespace bitpress {
 namespace {
@@ -78,12 +79,12 @@ void rows_scalar(const Int4DequantizeParams& p, int64_t r0, int64_t r1, cpu::Con
   dequant_rows(p, r0, r1, c);
 }
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const Int4DequantizeParams& p, int64_t r0,
-                                                        int64_t r1, cpu::ConvertFn c) {
+BITPRESS_TARGET_AVX2 void rows_avx2(const Int4DequantizeParams& p, int64_t r0, int64_t r1,
+                                    cpu::ConvertFn c) {
   dequant_rows(p, r0, r1, c);
 }
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void rows_avx512(
-    const Int4DequantizeParams& p, int64_t r0, int64_t r1, cpu::ConvertFn c) {
+BITPRESS_TARGET_AVX512 void rows_avx512(const Int4DequantizeParams& p, int64_t r0, int64_t r1,
+                                        cpu::ConvertFn c) {
   dequant_rows(p, r0, r1, c);
 }
 #endif
@@ -97,15 +98,11 @@ RowsFn pick(CpuIsa isa) {
   return rows_scalar;
 }
 
-bool valid_dtype(DType t) {
-  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
-}
-
 }  // namespace
 
 Status int4_dequantize_check(const Int4DequantizeParams& p) {
   if (p.K < 0 || p.N < 0 || p.K % 8 != 0) return Status::kInvalidArgument;
-  if (!valid_dtype(p.scales_dtype) || !valid_dtype(p.out_dtype)) return Status::kInvalidArgument;
+  if (!dtype_valid(p.scales_dtype) || !dtype_valid(p.out_dtype)) return Status::kInvalidArgument;
   if (p.K == 0 || p.N == 0) return Status::kSuccess;
   if (!p.qweight || !p.scales || !p.out || p.num_groups <= 0) return Status::kInvalidArgument;
   if (p.qweight_row_stride < p.N || p.scales_row_stride < p.N || p.out_row_stride < p.N) {

@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "convert.h"
+#include "isa.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -186,11 +187,6 @@ __attribute__((always_inline)) inline void tile_fp32(const Int4GemmParams& p, co
 }
 
 #if defined(__x86_64__)
-#define BITPRESS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define BITPRESS_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#define BITPRESS_TARGET_AVX512BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 template <int MB>
 BITPRESS_TARGET_AVX512 void tile_fp32_avx512(const Int4GemmParams& p, const Workspace& w, int64_t t,
@@ -330,10 +326,6 @@ struct SelBf16Lo {
 };
 #endif
 
-bool valid_dtype(DType t) {
-  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
-}
-
 }  // namespace
 
 size_t int4_gemm_cpu_workspace_size(int64_t M, int64_t Kp, int64_t G) {
@@ -346,8 +338,8 @@ Status int4_gemm_check(const Int4GemmParams& p) {
   if (p.M < 0 || p.K < 0 || p.N < 0 || p.Kp < 0 || p.Kp % 8 != 0 || p.G < 0) {
     return Status::kInvalidArgument;
   }
-  if (!valid_dtype(p.x_dtype) || !valid_dtype(p.out_dtype)) return Status::kInvalidArgument;
-  if (p.bias && !valid_dtype(p.bias_dtype)) return Status::kInvalidArgument;
+  if (!dtype_valid(p.x_dtype) || !dtype_valid(p.out_dtype)) return Status::kInvalidArgument;
+  if (p.bias && !dtype_valid(p.bias_dtype)) return Status::kInvalidArgument;
   if (!p.perm && p.Kp != p.K) return Status::kInvalidArgument;
   if (p.M == 0 || p.N == 0) return Status::kSuccess;
   if (!p.out || p.out_row_stride < p.N) return Status::kInvalidArgument;

@@ -4,8 +4,10 @@
 // in order and stops at the first rejection, so only the positions it decides are read. Each
 // position streams its logits once, kChunk elements at a time through an L1-resident buffer:
 //   greedy:   chunk max, then the first index of it (only when the chunk beats the running max);
-//   sampling: online softmax (Milakov & Gimelshein 2018): running max m and sum S, S rescaled by
-//             exp(m_old - m_new) when a chunk raises the max; the accept test needs only e(x) / S.
+//   sampling: online softmax (Milakov & Gimelshein 2018) in base 2 (z = logit * log2(e) / T):
+//             running max m and sum S, S rescaled by 2^(m_old - m_new) when a chunk raises the
+//             max; chunks whose max is more than 126 below m add exactly 0 and skip the exp; the
+//             accept test needs only e(x) / S.
 // The token sampled at the deciding position costs one more pass over that row: per-chunk sums of
 // the weights, then the chunk that holds the target and a sequential walk inside it.
 // top_k / top_p rows keep the scaled logits of the position in a row buffer and find their
@@ -25,6 +27,8 @@
 #include <algorithm>
 #include <limits>
 #include <vector>
+
+#include "isa.h"
 
 namespace bitpress {
 namespace {
@@ -63,25 +67,39 @@ __attribute__((always_inline)) inline typename Vec<W>::f vsel(typename Vec<W>::i
   return (F)(((I)a & m) | ((I)b & ~m));
 }
 
-// spec::exp_neg on W lanes: the same operations in the same order.
+// a >= b as a lane mask (-1 / 0). The empty asm keeps the mask an ordinary integer vector: where
+// GCC sees such a comparison and-ed with another or feeding a select, it builds an AVX-512 mask
+// expression that its generic vector lowering then expands lane by lane (vcomiss / setae per lane,
+// several times slower than the exp itself).
 template <int W>
-__attribute__((always_inline)) inline typename Vec<W>::f vexp_neg(typename Vec<W>::f x) {
+__attribute__((always_inline)) inline typename Vec<W>::i vge(typename Vec<W>::f a,
+                                                             typename Vec<W>::f b) {
+  typename Vec<W>::i m = a >= b;
+  asm("" : "+x"(m));
+  return m;
+}
+
+// spec::exp2_neg on W lanes: the same operations in the same order. 2^n is built from the bits of
+// t = d + 1.5 * 2^23, whose low mantissa bits hold n + 2^22: (bits(t) + 127) << 23 keeps the low
+// 9 bits of n + 127 (the 2^22 term shifts out), the same bits as converting n to an integer.
+// Lanes with d < -126 (or NaN) are computed on garbage and zeroed at the end.
+template <int W>
+__attribute__((always_inline)) inline typename Vec<W>::f vexp2_neg(typename Vec<W>::f d) {
   using F = typename Vec<W>::f;
   using I = typename Vec<W>::i;
-  const I ok = x >= vsplat<W>(spec::kExpMin);  // false for NaN and -inf
-  x = vsel<W>(ok, x, vsplat<W>(0.0f));
-  const F magic = vsplat<W>(spec::kRoundMagic);
-  const F n = (x * spec::kLog2e + magic) - magic;
-  const F r = (x - n * spec::kLn2Hi) - n * spec::kLn2Lo;
-  F y = vsplat<W>(spec::kExpP0) * r + spec::kExpP1;
-  y = y * r + spec::kExpP2;
-  y = y * r + spec::kExpP3;
-  y = y * r + spec::kExpP4;
-  y = y * r + spec::kExpP5;
-  y = (y * (r * r) + r) + 1.0f;
-  const I pow2 = (__builtin_convertvector(n, I) + 127) << 23;
-  const F e = y * (F)(pow2);
-  return vsel<W>(ok, e, vsplat<W>(0.0f));
+  using U = typename Vec<W>::u;
+  const I ok = d >= vsplat<W>(spec::kExp2Min);  // false for NaN and -inf
+  const F t = d + spec::kRoundMagic;
+  const F n = t - spec::kRoundMagic;
+  const F f = d - n;
+  F y = vsplat<W>(spec::kExp2C6) * f + spec::kExp2C5;
+  y = y * f + spec::kExp2C4;
+  y = y * f + spec::kExp2C3;
+  y = y * f + spec::kExp2C2;
+  y = y * f + spec::kExp2C1;
+  y = y * f + 1.0f;
+  const U pow2 = ((U)t + 127u) << 23;
+  return vsel<W>(ok, y * (F)pow2, vsplat<W>(0.0f));
 }
 
 // Exact fp16 -> float without F16C: the fp16 magnitude bits placed in a float are the value times
@@ -93,20 +111,24 @@ BITPRESS_INLINE float half_to_float_mul(uint16_t h) {
   return (h & 0x8000u) ? -f : f;
 }
 
-// dst[i] = float(src[off + i]) * scale for i < n, then `pad` up to a multiple of W.
+// dst[i] = float(src[off + i]) * scale for i < n, then `pad` up to a multiple of W. Returns the
+// largest dst[i], i < n (NaN ignored; -inf if none): the max pass fused into the load, so the
+// chunk is read back from L1 once less.
 template <int W>
-__attribute__((always_inline)) inline void load_chunk(const void* src, DType dt, int64_t off,
-                                                      int64_t n, float scale, float pad,
-                                                      float* __restrict dst) {
+__attribute__((always_inline)) inline float load_chunk(const void* src, DType dt, int64_t off,
+                                                       int64_t n, float scale, float pad,
+                                                       float* __restrict dst) {
   using F = typename Vec<W>::f;
   using U = typename Vec<W>::u;
   using H = typename Vec<W>::h;
+  F mv = vsplat<W>(-kInf);
   int64_t i = 0;
   if (dt == DType::kFloat32) {
     const float* s = static_cast<const float*>(src) + off;
     for (; i + W <= n; i += W) {
       const F v = vload<W>(s + i) * scale;
       memcpy(dst + i, &v, sizeof(v));
+      mv = vsel<W>(v > mv, v, mv);
     }
     for (; i < n; ++i) dst[i] = s[i] * scale;
   } else if (dt == DType::kBFloat16) {
@@ -117,6 +139,7 @@ __attribute__((always_inline)) inline void load_chunk(const void* src, DType dt,
       const U u = __builtin_convertvector(h, U) << 16;
       const F v = (F)(u)*scale;
       memcpy(dst + i, &v, sizeof(v));
+      mv = vsel<W>(v > mv, v, mv);
     }
     for (; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]) * scale;
   } else {
@@ -135,22 +158,14 @@ __attribute__((always_inline)) inline void load_chunk(const void* src, DType dt,
       const U signed_u = fu | ((w & 0x8000u) << 16);
       const F v = (F)(signed_u)*scale;
       memcpy(dst + i, &v, sizeof(v));
+      mv = vsel<W>(v > mv, v, mv);
     }
     for (; i < n; ++i) dst[i] = half_to_float_mul(s[i]) * scale;
   }
-  for (; i % W; ++i) dst[i] = pad;
-}
-
-template <int W>
-__attribute__((always_inline)) inline float vmax(const float* z, int64_t n) {
-  using F = typename Vec<W>::f;
-  F m = vsplat<W>(-kInf);
-  for (int64_t i = 0; i < n; i += W) {
-    const F v = vload<W>(z + i);
-    m = vsel<W>(v > m, v, m);
-  }
   float r = -kInf;
-  for (int l = 0; l < W; ++l) r = m[l] > r ? m[l] : r;
+  for (int l = 0; l < W; ++l) r = mv[l] > r ? mv[l] : r;
+  for (int64_t t = i - i % W; t < i; ++t) r = dst[t] > r ? dst[t] : r;  // the scalar tail
+  for (; i % W; ++i) dst[i] = pad;
   return r;
 }
 
@@ -161,19 +176,28 @@ __attribute__((always_inline)) inline float hsum(typename Vec<W>::f s) {
   return r;
 }
 
-// Σ exp(z - m) over a padded chunk.
+// Σ 2^(z - m) over a padded chunk. `next` (bytes, may be null): the next chunk of the row,
+// prefetched one line per step so that its DRAM reads can overlap this chunk's exp instead of
+// following it in the load pass (its gain was within the run-to-run noise of bench/NOTES.md).
 template <int W>
-__attribute__((always_inline)) inline float exp_sum(const float* z, int64_t n, float m) {
+__attribute__((always_inline)) inline float exp_sum(const float* z, int64_t n, float m,
+                                                    const char* next, int64_t next_bytes) {
   using F = typename Vec<W>::f;
   F s = vsplat<W>(0.0f);
-  for (int64_t i = 0; i < n; i += W) s += vexp_neg<W>(vload<W>(z + i) - m);
+  const int64_t step = next ? std::max<int64_t>(64, next_bytes / (n / W)) : 0;
+  int64_t pf = 0;
+  for (int64_t i = 0; i < n; i += W) {
+    if (pf < next_bytes) __builtin_prefetch(next + pf);
+    pf += step;
+    s += vexp2_neg<W>(vload<W>(z + i) - m);
+  }
   return hsum<W>(s);
 }
 
 struct Filter {
   float m = 0.0f, S = 0.0f;  // max of the scaled logits; normalizer over the kept set
   float zthr = -kInf;        // top_k: keep z >= zthr
-  float etau = 0.0f;         // top_p: keep exp(z - m) >= etau
+  float etau = 0.0f;         // top_p: keep 2^(z - m) >= etau
   bool kept(float z, float e) const { return z >= zthr && e >= etau; }
 };
 
@@ -212,8 +236,7 @@ struct RowKernel {
     float* z = s.chunk.data();
     for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
       const int64_t n = std::min(kChunk, p.V - c0);
-      load_chunk<W>(row, p.logits_dtype, c0, n, 1.0f, -kInf, z);
-      const float cm = vmax<W>(z, padded(n, W));
+      const float cm = load_chunk<W>(row, p.logits_dtype, c0, n, 1.0f, -kInf, z);
       if (cm > best || (!found && cm == best)) {
         for (int64_t i = 0; i < n; ++i) {
           if (z[i] == cm) {
@@ -229,19 +252,25 @@ struct RowKernel {
   }
 
   // Online softmax statistics of a row without filters: one pass.
-  BITPRESS_FORCE_INLINE Filter stats(const void* row, float inv_t) {
+  BITPRESS_FORCE_INLINE Filter stats(const void* row, float scale) {
     Filter f;
     float m = -kInf, S = 0.0f;
     float* z = s.chunk.data();
     for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
       const int64_t n = std::min(kChunk, p.V - c0), np = padded(n, W);
-      load_chunk<W>(row, p.logits_dtype, c0, n, inv_t, -kInf, z);
-      const float cm = vmax<W>(z, np);
+      const float cm = load_chunk<W>(row, p.logits_dtype, c0, n, scale, -kInf, z);
       if (cm > m) {
-        S = spec::mul(S, spec::exp_neg(spec::sub(m, cm)));
+        S = spec::mul(S, spec::exp2_neg(spec::sub(m, cm)));
         m = cm;
       }
-      S = spec::add(S, exp_sum<W>(z, np, m));
+      const int64_t esz = dtype_size(p.logits_dtype);
+      const int64_t next_n = std::min(kChunk, p.V - c0 - n);
+      const char* next = next_n > 0 ? static_cast<const char*>(row) + (c0 + n) * esz : nullptr;
+      // Every z - m <= cm - m: below -126 the chunk's exp2_neg values are all exactly 0 and so is
+      // its sum (adding +0 leaves S unchanged), so skipping it changes no bit.
+      if (spec::sub(cm, m) >= spec::kExp2Min) {
+        S = spec::add(S, exp_sum<W>(z, np, m, next, next ? next_n * esz : 0));
+      }
     }
     f.m = m;
     f.S = S;
@@ -249,18 +278,20 @@ struct RowKernel {
   }
 
   // Statistics with top_k / top_p: thresholds by binary search over a row buffer.
-  BITPRESS_FORCE_INLINE Filter filtered_stats(const void* row, float inv_t, int64_t k,
+  BITPRESS_FORCE_INLINE Filter filtered_stats(const void* row, float scale, int64_t k,
                                               float top_p) {
     using F = typename Vec<W>::f;
     using I = typename Vec<W>::i;
     using U = typename Vec<W>::u;
     const int64_t np = padded(p.V, W);
     float* z = s.row.data();
-    for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
-      load_chunk<W>(row, p.logits_dtype, c0, std::min(kChunk, p.V - c0), inv_t, -kInf, z + c0);
-    }
     Filter f;
-    f.m = vmax<W>(z, np);
+    f.m = -kInf;
+    for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
+      const float cm =
+          load_chunk<W>(row, p.logits_dtype, c0, std::min(kChunk, p.V - c0), scale, -kInf, z + c0);
+      f.m = cm > f.m ? cm : f.m;
+    }
     if (k > 0 && k < p.V) {
       uint32_t* keys = s.keys.data();
       for (int64_t i = 0; i < p.V; ++i) keys[i] = spec::order_key(z[i]);
@@ -292,7 +323,7 @@ struct RowKernel {
     F acc = vsplat<W>(0.0f);
     for (int64_t i = 0; i < np; i += W) {
       const F zv = vload<W>(z + i);
-      const F ev = vsel<W>(zv >= zthr, vexp_neg<W>(zv - f.m), vsplat<W>(0.0f));
+      const F ev = vsel<W>(vge<W>(zv, zthr), vexp2_neg<W>(zv - f.m), vsplat<W>(0.0f));
       memcpy(e + i, &ev, sizeof(ev));
       acc += ev;
     }
@@ -331,9 +362,9 @@ struct RowKernel {
   // Residual weights of one padded chunk: w = max(0, p - q), p = kept ? e / S : 0. `one_hot`: q is
   // 1 at that index (relative to the chunk) and 0 elsewhere, so w there is 0.
   BITPRESS_FORCE_INLINE void weights(const void* row, const void* qrow, int64_t c0, int64_t n,
-                                     float inv_t, const Filter& f, int64_t one_hot, float* w) {
+                                     float scale, const Filter& f, int64_t one_hot, float* w) {
     using F = typename Vec<W>::f;
-    load_chunk<W>(row, p.logits_dtype, c0, n, inv_t, -kInf, w);
+    load_chunk<W>(row, p.logits_dtype, c0, n, scale, -kInf, w);
     const int64_t np = padded(n, W);
     float* q = nullptr;
     if (qrow) {
@@ -343,8 +374,8 @@ struct RowKernel {
     const F zthr = vsplat<W>(f.zthr), etau = vsplat<W>(f.etau), zero = vsplat<W>(0.0f);
     for (int64_t i = 0; i < np; i += W) {
       const F zv = vload<W>(w + i);
-      const F ev = vexp_neg<W>(zv - f.m);
-      const F pv = vsel<W>((zv >= zthr) & (ev >= etau), ev / f.S, zero);
+      const F ev = vexp2_neg<W>(zv - f.m);
+      const F pv = vsel<W>(vge<W>(zv, zthr) & vge<W>(ev, etau), ev / f.S, zero);
       F d = pv;
       if (q) d = pv - vload<W>(q + i);
       const F wv = vsel<W>(d > zero, d, zero);
@@ -355,14 +386,14 @@ struct RowKernel {
 
   // Inverse CDF over the weights: the first v whose running sum exceeds u * W; the last v with
   // positive weight if rounding leaves the walk short. Returns -1 if every weight is 0.
-  BITPRESS_FORCE_INLINE int64_t sample(const void* row, const void* qrow, float inv_t,
+  BITPRESS_FORCE_INLINE int64_t sample(const void* row, const void* qrow, float scale,
                                        const Filter& f, int64_t one_hot, float u) {
     float* w = s.chunk.data();
     const int64_t nchunks = (p.V + kChunk - 1) / kChunk;
     float total = 0.0f;
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t c0 = c * kChunk, n = std::min(kChunk, p.V - c0);
-      weights(row, qrow, c0, n, inv_t, f, one_hot >= 0 ? one_hot - c0 : -1, w);
+      weights(row, qrow, c0, n, scale, f, one_hot >= 0 ? one_hot - c0 : -1, w);
       s.csum[c] = exp_sum_plain(w, padded(n, W));
       total = spec::add(total, s.csum[c]);
     }
@@ -378,7 +409,7 @@ struct RowKernel {
     }
     if (c == nchunks) c = last;  // rounding: the target lies past the last chunk with mass
     const int64_t c0 = c * kChunk, n = std::min(kChunk, p.V - c0);
-    weights(row, qrow, c0, n, inv_t, f, one_hot >= 0 ? one_hot - c0 : -1, w);
+    weights(row, qrow, c0, n, scale, f, one_hot >= 0 ? one_hot - c0 : -1, w);
     int64_t pick = -1;
     for (int64_t i = 0; i < n; ++i) {
       if (w[i] > 0.0f) {
@@ -401,7 +432,7 @@ struct RowKernel {
     const int64_t n = p.num_draft ? p.num_draft[b] : p.K;
     const float temp = p.temperature ? p.temperature[b] : 0.0f;
     const bool greedy_row = !(temp > 0.0f);
-    const float inv_t = greedy_row ? 1.0f : spec::div(1.0f, temp);
+    const float scale = greedy_row ? 1.0f : spec::div(spec::kLog2e, temp);  // log2(e) / T
     const int64_t k = p.top_k ? p.top_k[b] : 0;
     const float top_p = p.top_p ? p.top_p[b] : 1.0f;
     const bool filtered = (k > 0 && k < p.V) || (top_p > 0.0f && top_p < 1.0f);
@@ -417,7 +448,7 @@ struct RowKernel {
       Filter f;
       bool greedy = greedy_row;
       if (!greedy) {
-        f = filtered ? filtered_stats(row, inv_t, k, top_p) : stats(row, inv_t);
+        f = filtered ? filtered_stats(row, scale, k, top_p) : stats(row, scale);
         greedy = !(f.S > 0.0f);  // infinite or all -inf logits: no distribution, decide greedily
       }
       if (greedy) {
@@ -432,8 +463,8 @@ struct RowKernel {
       const Philox4x32 r = philox_stream(seed, offset, uint32_t(j));
       const void* qrow = is_draft && p.draft_probs ? q_row(b, j) : nullptr;
       if (is_draft) {
-        const float zx = spec::mul(load_as_float(row, p.logits_dtype, x), inv_t);
-        const float ex = spec::exp_neg(spec::sub(zx, f.m));
+        const float zx = spec::mul(load_as_float(row, p.logits_dtype, x), scale);
+        const float ex = spec::exp2_neg(spec::sub(zx, f.m));
         const float px = f.kept(zx, ex) ? spec::div(ex, f.S) : 0.0f;
         const float qx = qrow ? load_as_float(qrow, p.draft_probs_dtype, x) : 1.0f;
         if (spec::mul(uniform_from_bits(r.v[0]), qx) < px) {
@@ -442,8 +473,8 @@ struct RowKernel {
         }
       }
       const float u = uniform_from_bits(r.v[1]);
-      token = sample(row, qrow, inv_t, f, is_draft && !qrow ? x : -1, u);
-      if (token < 0) token = sample(row, nullptr, inv_t, f, -1, u);  // p <= q everywhere: p
+      token = sample(row, qrow, scale, f, is_draft && !qrow ? x : -1, u);
+      if (token < 0) token = sample(row, nullptr, scale, f, -1, u);  // p <= q everywhere: p
       break;
     }
     for (int64_t j = 0; j < a; ++j) out[j] = d[j];
@@ -475,12 +506,10 @@ using RowsFn = void (*)(const SpecVerifyParams&, int64_t, int64_t);
 
 void rows_scalar(const SpecVerifyParams& p, int64_t b0, int64_t b1) { verify_rows<4>(p, b0, b1); }
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const SpecVerifyParams& p, int64_t b0,
-                                                        int64_t b1) {
+BITPRESS_TARGET_AVX2 void rows_avx2(const SpecVerifyParams& p, int64_t b0, int64_t b1) {
   verify_rows<8>(p, b0, b1);
 }
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void rows_avx512(
-    const SpecVerifyParams& p, int64_t b0, int64_t b1) {
+BITPRESS_TARGET_AVX512 void rows_avx512(const SpecVerifyParams& p, int64_t b0, int64_t b1) {
   verify_rows<16>(p, b0, b1);
 }
 #endif
@@ -494,17 +523,13 @@ RowsFn pick(CpuIsa isa) {
   return rows_scalar;
 }
 
-bool valid_dtype(DType t) {
-  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
-}
-
 }  // namespace
 
 Status spec_verify_check(const SpecVerifyParams& p) {
   if (p.B < 0 || p.K < 0 || p.V <= 0 || p.V > (int64_t(1) << 31) - 1) {
     return Status::kInvalidArgument;
   }
-  if (!valid_dtype(p.logits_dtype) || (p.draft_probs && !valid_dtype(p.draft_probs_dtype))) {
+  if (!dtype_valid(p.logits_dtype) || (p.draft_probs && !dtype_valid(p.draft_probs_dtype))) {
     return Status::kInvalidArgument;
   }
   if (p.B == 0) return Status::kSuccess;

@@ -113,11 +113,11 @@ __device__ long long block_argmax(float m, long long i, SharedScratch& sh) {
   return sh.bi[0];
 }
 
-// Online-softmax merge of (m, S) pairs: S = S1 e^(m1 - m) + S2 e^(m2 - m).
+// Online-softmax merge of (m, S) pairs in base 2: S = S1 2^(m1 - m) + S2 2^(m2 - m).
 __device__ __forceinline__ void softmax_merge(float& m, float& s, float m2, float s2) {
   const float mm = fmaxf(m, m2);
-  s = spec::add(spec::mul(s, spec::exp_neg(spec::sub(m, mm))),
-                spec::mul(s2, spec::exp_neg(spec::sub(m2, mm))));
+  s = spec::add(spec::mul(s, spec::exp2_neg(spec::sub(m, mm))),
+                spec::mul(s2, spec::exp2_neg(spec::sub(m2, mm))));
   m = mm;
 }
 
@@ -180,9 +180,9 @@ struct Row {
   const SpecVerifyParams& p;
   SharedScratch& sh;
   const void* row;
-  float inv_t;
+  float scale;
 
-  __device__ float z(int64_t v) const { return spec::mul(load_logit<T>(row, v), inv_t); }
+  __device__ float z(int64_t v) const { return spec::mul(load_logit<T>(row, v), scale); }
 
   __device__ long long argmax() const {
     float m = -kInf;
@@ -198,10 +198,10 @@ struct Row {
     for (int64_t v = threadIdx.x; v < p.V; v += kThreads) {
       const float zv = z(v);
       if (zv > m) {
-        s = spec::mul(s, spec::exp_neg(spec::sub(m, zv)));
+        s = spec::mul(s, spec::exp2_neg(spec::sub(m, zv)));
         m = zv;
       }
-      s = spec::add(s, spec::exp_neg(spec::sub(zv, m)));
+      s = spec::add(s, spec::exp2_neg(spec::sub(zv, m)));
     }
     block_softmax(m, s, sh);
     f.m = m;
@@ -225,7 +225,7 @@ struct Row {
     float a = 0.0f;
     for (int64_t v = threadIdx.x; v < p.V; v += kThreads) {
       const float zv = z(v);
-      a = spec::add(a, zv >= f.zthr ? spec::exp_neg(spec::sub(zv, f.m)) : 0.0f);
+      a = spec::add(a, zv >= f.zthr ? spec::exp2_neg(spec::sub(zv, f.m)) : 0.0f);
     }
     f.S = block_sum(a, sh);
     if (use_p) {
@@ -238,7 +238,7 @@ struct Row {
         float s2 = 0.0f;
         for (int64_t v = threadIdx.x; v < p.V; v += kThreads) {
           const float zv = z(v);
-          const float e = zv >= f.zthr ? spec::exp_neg(spec::sub(zv, f.m)) : 0.0f;
+          const float e = zv >= f.zthr ? spec::exp2_neg(spec::sub(zv, f.m)) : 0.0f;
           s2 = spec::add(s2, e >= tau ? e : 0.0f);
         }
         const float mass = block_sum(s2, sh);
@@ -256,7 +256,7 @@ struct Row {
   }
 
   __device__ float prob(float zv, const Filter& f) const {
-    const float e = spec::exp_neg(spec::sub(zv, f.m));
+    const float e = spec::exp2_neg(spec::sub(zv, f.m));
     return zv >= f.zthr && e >= f.etau ? spec::div(e, f.S) : 0.0f;
   }
 
@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) spec_verify_kernel(const SpecVerifyP
   n = n < 0 ? 0 : (n > p.K ? p.K : n);  // no host sync to report it: clamp, never read past K
   const float temp = p.temperature ? p.temperature[b] : 0.0f;
   const bool greedy_row = !(temp > 0.0f);
-  const float inv_t = greedy_row ? 1.0f : spec::div(1.0f, temp);
+  const float scale = greedy_row ? 1.0f : spec::div(spec::kLog2e, temp);  // log2(e) / T
   const int64_t k = p.top_k ? p.top_k[b] : 0;
   const float top_p = p.top_p ? p.top_p[b] : 1.0f;
   const int64_t seed = p.seeds ? p.seeds[b] : 0, offset = p.offsets ? p.offsets[b] : 0;
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) spec_verify_kernel(const SpecVerifyP
   for (int64_t j = 0; j <= n; ++j) {
     const void* row = static_cast<const char*>(p.logits) +
                       (b * p.logits_stride_b + j * p.logits_stride_k) * elem_size(T);
-    const Row<T> r{p, sh, row, inv_t};
+    const Row<T> r{p, sh, row, scale};
     const bool is_draft = j < n;
     const int64_t x = is_draft ? d[j] : -1;
     const bool x_ok = x >= 0 && x < p.V;  // an id outside the vocabulary is rejected, never read

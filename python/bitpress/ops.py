@@ -322,10 +322,13 @@ def spec_verify(
       mismatch, or at position ``n`` (the bonus token) when all ``n`` are accepted.
     * **sampling**: the target distribution is
 
-      .. math:: p_j(v) = \frac{e_j(v)}{S_j}, \quad e_j(v) = \exp(z_{j,v} - \max_w z_{j,w}),
-         \quad z_{j,v} = \mathrm{logit}_{j,v} \cdot (1 / T),
+      .. math:: p_j(v) = \frac{e_j(v)}{S_j}, \quad e_j(v) = 2^{z_{j,v} - \max_w z_{j,w}},
+         \quad z_{j,v} = \mathrm{logit}_{j,v} \cdot (\log_2 e / T),
          \quad S_j = \sum_{v\ \mathrm{kept}} e_j(v)
 
+      (that is, softmax(logit / T); the scale log2(e)/T is rounded once to float32 and 2^d is the
+      canonical ``exp2_neg`` of ``bitpress/spec_verify.h``, so that every backend computes the
+      same bits)
       over the tokens kept by ``top_k`` and ``top_p`` (all when they are off), 0 elsewhere.
       ``d[j]`` is accepted iff :math:`u_0 \, q_j(d_j) < p_j(d_j)`, i.e. with probability
       :math:`\min(1, p/q)`; ``q`` is ``draft_probs[b, j]``, or one-hot at ``d[j]`` when
@@ -384,8 +387,8 @@ def spec_verify(
 
     Notes
     -----
-    *Exactness across backends.* Every backend uses the same uniforms, the same exp polynomial
-    (only individually rounded ``+ - *``; no FMA) and the same formulas, so they agree bit for bit
+    *Exactness across backends.* Every backend uses the same uniforms, the same base-2 exp
+    polynomial (only individually rounded ``+ - *``; no FMA) and the same formulas, so they agree bit for bit
     except through the order of the sums ``S``, ``W`` and the running CDF, which differs between
     the CPU kernel (16/8/4 SIMD lanes), the CUDA kernel (block reductions), the Triton kernel
     and the reference: a decision can differ only when a uniform falls within rounding of a

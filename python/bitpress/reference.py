@@ -109,31 +109,34 @@ def _f32(x: float) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float32)
 
 
-# The constants of spec::exp_neg (csrc/include/bitpress/spec_verify.h), as float32.
-_EXP_C = {
-    "log2e": 1.44269504088896341,
-    "magic": 12582912.0,
-    "ln2_hi": 0.693359375,
-    "ln2_lo": -2.12194440e-4,
-    "p": (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1),
-    "p5": 5.0000001201e-1,
-}
+# The constants of spec::exp2_neg (csrc/include/bitpress/spec_verify.h), as float32.
+_LOG2E = 1.44269504088896341
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: (t + M) - M rounds t to the nearest integer (even ties)
+_EXP2_C = (
+    6.931471825e-01,
+    2.402264774e-01,
+    5.550332367e-02,
+    9.618436918e-03,
+    1.339887502e-03,
+    1.535336196e-04,
+)
+_EXP2_MIN = -126.0
 
 
-def exp_neg(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) for float32 x <= 0 with exactly the operations of spec::exp_neg (each rounded on
-    its own); 0 for x < -87, -inf and NaN."""
-    c = {
-        k: _f32(v) if not isinstance(v, tuple) else [_f32(u) for u in v] for k, v in _EXP_C.items()
-    }
-    ok = x >= -87.0
-    x = torch.where(ok, x, torch.zeros_like(x))
-    n = (x * c["log2e"] + c["magic"]) - c["magic"]
-    r = (x - n * c["ln2_hi"]) - n * c["ln2_lo"]
-    y = c["p"][0] * r + c["p"][1]
-    for coef in (*c["p"][2:], c["p5"]):
-        y = y * r + coef
-    y = (y * (r * r) + r) + 1.0
+def exp2_neg(d: torch.Tensor) -> torch.Tensor:
+    """2^d for float32 d <= 0 with exactly the operations of spec::exp2_neg (each rounded on its
+    own): n = round(d), f = d - n (exact), a degree-6 polynomial in f times 2^n; 0 for d < -126,
+    -inf and NaN."""
+    c = [_f32(v) for v in _EXP2_C]
+    magic = _f32(_ROUND_MAGIC)
+    ok = d >= _EXP2_MIN
+    d = torch.where(ok, d, torch.zeros_like(d))
+    n = (d + magic) - magic
+    f = d - n
+    y = c[5] * f + c[4]
+    for coef in (c[3], c[2], c[1], c[0]):
+        y = y * f + coef
+    y = y * f + 1.0
     pow2 = ((n.to(torch.int32) + 127) << 23).view(torch.float32)
     return torch.where(ok, y * pow2, torch.zeros_like(y))
 
@@ -196,15 +199,16 @@ def spec_verify(
     n = num_draft.long() if num_draft is not None else torch.full((B,), K, device=dev)
     temp = temperature.float() if temperature is not None else torch.zeros(B, device=dev)
     greedy_row = ~(temp > 0)
-    inv_t = _f32(1.0).to(dev) / torch.where(greedy_row, torch.ones_like(temp), temp)
-    z = x * inv_t[:, None, None]
+    # Base-2 units: z = x * (log2(e) / T), the scale rounded once, so that p = 2^(z - m) / S.
+    scale = _f32(_LOG2E).to(dev) / torch.where(greedy_row, torch.ones_like(temp), temp)
+    z = x * scale[:, None, None]
     m = z.max(-1).values
     zthr = (
         _top_k_threshold(z, top_k.long()[:, None].expand(B, K1))
         if top_k is not None
         else torch.full_like(m, float("-inf"))
     )
-    e = exp_neg(z - m[..., None])
+    e = exp2_neg(z - m[..., None])
     e = torch.where(z >= zthr[..., None], e, torch.zeros_like(e))
     s = e.sum(-1)
     if top_p is not None:

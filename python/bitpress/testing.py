@@ -13,13 +13,16 @@ Both use ``cuobjdump`` (shipped in the triton package; /usr/local/cuda/bin other
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -180,12 +183,56 @@ def compile_triton(
     arch: int = 90,
     num_warps: int = 4,
     num_stages: int = 3,
+    isolated: bool = True,
 ) -> TritonAsm:
     """Compile a Triton kernel ahead of time for ``sm_<arch>`` (no GPU needed).
 
     ``signature`` maps every non-constexpr argument to a Triton type ('*fp16', 'i32', ...);
     ``constexprs`` gives the constexpr arguments. Returns PTX, SASS mnemonics and resources.
+
+    ``isolated`` (default) compiles in a fresh Python process: the Triton interpreter, which the
+    tests also run in this process, patches ``triton.language`` while kernels execute, and a
+    compile must never see that state.
     """
+    fn = getattr(kernel, "fn", kernel)
+    if isolated:
+        job = {
+            "module": fn.__module__,
+            "name": fn.__name__,
+            "signature": signature,
+            "constexprs": constexprs,
+            "arch": arch,
+            "num_warps": num_warps,
+            "num_stages": num_stages,
+        }
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "job.json")
+            with open(path, "w") as f:
+                json.dump(job, f)
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            res = subprocess.run(
+                [sys.executable, "-m", "bitpress.testing", path],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if res.returncode != 0:
+                raise RuntimeError(f"compiling {fn.__name__} for sm_{arch} failed:\n{res.stderr}")
+            with open(path) as f:
+                out = json.load(f)
+        return _triton_asm(out["name"], out["ptx"], base64.b64decode(out["cubin"]), out["spills"])
+
+    compiled = _compile(kernel, signature, constexprs, arch, num_warps, num_stages)
+    return _triton_asm(
+        compiled.metadata.name,
+        compiled.asm["ptx"],
+        compiled.asm["cubin"],
+        int(getattr(compiled.metadata, "n_spills", 0) or 0),
+    )
+
+
+def _compile(kernel, signature, constexprs, arch, num_warps, num_stages):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -197,22 +244,48 @@ def compile_triton(
     for k in constexprs:
         sig[k] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
-    compiled = triton.compile(
+    return triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
-    cubin = compiled.asm["cubin"]
+
+
+def _triton_asm(name: str, ptx: str, cubin: bytes, spills: int) -> TritonAsm:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = _split_sass_functions(_run([cuobjdump(), "--dump-sass", f.name]))
         res = _parse_resource_usage(_run([cuobjdump(), "--dump-resource-usage", f.name]))
-    name = compiled.metadata.name
     return TritonAsm(
-        name=name,
-        ptx=compiled.asm["ptx"],
-        sass=sass.get(name, []),
-        resources=res.get(name),
-        spills=int(getattr(compiled.metadata, "n_spills", 0) or 0),
+        name=name, ptx=ptx, sass=sass.get(name, []), resources=res.get(name), spills=spills
     )
+
+
+def _compile_job(path: str) -> None:
+    """Entry point of the isolated compile (``python -m bitpress.testing job.json``)."""
+    import importlib
+
+    with open(path) as f:
+        job = json.load(f)
+    kernel = getattr(importlib.import_module(job["module"]), job["name"])
+    c = _compile(
+        kernel,
+        job["signature"],
+        job["constexprs"],
+        job["arch"],
+        job["num_warps"],
+        job["num_stages"],
+    )
+    out = {
+        "name": c.metadata.name,
+        "ptx": c.asm["ptx"],
+        "cubin": base64.b64encode(c.asm["cubin"]).decode(),
+        "spills": int(getattr(c.metadata, "n_spills", 0) or 0),
+    }
+    with open(path, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    _compile_job(sys.argv[1])

@@ -1,6 +1,6 @@
 // Host tests of the shared RNG and float helpers of spec_verify (bitpress/philox.h,
 // bitpress/spec_verify.h), and spec_verify_cpu through the torch-free API: Random123 known-answer
-// vectors, the stream layout, the uniform, exp_neg against std::exp, the order keys, a greedy
+// vectors, the stream layout, the uniform, exp2_neg against std::exp2, the order keys, a greedy
 // verification on every ISA path, and the argument checks.
 #include <bitpress/bitpress.h>
 
@@ -50,22 +50,26 @@ int main() {
   CHECK(uniform_from_bits(255u) == 0.0f && uniform_from_bits(256u) == std::ldexp(1.0f, -24),
         "only the top 24 bits count");
 
-  // exp_neg: about 2 ulp on [-87, 0]; exact 1 at 0; 0 below -87, for -inf and NaN; never
-  // subnormal.
+  // exp2_neg: about 1 ulp on [-126, 0]; exact at 0 and at every integer (f = d - round(d) is
+  // exact, so 2^n comes out unrounded); 0 below -126, for -inf and NaN; never subnormal.
   std::mt19937 rng(99);
-  std::uniform_real_distribution<float> unif(-87.0f, 0.0f);
+  std::uniform_real_distribution<float> unif(-126.0f, 0.0f), unit(-1.0f, 0.0f);
   double worst = 0;
   for (int i = 0; i < 1000000; ++i) {
-    const float x = unif(rng);
-    const double want = std::exp(double(x));
-    worst = std::fmax(worst, std::fabs(spec::exp_neg(x) - want) / want);
+    const float x = (i & 1) ? unif(rng) : unit(rng);
+    const double want = std::exp2(double(x));
+    worst = std::fmax(worst, std::fabs(spec::exp2_neg(x) - want) / want);
   }
-  CHECK(worst < 3 * std::ldexp(1.0, -24), "exp_neg relative error %g", worst);
-  CHECK(spec::exp_neg(0.0f) == 1.0f, "exp_neg(0)");
-  CHECK(spec::exp_neg(-87.01f) == 0.0f && spec::exp_neg(-INFINITY) == 0.0f &&
-            spec::exp_neg(NAN) == 0.0f,
-        "exp_neg edges");
-  CHECK(spec::exp_neg(-87.0f) >= std::ldexp(1.0f, -126), "exp_neg(-87) is normal");
+  CHECK(worst < 2 * std::ldexp(1.0, -24), "exp2_neg relative error %g", worst);
+  for (int n = 0; n <= 126; ++n) {
+    CHECK(spec::exp2_neg(float(-n)) == std::ldexp(1.0f, -n), "exp2_neg(-%d)", n);
+  }
+  CHECK(spec::exp2_neg(-126.01f) == 0.0f && spec::exp2_neg(-INFINITY) == 0.0f &&
+            spec::exp2_neg(NAN) == 0.0f,
+        "exp2_neg edges");
+  CHECK(spec::exp2_neg(-126.0f) >= std::ldexp(1.0f, -126) &&
+            spec::exp2_neg(std::nextafter(-126.0f, 0.0f)) >= std::ldexp(1.0f, -126),
+        "exp2_neg near -126 is normal");
 
   // Order keys: unsigned order is float order, and key_float inverts them.
   const float vals[] = {-INFINITY, -3.5f, -1e-30f, -0.0f, 0.0f, 1e-30f, 2.0f, INFINITY};

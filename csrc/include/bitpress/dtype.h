@@ -34,6 +34,11 @@ inline const char* dtype_name(DType t) {
 
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
+// Whether `t` is one of the enumerators (the API takes DType from callers that may cast ints).
+inline bool dtype_valid(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
 BITPRESS_INLINE uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);

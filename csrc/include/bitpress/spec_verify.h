@@ -15,9 +15,10 @@
 //   + 1.
 //
 // Float math shared by every backend (so that they agree bit for bit wherever the summation order
-// agrees): z = float(logit) * (1 / T) with 1 / T rounded once; e = spec_exp(z - max z), a Cephes
-// polynomial written with separate, individually rounded multiplies and adds (no FMA contraction;
-// the torch reference and the Triton kernel spell out the same operations); p(v) = e(v) / S.
+// agrees): z = float(logit) * (log2(e) / T) with log2(e) / T rounded once (base-2 units);
+// e = exp2_neg(z - max z), 2^d by an exact reduction and a polynomial written with separate,
+// individually rounded multiplies and adds (no FMA contraction; the torch reference and the Triton
+// kernel spell out the same operations); p(v) = e(v) / S.
 // The sums S and the CDF are order-dependent: backends that sum in another order can differ in the
 // last bit of S, which changes a decision only when a uniform falls within that bit of a boundary.
 #pragma once
@@ -101,34 +102,38 @@ BITPRESS_INLINE float div(float a, float b) {
 #endif
 }
 
-// Constants of spec_exp (Cephes expf): exp(x) = 2^n * exp(r), n = round(x * log2 e), r = x - n ln 2
-// with ln 2 split in a 9-bit head (n * kLn2Hi is exact for |n| < 2^15) and a tail.
+// Constants of exp2_neg. The kernels work in base 2: z = logit * (log2(e) / T) with log2(e) / T
+// rounded once, so that softmax(logit / T) = 2^(z - max z) / sum and the exponential needs no
+// ln 2 reduction. 2^d = 2^n * 2^f with n = round(d) (the add and subtract of 1.5 * 2^23 round to
+// nearest even) and f = d - n in [-0.5, 0.5], exact (f is a multiple of ulp(d) below 2^-1 in
+// magnitude, or d - n is a Sterbenz difference); 2^f by a degree-6 polynomial, coefficients fitted
+// for minimax relative error and rounded to float (about 1 ulp with the roundings of the Horner
+// steps).
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (t + M) - M rounds t to nearest even
-constexpr float kLn2Hi = 0.693359375f;
-constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kExpP0 = 1.9875691500e-4f;
-constexpr float kExpP1 = 1.3981999507e-3f;
-constexpr float kExpP2 = 8.3334519073e-3f;
-constexpr float kExpP3 = 4.1665795894e-2f;
-constexpr float kExpP4 = 1.6666665459e-1f;
-constexpr float kExpP5 = 5.0000001201e-1f;
+constexpr float kExp2C1 = 6.931471825e-01f;
+constexpr float kExp2C2 = 2.402264774e-01f;
+constexpr float kExp2C3 = 5.550332367e-02f;
+constexpr float kExp2C4 = 9.618436918e-03f;
+constexpr float kExp2C5 = 1.339887502e-03f;
+constexpr float kExp2C6 = 1.535336196e-04f;
 // Below this the result would be under 2^-126 (subnormal, flushed on some GPUs): 0 instead, for
-// every backend. exp(-87) = 1.6e-38 relative to the largest probability: no measurable mass.
-constexpr float kExpMin = -87.0f;
+// every backend. 2^-126 (e^-87.3) relative to the largest probability: no measurable mass.
+constexpr float kExp2Min = -126.0f;
 
-// exp(x) for x <= 0 (about 2 ulp); 0 for x < -87, -inf and NaN. Only +, -, * and bit operations,
-// each rounded on its own, so that every backend computes the same bits.
-BITPRESS_INLINE float exp_neg(float x) {
-  if (!(x >= kExpMin)) return 0.0f;
-  const float n = sub(add(mul(x, kLog2e), kRoundMagic), kRoundMagic);
-  const float r = sub(sub(x, mul(n, kLn2Hi)), mul(n, kLn2Lo));
-  float y = add(mul(kExpP0, r), kExpP1);
-  y = add(mul(y, r), kExpP2);
-  y = add(mul(y, r), kExpP3);
-  y = add(mul(y, r), kExpP4);
-  y = add(mul(y, r), kExpP5);
-  y = add(add(mul(y, mul(r, r)), r), 1.0f);
+// 2^d for d <= 0 (about 1 ulp); 0 for d < -126, -inf and NaN. Only +, -, * and bit operations,
+// each rounded on its own, so that every backend computes the same bits. For d >= -126, n >= -126
+// and 2^n is a normal float; with n = -126, f >= 0 and the result stays normal.
+BITPRESS_INLINE float exp2_neg(float d) {
+  if (!(d >= kExp2Min)) return 0.0f;
+  const float n = sub(add(d, kRoundMagic), kRoundMagic);
+  const float f = sub(d, n);
+  float y = add(mul(kExp2C6, f), kExp2C5);
+  y = add(mul(y, f), kExp2C4);
+  y = add(mul(y, f), kExp2C3);
+  y = add(mul(y, f), kExp2C2);
+  y = add(mul(y, f), kExp2C1);
+  y = add(mul(y, f), 1.0f);
   return mul(y, bits_float(uint32_t(int32_t(n) + 127) << 23));
 }
 
