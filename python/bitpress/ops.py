@@ -389,9 +389,9 @@ def spec_verify(
     -----
     *Exactness across backends.* Every backend uses the same uniforms, the same base-2 exp
     polynomial (only individually rounded ``+ - *``; no FMA) and the same formulas, so they agree
-    bit for bit except through the order of the sums ``S``, ``W`` and the running CDF, which differs between
-    the CPU kernel (16/8/4 SIMD lanes), the CUDA kernel (block reductions), the Triton kernel
-    and the reference: a decision can differ only when a uniform falls within rounding of a
+    bit for bit except through the order of the sums ``S``, ``W`` and the running CDF, which differs
+    between the CPU kernel (16/8/4 SIMD lanes), the CUDA kernel (block reductions), the Triton
+    kernel and the reference: a decision can differ only when a uniform falls within rounding of a
     boundary (probability ~1e-7 per decision). The tests check identical tokens on many seeds.
 
     *Cost.* A row reads only the positions it decides: one pass per position; the sampled token
