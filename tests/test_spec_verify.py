@@ -58,8 +58,7 @@ def test_triton_philox_known_answers():
     import triton
     import triton.language as tl
 
-    from bitpress.triton_kernels._runtime import for_device
-    from bitpress.triton_kernels.spec_verify import _interpretable
+    from bitpress.triton_kernels._runtime import launch
 
     @triton.jit
     def kat(c_ptr, seed_ptr, out_ptr):
@@ -73,12 +72,14 @@ def test_triton_philox_known_answers():
 
     for (c0, c1, c2, c3, k0, k1), want in PHILOX_KAT:
         out = torch.zeros(4, dtype=torch.int64)
-        with _interpretable(torch.device("cpu")):  # tl.philox is a @triton.jit function
-            for_device(kat, torch.device("cpu"))[(1,)](
-                torch.tensor([c0, c1, c2, c3], dtype=torch.int64),
-                torch.tensor([_seed_of(k0, k1)], dtype=torch.int64),
-                out,
-            )
+        launch(  # tl.philox is a @triton.jit function: launch() makes it interpretable
+            kat,
+            (1,),
+            torch.device("cpu"),
+            torch.tensor([c0, c1, c2, c3], dtype=torch.int64),
+            torch.tensor([_seed_of(k0, k1)], dtype=torch.int64),
+            out,
+        )
         assert [int(v) & 0xFFFFFFFF for v in out] == list(want)
 
 

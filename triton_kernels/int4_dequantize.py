@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import for_device, new_output
+from ._runtime import launch, new_output
 
 
 @triton.jit
@@ -100,7 +100,10 @@ def int4_dequantize(
     g_idx = g_idx.contiguous() if g_idx is not None else None
     gs = K if group_size == -1 else group_size
     grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
-    for_device(int4_dequantize_kernel, qweight.device)[grid](
+    launch(
+        int4_dequantize_kernel,
+        grid,
+        qweight.device,
         qweight,
         scales,
         qzeros if qzeros is not None else qweight,

@@ -17,17 +17,11 @@ every multiply and add rounded on its own, as the CPU kernel and the reference d
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import sys
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
 
-from ._runtime import for_device, new_output
+from ._runtime import keep_compilable, launch, new_output
 
 
 @triton.jit
@@ -254,43 +248,7 @@ def spec_verify_kernel(
     tl.store(num_emit_ptr + b, a + 1)
 
 
-# The helpers stay compilable JITFunctions even when this module is first imported with
-# TRITON_INTERPRET=1 (triton.jit then returns interpreted functions): a compiled kernel cannot
-# reference those. _interpretable below swaps in interpreted versions for CPU launches.
-for _name in ("_exp2_neg", "_order_key", "_key_float", "_weights", "_sample"):
-    if isinstance(globals()[_name], InterpretedFunction):
-        globals()[_name] = JITFunction(globals()[_name].fn)
-
-
-@contextlib.contextmanager
-def _interpretable(device: torch.device):
-    """Under the interpreter the kernel runs as Python, and its calls to @triton.jit functions
-    (this module's helpers, tl.sum / tl.max / tl.argmax / tl.cumsum / tl.philox) resolve through
-    module globals. When triton was imported before TRITON_INTERPRET=1 was set (pytest sets it per
-    test), those are compiled-mode JITFunctions, which the interpreter cannot call: for CPU tensors
-    swap in interpreted versions for the duration of the launch. The reduction combine functions
-    stay as they are: the interpreter recognizes them by identity and reduces with numpy."""
-    import triton.language.random as tl_random
-    import triton.language.standard as tl_standard
-
-    saved = []
-    if device.type == "cpu":
-        for mod in (tl, tl_standard, tl_random, sys.modules[__name__]):
-            for name, f in list(vars(mod).items()):
-                if isinstance(f, JITFunction) and "combine" not in name:
-                    if not name.startswith("_elementwise"):
-                        saved.append((mod, name, f))
-                        setattr(mod, name, _interpreted(f.fn))
-    try:
-        yield
-    finally:
-        for mod, name, f in reversed(saved):
-            setattr(mod, name, f)
-
-
-@functools.cache
-def _interpreted(fn) -> InterpretedFunction:
-    return InterpretedFunction(fn)
+keep_compilable(globals(), ("_exp2_neg", "_order_key", "_key_float", "_weights", "_sample"))
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -328,30 +286,32 @@ def spec_verify(
     logits = _unit_last(target_logits)
     q = _unit_last(draft_probs) if draft_probs is not None else None
     kwargs = {} if dev.type == "cpu" else {"enable_fp_fusion": False}
-    with _interpretable(dev):
-        for_device(spec_verify_kernel, dev)[(B,)](
-            logits,
-            draft_tokens.to(torch.int64).contiguous(),
-            per_row(num_draft, K, torch.int64),
-            q if q is not None else logits,
-            per_row(temperature, 0.0, torch.float32),
-            per_row(top_k, 0, torch.int64),
-            per_row(top_p, 1.0, torch.float32),
-            per_row(seeds, 0, torch.int64),
-            per_row(offsets, 0, torch.int64),
-            tokens,
-            num_acc,
-            num_emit,
-            K,
-            V,
-            logits.stride(0),
-            logits.stride(1),
-            q.stride(0) if q is not None else 0,
-            q.stride(1) if q is not None else 0,
-            HAS_Q=q is not None,
-            HAS_FILTER=top_k is not None or top_p is not None,
-            BLOCK_V=min(block_v, triton.next_power_of_2(V)),
-            BLOCK_K=triton.next_power_of_2(K1),
-            **kwargs,
-        )
+    launch(
+        spec_verify_kernel,
+        (B,),
+        dev,
+        logits,
+        draft_tokens.to(torch.int64).contiguous(),
+        per_row(num_draft, K, torch.int64),
+        q if q is not None else logits,
+        per_row(temperature, 0.0, torch.float32),
+        per_row(top_k, 0, torch.int64),
+        per_row(top_p, 1.0, torch.float32),
+        per_row(seeds, 0, torch.int64),
+        per_row(offsets, 0, torch.int64),
+        tokens,
+        num_acc,
+        num_emit,
+        K,
+        V,
+        logits.stride(0),
+        logits.stride(1),
+        q.stride(0) if q is not None else 0,
+        q.stride(1) if q is not None else 0,
+        HAS_Q=q is not None,
+        HAS_FILTER=top_k is not None or top_p is not None,
+        BLOCK_V=min(block_v, triton.next_power_of_2(V)),
+        BLOCK_K=triton.next_power_of_2(K1),
+        **kwargs,
+    )
     return tokens, num_acc, num_emit
