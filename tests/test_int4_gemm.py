@@ -139,18 +139,20 @@ def test_m_zero_and_reference_backend():
     torch.testing.assert_close(ops.int4_gemm(x, p, backend="reference"), ref64(x, p).float())
 
 
-def test_bf16_path_is_exact_for_exact_inputs():
-    """With bf16 x and scales that are powers of two, every product and partial sum is exact in
-    float32: the kernel must agree with float64 bit for bit (no tolerance)."""
-    qw = make_quantized(256, 64, 128, sym=False)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_for_exact_inputs(dtype):
+    """Small-integer x and power-of-two scales make every product and partial sum exact in
+    float32 (|sums| < 2^24), on every path (bf16 pairs, fp16 hi/lo split, fp32 FMA): the kernel
+    must equal the float64 result rounded once to the dtype, bit for bit."""
+    qw = make_quantized(256, 64, 128, sym=False, act_order=True)
     qw.scales = torch.full_like(qw.scales, 0.25)
     p = int4_layout.pack(qw)
-    x = torch.randint(-8, 8, (3, 256)).to(torch.bfloat16)
+    x = torch.randint(-8, 8, (3, 256)).to(dtype)
     for isa in [i for i in ISAS if _isa_ok(i)]:
         _ext.C.set_cpu_isa(isa)
         try:
-            out = ops.int4_gemm(x.float(), p)
-            assert torch.equal(out, ref64(x.float(), p).float()), isa
+            out = ops.int4_gemm(x, p)
+            assert torch.equal(out, ref64(x, p).to(dtype)), isa
         finally:
             _ext.C.set_cpu_isa(None)
 
