@@ -5,6 +5,7 @@
 #include "bitpress/dtype.h"
 #include "bitpress/int4.h"
 #include "bitpress/int4_dequantize.h"
+#include "bitpress/int4_gemm.h"
 #include "bitpress/philox.h"
 #include "bitpress/spec_verify.h"
 #include "bitpress/status.h"

@@ -63,4 +63,30 @@ Status int4_gemm_check(const Int4GemmParams& p);
 
 Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
 
+// ---------------------------------------------------------------------------------------------
+// Repack: GPTQ tensors -> the tile layout above (what python/bitpress/formats/int4_layout.py
+// does at load time), for runtimes that load checkpoints without Python.
+// ---------------------------------------------------------------------------------------------
+
+struct Int4PackParams {
+  const int32_t* qweight = nullptr;  // [K/8, N], packed along K (GPTQ)
+  int64_t qweight_row_stride = 0;
+  const int32_t* qzeros = nullptr;  // [G, ceil(N/8)] real zero points ("gptq_v2"), or null: 8
+  int64_t qzeros_row_stride = 0;
+  const void* scales = nullptr;  // [G, N]
+  DType scales_dtype = DType::kFloat16;
+  int64_t scales_row_stride = 0;
+  const int32_t* g_idx = nullptr;  // [K] group of each row, or null: k / group_size
+  int64_t K = 0, N = 0, G = 0, group_size = 0;
+};
+
+// Kp of the packed layout: K with each group's rows padded to whole octets.
+Status int4_gemm_pack_size(const Int4PackParams& p, int64_t* Kp);
+
+// Writes qweight_tiles [Nt, Kp/8, 64], scales_tiles [Nt, G, 64], zeros_tiles [Nt, G, 64] (skipped
+// when null; with qzeros null it is filled with 8), group_starts [G+1] and perm [Kp]. Rows of a
+// group keep their order; padding rows and columns past N are zero (perm -1).
+Status int4_gemm_pack(const Int4PackParams& p, int32_t* qweight_tiles, float* scales_tiles,
+                      uint8_t* zeros_tiles, int32_t* group_starts, int32_t* perm);
+
 }  // namespace bitpress
