@@ -220,14 +220,23 @@ def int4_gemm(
 
 
 def _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias):
+    """Shape/dtype/device checks of int4_gemm for both layouts (told apart by qweight's rank:
+    3-D = CPU tile layout, 2-D = GPU mma layout); returns (K, N)."""
     op = "int4_gemm"
     _check_dtype(op, "x", x, _FLOAT_DTYPES)
     if x.dim() < 1:
         _fail(op, "x must be [..., K], got a 0-D tensor")
     _check_dtype(op, "qweight", qweight, (torch.int32,))
-    _check_dim(op, "qweight", qweight, 3, "[Nt, Kp/8, 64]")
+    if qweight.dim() not in (2, 3):
+        _fail(
+            op,
+            "qweight must be 3-D [Nt, Kp/8, 64] (CPU tile layout) or 2-D [Kp/16, Nt*128] (GPU mma "
+            f"layout), got shape {list(qweight.shape)}",
+        )
+    mma = qweight.dim() == 2
+    lay = "[G, Np]" if mma else "[Nt, G, 64]"
     _check_dtype(op, "scales", scales, (torch.float32,))
-    _check_dim(op, "scales", scales, 3, "[Nt, G, 64]")
+    _check_dim(op, "scales", scales, 2 if mma else 3, lay)
     _check_dtype(op, "group_starts", group_starts, (torch.int32,))
     _check_dim(op, "group_starts", group_starts, 1, "[G+1]")
     for name, t in (("qweight", qweight), ("scales", scales), ("group_starts", group_starts)):
@@ -236,15 +245,29 @@ def _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features
     if N < 0:
         _fail(op, f"out_features must be >= 0, got {N}")
     Nt = -(-N // 64)
-    Kp, G, K = qweight.shape[1] * 8, scales.shape[1], x.shape[-1]
-    _check_size(op, "qweight", qweight, 0, Nt, "Nt = ceil(out_features / 64)")
-    _check_size(op, "qweight", qweight, 2, 64, "the tile width")
-    _check_size(op, "scales", scales, 0, Nt, "Nt = ceil(out_features / 64)")
-    _check_size(op, "scales", scales, 2, 64, "the tile width")
-    _check_size(op, "group_starts", group_starts, 0, G + 1, "G + 1 = scales.size(1) + 1")
+    K = x.shape[-1]
+    if mma:
+        Kp, G = qweight.shape[0] * 16, scales.shape[0]
+        _check_size(op, "qweight", qweight, 1, Nt * 128, "128 * ceil(out_features / 64)")
+        _check_size(op, "scales", scales, 1, Nt * 64, "Np = 64 * ceil(out_features / 64)")
+        if (G == 0 and Kp > 0) or (G > 0 and (Kp // 16) % G):
+            _fail(
+                op,
+                f"the mma layout needs Kp/16 = {Kp // 16} k-tiles split evenly into G = {G} "
+                f"groups (scales.size(0)), got qweight shape {list(qweight.shape)}",
+            )
+        perm_what = "Kp = 16 * qweight.size(0)"
+    else:
+        Kp, G = qweight.shape[1] * 8, scales.shape[1]
+        _check_size(op, "qweight", qweight, 0, Nt, "Nt = ceil(out_features / 64)")
+        _check_size(op, "qweight", qweight, 2, 64, "the tile width")
+        _check_size(op, "scales", scales, 0, Nt, "Nt = ceil(out_features / 64)")
+        _check_size(op, "scales", scales, 2, 64, "the tile width")
+        perm_what = "Kp = 8 * qweight.size(1)"
+    _check_size(op, "group_starts", group_starts, 0, G + 1, "G + 1 = number of groups + 1")
     if zeros is not None:
         _check_dtype(op, "zeros", zeros, (torch.uint8,))
-        _check_dim(op, "zeros", zeros, 3, "[Nt, G, 64]")
+        _check_dim(op, "zeros", zeros, scales.dim(), lay)
         if zeros.shape != scales.shape:
             _fail(
                 op,
@@ -255,12 +278,12 @@ def _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features
     if perm is not None:
         _check_dtype(op, "perm", perm, (torch.int32,))
         _check_dim(op, "perm", perm, 1, "[Kp]")
-        _check_size(op, "perm", perm, 0, Kp, "Kp = 8 * qweight.size(1)")
+        _check_size(op, "perm", perm, 0, Kp, perm_what)
         _check_device(op, "perm", perm, x, "x")
     elif K != Kp:
         _fail(
             op,
-            f"x.size(-1) must be K = {Kp} (8 * qweight.size(1); the weight has no row "
+            f"x.size(-1) must be K = {Kp} ({perm_what.split('= ')[1]}; the weight has no row "
             f"permutation), got shape {list(x.shape)}",
         )
     if bias is not None:
@@ -278,8 +301,42 @@ def _int4_gemm_fake(x, qweight, scales, zeros, group_starts, perm, out_features,
 
 
 @backends.register("int4_gemm", "cpu")
+@backends.register("int4_gemm", "cuda")
 def _int4_gemm_compiled(x, qweight, scales, zeros, group_starts, perm, out_features, bias):
     return torch.ops.bitpress.int4_gemm(
+        x, qweight, scales, zeros, group_starts, perm, out_features, bias
+    )
+
+
+@torch.library.custom_op("bitpress::int4_gemm_triton", mutates_args=())
+def _int4_gemm_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_starts: torch.Tensor,
+    perm: torch.Tensor | None,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    from bitpress.triton_kernels import int4_gemm as tk
+
+    _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
+    if qweight.dim() != 2:
+        _fail(
+            "int4_gemm",
+            "the triton backend reads the GPU mma layout (qweight [Kp/16, Nt*128]); this weight "
+            "is in the CPU tile layout: repack it with weight.to(device, layout='mma')",
+        )
+    return tk.int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
+
+
+torch.library.register_fake("bitpress::int4_gemm_triton")(_int4_gemm_fake)
+
+
+@backends.register("int4_gemm", "triton")
+def _int4_gemm_triton_backend(x, qweight, scales, zeros, group_starts, perm, out_features, bias):
+    return torch.ops.bitpress.int4_gemm_triton(
         x, qweight, scales, zeros, group_starts, perm, out_features, bias
     )
 
@@ -288,6 +345,71 @@ def _int4_gemm_compiled(x, qweight, scales, zeros, group_starts, perm, out_featu
 def _int4_gemm_reference(x, qweight, scales, zeros, group_starts, perm, out_features, bias):
     _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
     return reference.int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
+
+
+def int4_gemm_repack(
+    qweight: torch.Tensor, perm: torch.Tensor | None = None, *, backend: str | None = None
+) -> torch.Tensor:
+    r"""Repack GPTQ INT4 weights into the GPU mma layout (``int4_mma_layout.h``), once at load.
+
+    Parameters
+    ----------
+    qweight : Tensor, int32, shape [K/8, N]
+        GPTQ packing along K (row ``k = 8r + j`` in bits ``4j..4j+3`` of ``qweight[r, n]``).
+    perm : Tensor, int32, shape [Kp], optional
+        Source row of each packed row, ``-1`` for a zero (padding) row, ``Kp % 16 == 0``
+        (``int4_layout.mma_row_order``). ``None``: the identity (then ``K % 16 == 0``).
+    backend : str, optional
+        Force a backend (``cpu``, ``cuda``, ``reference``).
+
+    Returns
+    -------
+    Tensor, int32, shape [Kp/16, 128 * ceil(N/64)], on the device of ``qweight``: word
+    ``kt * Nt*128 + nt*128 + 4*lane + w`` holds lane ``lane``'s ``mma.m16n8k16`` B fragments of
+    n8-blocks ``2w, 2w+1`` of the k16 x n64 tile (kt, nt); columns past N are zero.
+    """
+    _, impl = backends.select("int4_gemm_repack", qweight.device, backend)
+    return impl(qweight, perm)
+
+
+def _check_int4_gemm_repack(qweight, perm):
+    op = "int4_gemm_repack"
+    _check_dtype(op, "qweight", qweight, (torch.int32,))
+    _check_dim(op, "qweight", qweight, 2, "[K/8, N]")
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if perm is not None:
+        _check_dtype(op, "perm", perm, (torch.int32,))
+        _check_dim(op, "perm", perm, 1, "[Kp]")
+        _check_device(op, "perm", perm, qweight, "qweight")
+        Kp = perm.shape[0]
+    else:
+        Kp = K
+    if Kp % 16:
+        what = "perm.size(0)" if perm is not None else "K = 8 * qweight.size(0) (no perm)"
+        _fail(op, f"{what} must be a multiple of 16 (the mma k-tile), got {Kp}")
+    return Kp, N
+
+
+@torch.library.register_fake("bitpress::int4_gemm_repack")
+def _int4_gemm_repack_fake(qweight, perm=None):
+    Kp, N = _check_int4_gemm_repack(qweight, perm)
+    return qweight.new_empty((Kp // 16, -(-N // 64) * 128))
+
+
+@backends.register("int4_gemm_repack", "cpu")
+@backends.register("int4_gemm_repack", "cuda")
+def _int4_gemm_repack_compiled(qweight, perm):
+    return torch.ops.bitpress.int4_gemm_repack(qweight, perm)
+
+
+@backends.register("int4_gemm_repack", "reference")
+def _int4_gemm_repack_reference(qweight, perm):
+    _check_int4_gemm_repack(qweight, perm)
+    if perm is not None and perm.numel() and not torch.compiler.is_compiling():
+        lo, hi, K = int(perm.min()), int(perm.max()), qweight.shape[0] * 8
+        if lo < -1 or hi >= K:
+            _fail("int4_gemm_repack", f"perm values must lie in [-1, {K}), got [{lo}, {hi}]")
+    return reference.int4_gemm_repack(qweight, perm)
 
 
 # --------------------------------------------------------------------------------------------

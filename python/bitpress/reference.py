@@ -45,14 +45,24 @@ def int4_gemm(
     """y = x · Wᵀ + bias in float64, rounded once to x.dtype; W unpacked from the tile layout."""
     from bitpress.formats.int4_layout import Int4PackedWeight, unpack
 
+    layout = "mma" if qweight.dim() == 2 else "cpu"
     packed = Int4PackedWeight(
-        qweight, scales, zeros, group_starts, perm, x.shape[-1], out_features, torch.float32
+        qweight, scales, zeros, group_starts, perm, x.shape[-1], out_features, torch.float32, layout
     )
     w = unpack(packed).dequantize(torch.float64).to(x.device)  # [N, K]
     y = x.double() @ w.t()
     if bias is not None:
         y = y + bias.double()
     return y.to(x.dtype)
+
+
+def int4_gemm_repack(qweight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """GPTQ qweight [K/8, N] (+ perm [Kp]) -> the GPU mma layout's qweight [Kp/16, Nt*128]."""
+    from bitpress.formats.int4_layout import mma_qweight
+    from bitpress.formats.packing import unpack_int4_along_k
+
+    q = unpack_int4_along_k(qweight.cpu())
+    return mma_qweight(q, None if perm is None else perm.cpu()).to(qweight.device)
 
 
 # --------------------------------------------------------------------------------------------

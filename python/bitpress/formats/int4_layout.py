@@ -1,4 +1,6 @@
-"""The CPU kernel layout of INT4 weights ("bitpress int4 tiles"), produced once at load time.
+"""The kernel layouts of INT4 weights, produced once at load time: the CPU tile layout
+(``layout="cpu"``, "bitpress int4 tiles", read by the C++ CPU kernel) and the GPU mma layout
+(``layout="mma"``, "bitpress int4 mma tiles", read by the CUDA and Triton kernels).
 
 Interchange (checkpoints, ``QuantizedWeight``): q [K, N] values 0..15, per-group scales and
 zero points [G, N], a group index per row ``g_idx`` [K]. The kernel wants instead:
@@ -20,17 +22,32 @@ zero points [G, N], a group index per row ``g_idx`` [K]. The kernel wants instea
   unpack nibble i as row ROW_OF_NIBBLE[i].
 * ``scales`` [Nt, G, 64] float32 and ``zeros`` [Nt, G, 64] uint8 (None when every zero point
   is 8, the symmetric case).
+
+The GPU mma layout (full description: ``csrc/include/bitpress/int4_mma_layout.h``):
+
+* **Uniform groups in whole k-tiles.** Rows reordered as above, but every group padded to the
+  same ``group_rows`` (the largest group, rounded up to 16, the k of ``mma.m16n8k16``): the group
+  of packed row k is ``k // group_rows``, and no 16-row k-tile straddles two groups.
+  ``group_starts`` [G+1] counts k-tiles: ``arange(G + 1) * group_rows / 16``.
+* **mma fragments.** ``qweight`` [Kp/16, Nt*128] int32: row kt is k-tile kt; its 128 words of
+  n-tile nt are lane-major (word ``nt*128 + 4*lane + w``), and lane l's 4 words are its B
+  fragments of ``mma.sync.m16n8k16`` for the 8 n8-blocks of the tile, nibble-interleaved so that
+  ``(word >> 4p) & 0x000F000F`` is one half2 register once the magic exponent is OR-ed in.
+* ``scales`` [G, Np] float32, ``zeros`` [G, Np] uint8 or None; Np = 64 * Nt.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
 from bitpress.quantize.common import QuantizedWeight
 
 TILE_N = 64
+MMA_TILE_K = 16
+MMA_TILE_N = 64
 ROW_OF_NIBBLE = (0, 2, 4, 6, 1, 3, 5, 7)
 NIBBLE_OF_ROW = tuple(ROW_OF_NIBBLE.index(j) for j in range(8))
 
@@ -45,6 +62,7 @@ class Int4PackedWeight:
     in_features: int  # K
     out_features: int  # N
     scale_dtype: torch.dtype  # dtype of the interchange scales (for the exact round trip)
+    layout: str = "cpu"  # "cpu": CPU tile layout; "mma": GPU mma layout (see the module doc)
 
     def tensors(self) -> tuple:
         """The op arguments: (qweight, scales, zeros, group_starts, perm, out_features)."""
@@ -57,7 +75,11 @@ class Int4PackedWeight:
             self.out_features,
         )
 
-    def to(self, device) -> Int4PackedWeight:
+    def to(self, device, layout: str | None = None) -> Int4PackedWeight:
+        """On ``device``, in ``layout`` (default: this one). A layout change repacks exactly."""
+        if layout is not None and layout != self.layout:
+            return pack(unpack(self), layout=layout).to(device)
+
         def mv(t):
             return None if t is None else t.to(device)
 
@@ -77,8 +99,17 @@ class Int4PackedWeight:
         return n + (self.zeros.numel() if self.zeros is not None else 0)
 
 
-def pack(qw: QuantizedWeight) -> Int4PackedWeight:
+def default_layout(device: torch.device | str) -> str:
+    """The layout the default backend of ``device`` reads: "mma" on CUDA, "cpu" elsewhere."""
+    return "mma" if torch.device(device).type == "cuda" else "cpu"
+
+
+def pack(qw: QuantizedWeight, layout: str = "cpu") -> Int4PackedWeight:
     """QuantizedWeight -> kernel layout (exactly invertible by :func:`unpack`)."""
+    if layout == "mma":
+        return _pack_mma(qw)
+    if layout != "cpu":
+        raise ValueError(f"layout must be 'cpu' or 'mma', got {layout!r}")
     q, g = qw.q, qw.g_idx.long()
     K, N = q.shape
     G = qw.scales.shape[0]
@@ -133,6 +164,8 @@ def pack(qw: QuantizedWeight) -> Int4PackedWeight:
 
 def unpack(p: Int4PackedWeight, group_size: int = -1, sym: bool = True) -> QuantizedWeight:
     """Kernel layout -> QuantizedWeight (the inverse of :func:`pack`)."""
+    if p.layout == "mma":
+        return _unpack_mma(p, group_size, sym)
     K, N = p.in_features, p.out_features
     Nt, K8, _ = p.qweight.shape
     Kp, G = K8 * 8, p.scales.shape[1]
@@ -155,6 +188,127 @@ def unpack(p: Int4PackedWeight, group_size: int = -1, sym: bool = True) -> Quant
 
     scales = untile(p.scales).to(p.scale_dtype)
     zeros = torch.full((G, N), 8, dtype=torch.uint8) if p.zeros is None else untile(p.zeros).clone()
+    return QuantizedWeight(
+        q=q, scales=scales, zeros=zeros, g_idx=g_idx, group_size=group_size, sym=sym
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# GPU mma layout
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _mma_tile_coords() -> tuple[torch.Tensor, torch.Tensor]:
+    """(kk, nn) [32, 4, 8]: tile position of nibble i of word w of lane l (int4_mma_layout.h)."""
+    lane = torch.arange(32).view(32, 1, 1)
+    w = torch.arange(4).view(1, 4, 1)
+    v = torch.tensor(ROW_OF_NIBBLE).view(1, 1, 8)  # value held by nibble i
+    g, t = lane // 4, lane % 4
+    j, i = 2 * w + v // 4, v % 4
+    kk = 2 * t + (i & 1) + 8 * (i >> 1)
+    nn = 8 * j + g
+    return kk.expand(32, 4, 8).contiguous(), nn.expand(32, 4, 8).contiguous()
+
+
+def mma_row_order(g_idx: torch.Tensor, G: int) -> tuple[torch.Tensor, int]:
+    """(perm [G * group_rows] int64 with -1 for padding, group_rows) of the mma layout."""
+    g = g_idx.long()
+    counts = torch.bincount(g, minlength=G) if g.numel() else torch.zeros(G, dtype=torch.long)
+    group_rows = max(MMA_TILE_K, -(-int(counts.max()) // MMA_TILE_K) * MMA_TILE_K) if G else 0
+    order = torch.argsort(g, stable=True)
+    perm = torch.full((G, group_rows), -1, dtype=torch.long)
+    start = 0
+    for gi, c in enumerate(counts.tolist()):
+        perm[gi, :c] = order[start : start + c]
+        start += c
+    return perm.reshape(-1), group_rows
+
+
+def mma_qweight(q: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """q [K, N] values 0..15, perm [Kp] (-1: zero row; None: identity) -> the mma layout's
+    qweight [Kp/16, ceil(N/64)*128] int32. The plain-torch definition the repack kernels
+    (``ops.int4_gemm_repack``) are tested against, bit for bit."""
+    K, N = q.shape
+    if perm is None:
+        perm = torch.arange(K)
+    perm = perm.long().cpu()
+    Kp = perm.numel()
+    if Kp % MMA_TILE_K:
+        raise ValueError(f"the mma layout needs Kp % 16 == 0, got Kp = {Kp}")
+    Nt = -(-N // MMA_TILE_N)
+    Np = Nt * MMA_TILE_N
+    q_perm = torch.zeros(Kp, Np, dtype=torch.int64)
+    valid = perm >= 0
+    q_perm[valid, :N] = q.cpu()[perm[valid]].to(torch.int64)
+    KT = Kp // MMA_TILE_K
+    tiles = q_perm.reshape(KT, MMA_TILE_K, Nt, MMA_TILE_N).permute(0, 2, 1, 3)  # [KT, Nt, 16, 64]
+    kk, nn = _mma_tile_coords()
+    vals = tiles[:, :, kk, nn]  # [KT, Nt, 32, 4, 8]: nibble i of word w of lane l
+    words = (vals << (4 * torch.arange(8))).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(KT, Nt * 128)
+
+
+def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
+    q, g = qw.q.cpu(), qw.g_idx.cpu().long()
+    K, N = q.shape
+    G = qw.scales.shape[0]
+    if g.numel() != K:
+        raise ValueError(f"g_idx must have K = {K} entries, got {g.numel()}")
+    if K and (int(g.min()) < 0 or int(g.max()) >= G):
+        raise ValueError(f"g_idx values must lie in [0, {G}), got [{int(g.min())}, {int(g.max())}]")
+    perm, group_rows = mma_row_order(g, G)
+    Kp = perm.numel()
+    Np = -(-N // MMA_TILE_N) * MMA_TILE_N
+    qweight = mma_qweight(q, perm)
+
+    def pad_n(t: torch.Tensor, dtype) -> torch.Tensor:
+        return torch.nn.functional.pad(t.cpu().to(dtype), (0, Np - N)).contiguous()
+
+    zeros = None if bool((qw.zeros == 8).all()) else pad_n(qw.zeros, torch.uint8)
+    tiles_per_group = group_rows // MMA_TILE_K
+    group_starts = (torch.arange(G + 1) * tiles_per_group).to(torch.int32)
+    identity = Kp == K and bool((perm == torch.arange(K)).all())
+    return Int4PackedWeight(
+        qweight=qweight,
+        scales=pad_n(qw.scales.float(), torch.float32),
+        zeros=zeros,
+        group_starts=group_starts,
+        perm=None if identity else perm.to(torch.int32),
+        in_features=K,
+        out_features=N,
+        scale_dtype=qw.scales.dtype,
+        layout="mma",
+    )
+
+
+def _unpack_mma(p: Int4PackedWeight, group_size: int, sym: bool) -> QuantizedWeight:
+    K, N = p.in_features, p.out_features
+    KT, W = p.qweight.shape
+    Nt = W // 128
+    G = p.scales.shape[0]
+    words = p.qweight.cpu().to(torch.int64).reshape(KT, Nt, 32, 4, 1) & 0xFFFFFFFF
+    vals = (words >> (4 * torch.arange(8))) & 0xF  # [KT, Nt, 32, 4, 8]
+    kk, nn = _mma_tile_coords()
+    tiles = torch.empty(KT, Nt, MMA_TILE_K, MMA_TILE_N, dtype=torch.int64)
+    tiles[:, :, kk, nn] = vals
+    q_perm = tiles.permute(0, 2, 1, 3).reshape(KT * MMA_TILE_K, Nt * MMA_TILE_N)[:, :N]
+    Kp = KT * MMA_TILE_K
+    perm = torch.arange(K) if p.perm is None else p.perm.cpu().long()
+    group_rows = Kp // G if G else 0
+    g_of_packed = torch.arange(Kp) // max(group_rows, 1)
+    q = torch.empty(K, N, dtype=torch.uint8)
+    g_idx = torch.empty(K, dtype=torch.int32)
+    valid = perm >= 0
+    q[perm[valid]] = q_perm[valid].to(torch.uint8)
+    g_idx[perm[valid]] = g_of_packed[valid].to(torch.int32)
+    scales = p.scales.cpu()[:, :N].to(p.scale_dtype)
+    zeros = (
+        torch.full((G, N), 8, dtype=torch.uint8)
+        if p.zeros is None
+        else p.zeros.cpu()[:, :N].clone()
+    )
     return QuantizedWeight(
         q=q, scales=scales, zeros=zeros, g_idx=g_idx, group_size=group_size, sym=sym
     )
