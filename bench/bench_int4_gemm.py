@@ -93,25 +93,42 @@ def bench_int4_gemm_cpu(benchmark, K, N, M):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("M", [1, 16, 64])
 @pytest.mark.parametrize("K,N", SHAPES, ids=lambda s: str(s))
-def bench_int4_gemm_gpu(benchmark, K, N, M):
+def bench_int4_gemm_gpu(benchmark, K, N, M, backend):
+    """GPU: the CUDA and Triton kernels (GPU mma layout, fp16 x), cold L2 (rotating copies of
+    the weights, > 256 MiB together, against a 50-60 MiB L2), against F.linear fp16 (cuBLAS)
+    with rotating dense weights, both timed with CUDA events over back-to-back calls. Bytes: the
+    packed weight, scales, x and the output; the floor is bytes / 3.35 TB/s or FLOPs /
+    990 TFLOP/s (H100 SXM), whichever is larger."""
+    from bench_util import cuda_timeit
+
     packed, dense, _, _ = _weights(K, N)
-    packed, dense = packed.to("cuda"), dense.to("cuda", torch.float16)
+    packed = packed.to("cuda", layout="mma")
+    dense = dense.to("cuda", torch.float16)
     x = torch.randn(M, K, dtype=torch.float16, device="cuda")
 
-    def run():
-        ops.int4_gemm(x, packed)
-        torch.cuda.synchronize()
+    def copy_packed():
+        return dataclasses.replace(
+            packed, qweight=packed.qweight.clone(), scales=packed.scales.clone()
+        )
 
-    benchmark(run)
-    t_lin = timeit(lambda: F.linear(x, dense), "cuda")
+    r_packed = Rotating(copy_packed, packed.nbytes)
+    r_dense = Rotating(lambda: dense.clone(), dense.numel() * 2)
+    benchmark.group = f"int4_gemm gpu {K}x{N}"
+    benchmark.pedantic(
+        lambda: ops.int4_gemm(x, r_packed.next(), backend=backend), rounds=3, warmup_rounds=1
+    )
+    t_ours = cuda_timeit(lambda: ops.int4_gemm(x, r_packed.next(), backend=backend))
+    t_lin = cuda_timeit(lambda: F.linear(x, r_dense.next()))
+    nbytes = packed.nbytes + M * K * 2 + M * N * 2
     record(
         Row(
-            "int4_gemm",
-            f"K={K} N={N} M={M} fp16",
-            seconds_of(benchmark),
-            packed.nbytes,
+            "int4_gemm_gpu",
+            f"K={K} N={N} M={M} fp16 g128 {backend}",
+            t_ours,
+            nbytes,
             2 * M * K * N,
             "F.linear fp16",
             t_lin,

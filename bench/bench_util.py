@@ -61,6 +61,27 @@ def timeit(fn: Callable[[], object], device="cpu", min_time=0.2, min_reps=5, war
     return statistics.median(times)
 
 
+def cuda_timeit(fn: Callable[[], object], reps: int = 50, rounds: int = 5) -> float:
+    """Median over ``rounds`` of (CUDA-event time of ``reps`` back-to-back calls) / ``reps``.
+
+    Kernels of a few microseconds are shorter than a launch + host sync, so timing single calls
+    with a host clock measures the launch path; back-to-back launches keep the GPU busy and the
+    events time the GPU alone (launch overhead hidden when a call is longer than its launch)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e-3 / reps)
+    return statistics.median(per_call)
+
+
 @functools.cache
 def read_bandwidth(device: str = "cpu") -> float:
     """Bytes per second this machine reads with torch's threads (a reduction over 1 GiB, far

@@ -95,6 +95,98 @@ def test_layout_nibble_order_pairs_rows():
         assert (pair & 0xF, pair >> 16) == (2 * p + 1, 2 * p + 2)
 
 
+@pytest.mark.parametrize(
+    "K,N,gs,sym,act",
+    [
+        (64, 64, 32, True, False),
+        (136, 7, 8, False, True),
+        (256, 130, 64, False, False),
+        (128, 1, -1, True, False),
+        (4096, 65, 128, False, True),
+    ],
+)
+def test_mma_layout_round_trip_exact(K, N, gs, sym, act):
+    qw = make_quantized(K, N, gs, sym, act)
+    p = int4_layout.pack(qw, layout="mma")
+    back = int4_layout.unpack(p, gs, sym)
+    for name in ("q", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(back, name), getattr(qw, name)), name
+    Kp, Nt = p.qweight.shape[0] * 16, -(-N // 64)
+    assert p.layout == "mma" and p.qweight.shape[1] == 128 * Nt
+    assert p.scales.shape == (qw.scales.shape[0], 64 * Nt) and (p.zeros is None) == sym
+    G = qw.scales.shape[0]
+    assert Kp % G == 0 and p.group_starts.tolist() == [g * Kp // G // 16 for g in range(G + 1)]
+    # Conversions between the layouts are exact too.
+    cpu = p.to("cpu", layout="cpu")
+    assert cpu.layout == "cpu" and torch.equal(cpu.qweight, int4_layout.pack(qw).qweight)
+    assert torch.equal(cpu.to("cpu", layout="mma").qweight, p.qweight)
+
+
+def test_mma_layout_words_are_mma_fragments():
+    """Straight from the PTX ISA's m16n8k16 B fragment (b0,b1: rows 2t, 2t+1; b2,b3: rows
+    2t+8, 2t+9; column groupID = lane/4): (word >> 4p) & 0x000F000F of lane l's word w holds
+    the two rows of register p % 2 of n8-block 2w + p // 2."""
+    qw = make_quantized(32, 130, 16, sym=False)
+    p = int4_layout.pack(qw, layout="mma")
+    q = qw.q.long()
+    words = p.qweight.long() & 0xFFFFFFFF
+    for kt in range(2):
+        for nt in range(3):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for w in range(4):
+                    word = int(words[kt, nt * 128 + 4 * lane + w])
+                    for pr in range(4):
+                        pair = (word >> (4 * pr)) & 0x000F000F
+                        k0 = 16 * kt + 2 * t + 8 * (pr % 2)
+                        n = 64 * nt + 8 * (2 * w + pr // 2) + g
+                        want = (int(q[k0, n]), int(q[k0 + 1, n])) if n < 130 else (0, 0)
+                        assert (pair & 0xF, pair >> 16) == want, (kt, nt, lane, w, pr)
+
+
+def test_mma_layout_pads_groups_uniformly():
+    """Uneven groups are padded to one length, a multiple of 16: the group of a k-tile is
+    kt // tiles_per_group in every GPU kernel."""
+    qw = make_quantized(48, 5, 16, sym=False)  # G = 3
+    qw.g_idx = torch.tensor([0] * 5 + [1] * 19 + [2] * 24, dtype=torch.int32)
+    p = int4_layout.pack(qw, layout="mma")
+    assert p.qweight.shape[0] == 3 * 2 and p.group_starts.tolist() == [0, 2, 4, 6]
+    assert (p.perm == -1).sum() == 3 * 32 - 48
+    x = torch.randn(3, 48, dtype=torch.float64)
+    want = x @ qw.dequantize(torch.float64).t()
+    torch.testing.assert_close(ops.int4_gemm(x.float(), p, backend="reference").double(), want)
+
+
+def test_layouts_give_the_same_reference():
+    qw = make_quantized(256, 130, 64, sym=False, act_order=True)
+    x = torch.randn(5, 256)
+    a = ref64(x, int4_layout.pack(qw))
+    b = ref64(x, int4_layout.pack(qw, layout="mma"))
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_backend_rejects_the_mma_layout():
+    p = int4_layout.pack(make_quantized(64, 70, 32), layout="mma")
+    with pytest.raises(RuntimeError, match="GPU mma layout.*layout='cpu'"):
+        ops.int4_gemm(torch.randn(2, 64), p, backend="cpu")
+    with pytest.raises(RuntimeError, match="CPU tile layout.*layout='mma'"):
+        ops._int4_gemm_triton(
+            torch.randn(2, 64), *int4_layout.pack(make_quantized(64, 70, 32)).tensors()
+        )
+
+
+def test_mma_layout_bad_shapes():
+    p = int4_layout.pack(make_quantized(64, 70, 32, sym=False, act_order=True), layout="mma")
+    qw, sc, zr, gs, pm, n = p.tensors()
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match=r"qweight.size\(1\) must be 256"):
+        ops._int4_gemm_reference(x, qw[:, :128], sc, zr, gs, pm, n, None)
+    with pytest.raises(RuntimeError, match="split evenly into G = 3 groups"):
+        ops._int4_gemm_reference(x, qw, torch.cat([sc, sc[:1]]), None, gs, pm, n, None)
+    with pytest.raises(RuntimeError, match=r"scales must be 2-D \[G, Np\]"):
+        ops._int4_gemm_reference(x, qw, sc[None], zr, gs, pm, n, None)
+
+
 # ------------------------------------------------------------------------------------------
 # The op against the reference
 # ------------------------------------------------------------------------------------------
@@ -197,7 +289,12 @@ def _bad_cases():
             TypeError,
             "qweight must be int32",
         ),
-        ("qweight 2-D", (x, qw[0], sc, zr, gs, pm, n, None), RuntimeError, "qweight must be 3-D"),
+        (
+            "qweight 1-D",
+            (x, qw[0, 0], sc, zr, gs, pm, n, None),
+            RuntimeError,
+            "qweight must be 3-D",
+        ),
         (
             "out_features",
             (x, qw, sc, zr, gs, pm, 300, None),

@@ -126,3 +126,21 @@ def test_quantize_filter_and_config_errors():
         bitpress.Int4Config(group_size=12)
     with pytest.raises(ValueError, match="needs calibration"):
         bitpress.Int4Config(method="gptq")
+
+
+def test_kernel_layout_follows_the_device():
+    m = Int4Linear.from_linear(nn.Linear(64, 32), group_size=32)
+    assert m.packed(torch.device("cpu")).layout == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_forward_uses_the_mma_layout(dtype):
+    """On CUDA the module repacks into the GPU mma layout once and runs the default backend."""
+    lin = nn.Linear(512, 300, bias=True)
+    m = Int4Linear.from_linear(lin, group_size=128, sym=False, dtype=dtype).cuda()
+    assert m.packed(torch.device("cuda")).layout == "mma"
+    for M in (1, 16, 200):
+        x = torch.randn(M, 512, dtype=dtype, device="cuda")
+        ref = x.double() @ m.dequantize(torch.float64).t() + m.bias.double()
+        assert rel_err(m(x), ref) < {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]

@@ -1,5 +1,5 @@
-// Torch glue of int4_gemm: checks, then the CPU kernel. The CUDA backend comes with the GPU
-// kernels (Marlin-style layout); until then CUDA tensors go to the Triton / reference backends.
+// Torch glue of int4_gemm on the CPU: checks, then the CPU kernel (CPU tile layout). The CUDA
+// implementation (GPU mma layout) is csrc/torch/int4_gemm_cuda.cpp.
 #include "bitpress/int4_gemm.h"
 
 #include <ATen/ops/empty.h>
@@ -22,6 +22,11 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
   check_dtype(x, kOp, "x", {at::kFloat, at::kHalf, at::kBFloat16});
   TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., K], got a 0-D tensor");
   check_dtype(qweight, kOp, "qweight", {at::kInt});
+  TORCH_CHECK(
+      qweight.dim() != 2, kOp,
+      ": the cpu backend reads the CPU tile layout (qweight [Nt, Kp/8, 64]); this weight is "
+      "in the GPU mma layout (qweight ",
+      qweight.sizes(), "): repack it with weight.to('cpu', layout='cpu')");
   check_dim(qweight, kOp, "qweight", 3, "[Nt, Kp/8, 64]");
   check_dtype(scales, kOp, "scales", {at::kFloat});
   check_dim(scales, kOp, "scales", 3, "[Nt, G, 64]");

@@ -319,8 +319,6 @@ def _int4_gemm_triton(
     out_features: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    from bitpress.triton_kernels import int4_gemm as tk
-
     _check_int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
     if qweight.dim() != 2:
         _fail(
@@ -328,6 +326,8 @@ def _int4_gemm_triton(
             "the triton backend reads the GPU mma layout (qweight [Kp/16, Nt*128]); this weight "
             "is in the CPU tile layout: repack it with weight.to(device, layout='mma')",
         )
+    from bitpress.triton_kernels import int4_gemm as tk
+
     return tk.int4_gemm(x, qweight, scales, zeros, group_starts, perm, out_features, bias)
 
 

@@ -27,6 +27,8 @@ class Case:
     ref: Callable[..., torch.Tensor]
     tol: float  # relative error bound against the reference (0: exact)
     size: int = 0  # elements of the output: the Triton interpreter skips cases over 2^18
+    per_backend: bool = False  # make takes (device, gen, backend): the weight layout differs
+    gpu_only: bool = False  # run on CUDA devices only (Llama-sized shapes)
 
 
 def _int4_case(K, N, group_size, dtype, zeros, act_order):
@@ -46,10 +48,12 @@ def _int4_case(K, N, group_size, dtype, zeros, act_order):
 
 
 def _int4_gemm_case(M, K, N, dtype, sym, act_order, bias):
-    def make(device, gen):
+    def make(device, gen, backend="cpu"):
         from bitpress.formats import int4_layout
         from bitpress.quantize.common import QuantizedWeight
 
+        # The CUDA and Triton kernels read the GPU mma layout, the CPU kernel the CPU tiles.
+        layout = "mma" if backend in ("cuda", "triton") else "cpu"
         gs = 128
         G = K // gs
         q = torch.randint(0, 16, (K, N), generator=gen).to(torch.uint8)
@@ -60,7 +64,9 @@ def _int4_gemm_case(M, K, N, dtype, sym, act_order, bias):
         )
         scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002).to(torch.float16)
         g_idx = (torch.randperm(K, generator=gen) if act_order else torch.arange(K)) // gs
-        packed = int4_layout.pack(QuantizedWeight(q, scales, zeros, g_idx.int(), gs, sym))
+        packed = int4_layout.pack(
+            QuantizedWeight(q, scales, zeros, g_idx.int(), gs, sym), layout=layout
+        )
         x = torch.randn(M, K, generator=gen).to(dtype)
         b = torch.randn(N, generator=gen).to(dtype) if bias else None
         args = (x, *packed.tensors(), b)
@@ -70,7 +76,22 @@ def _int4_gemm_case(M, K, N, dtype, sym, act_order, bias):
     tag += (" sym" if sym else " asym") + (" act-order" if act_order else "")
     tag += " bias" if bias else ""
     tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    return Case("int4_gemm", tag, make, reference.int4_gemm, tol, M * K * N // 64)
+    return Case("int4_gemm", tag, make, reference.int4_gemm, tol, M * K * N // 64, True)
+
+
+def _int4_gemm_repack_case(K, N, act_order):
+    def make(device, gen):
+        from bitpress.formats import int4_layout
+
+        G = -(-K // 128)
+        q = torch.randint(0, 16, (K, N), generator=gen)
+        g_idx = (torch.randperm(K, generator=gen) if act_order else torch.arange(K)) * G // K
+        perm, _ = int4_layout.mma_row_order(g_idx, G)
+        args = (pack_int4_along_k(q), perm.int() if act_order else None)
+        return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+    tag = f"K={K} N={N}" + (" act-order" if act_order else "")
+    return Case("int4_gemm_repack", tag, make, reference.int4_gemm_repack, 0.0, K * N // 8)
 
 
 def _spec_verify_case(B, K, V, dtype, draft_probs, filters):
@@ -94,6 +115,18 @@ def _spec_verify_case(B, K, V, dtype, draft_probs, filters):
     return Case("spec_verify", tag, make, reference.spec_verify, 0.0, B * (K + 1) * V)
 
 
+def gpu_cases() -> list[Case]:
+    """Added on a CUDA machine: every M regime of the CUDA int4_gemm dispatch (split-K GEMV,
+    tiled kernel, dequantize + cuBLAS above the threshold) at Llama-sized shapes."""
+    cases = []
+    for M in (1, 16, 64, 65, 300):
+        for dtype in (torch.float16, torch.bfloat16):
+            cases.append(_int4_gemm_case(M, 4096, 4096, dtype, True, False, False))
+    cases.append(_int4_gemm_case(16, 4096, 14336, torch.float16, False, True, True))
+    cases.append(_int4_gemm_case(5, 14336, 4096, torch.bfloat16, False, True, False))
+    return [dataclasses.replace(c, gpu_only=True) for c in cases]
+
+
 def default_cases() -> list[Case]:
     return [
         _int4_case(4096, 4096, 128, torch.float16, False, False),
@@ -103,6 +136,8 @@ def default_cases() -> list[Case]:
         _int4_gemm_case(1, 4096, 4096, torch.bfloat16, True, False, False),
         _int4_gemm_case(7, 1024, 300, torch.float16, False, True, True),
         _int4_gemm_case(33, 512, 129, torch.float32, False, False, True),
+        _int4_gemm_repack_case(4096, 4096, False),
+        _int4_gemm_repack_case(1000, 129, True),
         _spec_verify_case(16, 4, 32000, torch.bfloat16, False, False),
         _spec_verify_case(32, 3, 1000, torch.float32, True, True),
     ]
@@ -122,7 +157,8 @@ class Result:
 
 def run(cases: list[Case] | None = None, seed: int = 0) -> list[Result]:
 
-    cases = default_cases() if cases is None else cases
+    if cases is None:
+        cases = default_cases() + (gpu_cases() if torch.cuda.is_available() else [])
     devices = [torch.device("cuda")] if torch.cuda.is_available() else []
     devices.append(torch.device("cpu"))
     results = []
@@ -133,10 +169,14 @@ def run(cases: list[Case] | None = None, seed: int = 0) -> list[Result]:
             for device in devices:
                 if not backends.backend_available(backend, device):
                     continue
+                if case.gpu_only and device.type != "cuda":
+                    continue
                 if backend == "triton" and device.type == "cpu" and case.size > 2**18:
                     continue  # the interpreter takes tens of seconds per million elements
                 gen = torch.Generator().manual_seed(seed)
-                args = case.make(device, gen)
+                args = (
+                    case.make(device, gen, backend) if case.per_backend else case.make(device, gen)
+                )
                 try:
                     want = case.ref(*args)
                     t0 = time.perf_counter()

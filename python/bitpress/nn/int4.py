@@ -8,7 +8,8 @@ State (persistent buffers, the GPTQ checkpoint layout, so a state_dict is a chec
 * ``scales`` [G, N] (float16 / bfloat16 / float32), ``g_idx`` int32 [K], optional ``bias`` [N].
 
 The kernel layout (``bitpress.formats.int4_layout``) is derived from these once, on first use on
-a device (and again after ``load_state_dict``); it is not saved.
+a device (and again after ``load_state_dict``); it is not saved. CPU tensors get the CPU tile
+layout, CUDA tensors the GPU mma layout (read by the CUDA and Triton kernels).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ class Int4Linear(nn.Module):
         return self.quantized().dequantize(dtype or self.scales.dtype)
 
     def packed(self, device: torch.device | None = None) -> int4_layout.Int4PackedWeight:
-        """The kernel layout on ``device`` (built once and cached)."""
+        """The kernel layout for ``device`` (built once and cached): "cpu" tiles on the CPU, the
+        "mma" layout on CUDA (``int4_layout.default_layout``)."""
         device = torch.device(device or self.qweight.device)
         p = self._packed.get(device)
         if p is None:
@@ -186,7 +188,7 @@ class Int4Linear(nn.Module):
             qw = QuantizedWeight(
                 qw.q.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.group_size, qw.sym
             )
-            p = int4_layout.pack(qw).to(device)
+            p = int4_layout.pack(qw, layout=int4_layout.default_layout(device)).to(device)
             self._packed[device] = p
         return p
 
