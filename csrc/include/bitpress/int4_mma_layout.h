@@ -1,6 +1,7 @@
 // The GPU layout of INT4 weights ("bitpress int4 mma tiles"): what the CUDA and Triton int4_gemm
 // kernels read. Torch-free; the index math is __host__ __device__ so that the CPU repack, the
-// CUDA repack and the CUDA GEMM kernel share one definition (tests/cpp/test_int4_mma.cpp).
+// CUDA repack and the CUDA GEMM kernel share one definition (tests/cpp/test_int4_mma.cpp and
+// tests/cpp/test_int4_gemm_repack.cpp).
 //
 // Rows (K). As in the CPU tile layout, rows are reordered once so that each group's rows are
 // consecutive (act-order resolved at load time, ExLlama-style), but every group is padded with
@@ -42,9 +43,12 @@ constexpr int kInt4MmaTileK = 16;       // rows of a k-tile: the k of mma.m16n8k
 constexpr int kInt4MmaTileN = 64;       // columns of an n-tile: 8 n8-blocks
 constexpr int kInt4MmaTileWords = 128;  // int32 words of one k16 x n64 tile: 32 lanes x 4
 
-// Fragment value v (0..7) of a word -> its nibble, and back.
+// Fragment value v (0..7) of a word -> its nibble, and back. (The table is for host code: a
+// namespace-scope constexpr array is not addressable from device code; device code uses the
+// functions.)
 constexpr int kInt4MmaRowOfNibble[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 BITPRESS_INLINE int int4_mma_nibble_of_value(int v) { return (v >> 1) + 4 * (v & 1); }
+BITPRESS_INLINE int int4_mma_value_of_nibble(int i) { return 2 * (i & 3) + (i >> 2); }
 
 // Position (row kk in 0..15, column nn in 0..63) inside a k16 x n64 tile of value v (0..7) of
 // word w (0..3) of lane `lane` (0..31).

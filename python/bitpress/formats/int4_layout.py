@@ -261,7 +261,18 @@ def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
     perm, group_rows = mma_row_order(g, G)
     Kp = perm.numel()
     Np = -(-N // MMA_TILE_N) * MMA_TILE_N
-    qweight = mma_qweight(q, perm)
+    if K % 8 == 0:
+        # The C++ repack (ops.int4_gemm_repack, tested bit-exact against mma_qweight): ~80x
+        # faster than the plain-torch definition, which builds [Kp/16, Nt, 32, 4, 8] indices.
+        from bitpress import ops
+        from bitpress.formats.packing import pack_int4_along_k
+
+        identity = Kp == K and bool((perm == torch.arange(K)).all())
+        qweight = ops.int4_gemm_repack(
+            pack_int4_along_k(q), None if identity else perm.to(torch.int32), backend="cpu"
+        )
+    else:
+        qweight = mma_qweight(q, perm)
 
     def pad_n(t: torch.Tensor, dtype) -> torch.Tensor:
         return torch.nn.functional.pad(t.cpu().to(dtype), (0, Np - N)).contiguous()
