@@ -9,5 +9,9 @@ namespace bitpress {
 Status int4_dequantize_cuda(const Int4DequantizeParams&, void*) { return Status::kUnsupported; }
 Status spec_verify_cuda(const SpecVerifyParams&, void*) { return Status::kUnsupported; }
 Status int4_gemm_repack_cuda(const Int4RepackParams&, void*) { return Status::kUnsupported; }
+Status int4_gemm_cuda(const Int4GemmCudaParams&, void*) { return Status::kUnsupported; }
+Status int4_gemm_dequantize_cuda(const Int4GemmDequantizeCudaParams&, void*) {
+  return Status::kUnsupported;
+}
 
 }  // namespace bitpress

@@ -89,4 +89,136 @@ Status int4_gemm_pack_size(const Int4PackParams& p, int64_t* Kp);
 Status int4_gemm_pack(const Int4PackParams& p, int32_t* qweight_tiles, float* scales_tiles,
                       uint8_t* zeros_tiles, int32_t* group_starts, int32_t* perm);
 
+// ---------------------------------------------------------------------------------------------
+// Repack to the GPU mma layout (bitpress/int4_mma_layout.h): the qweight the CUDA int4_gemm reads.
+//
+//   qweight  int32 [K/8, N]           GPTQ packing: q[k, n] = (qweight[k/8, n] >> 4(k%8)) & 0xF
+//   perm     int32 [Kp]               source row of each packed row, -1: a zero (padding) row;
+//                                     null: the identity (Kp == K). Kp % 16 == 0.
+//   out      int32 [Kp/16, Nt*128]    Nt = ceil(N/64); word (kt, nt*128 + 4*lane + w), nibble i,
+//                                     holds q[perm[16kt + kk], 64nt + nn] with (kk, nn) =
+//                                     int4_mma_value_coords(lane, w, kInt4MmaRowOfNibble[i]);
+//                                     0 for perm -1 and for columns >= N.
+// ---------------------------------------------------------------------------------------------
+
+struct Int4RepackParams {
+  const int32_t* qweight = nullptr;  // [K/8, N], unit stride along N
+  int64_t qweight_row_stride = 0;    // words, >= N
+  const int32_t* perm = nullptr;     // [Kp], or null: the identity
+  int64_t K = 0, N = 0, Kp = 0;      // K % 8 == 0, Kp % 16 == 0
+  int32_t* out = nullptr;            // [Kp/16, out_row_stride], every word of a row written
+  int64_t out_row_stride = 0;        // words, >= Nt * 128
+};
+
+// kInvalidArgument for bad sizes, strides, null pointers (where there is work) and perm values
+// outside [-1, K).
+Status int4_gemm_repack_cpu(const Int4RepackParams& p, const CpuThreadPool* pool = nullptr);
+
+// Asynchronous on `stream` (a cudaStream_t; null: the legacy default stream). Sizes and pointers
+// are checked on the host; perm lives on the device and is not checked (that would need a host
+// sync): a perm value outside [-1, K) is written as a padding row (zeros), and nothing outside
+// qweight is read. kUnsupported in a build without CUDA.
+Status int4_gemm_repack_cuda(const Int4RepackParams& p, void* stream);
+
+}  // namespace bitpress
+
+// ---------------------------------------------------------------------------------------------
+// CUDA int4_gemm: the same formula, weights in the GPU mma layout (bitpress/int4_mma_layout.h);
+// kernel and design notes in csrc/cuda/int4_gemm.cu, index math in bitpress/int4_mma_dequant.h.
+//
+//   x        [M, K]        float16 / bfloat16, unit stride along K; without perm the rows are
+//                          read by 16-byte cp.async: x 16-byte aligned, x_row_stride % 8 == 0
+//   qweight  int32 [Kp/16, Nt*128]   Nt = ceil(N/64), Kp % 16 == 0
+//   scales   float32 [G, Np]         Np = 64 Nt; rounded once to x's type per group
+//   zeros    uint8 [G, Np]           or null: every zero point is 8
+//   perm     int32 [Kp]              or null: the identity (K == Kp). Packed row k multiplies
+//                                    x[:, perm[k]]; -1: padding row (x gathered as 0)
+//   bias     [N]                     optional, float32 / float16 / bfloat16
+//   out      [M, N]                  x's dtype, unit stride along N
+// Groups are uniform (the layout pads every group to the same number of k-tiles): the group of
+// k-tile kt is kt / ((Kp/16) / G); group_starts is not needed.
+//
+// Steps, all on `stream`, no host synchronization, no allocation:
+//   1. perm: gather x into the workspace x_perm [M, Kp] (0 for -1; NaN for a perm value outside
+//      [-1, K), which is not checked on the host: that would need a device-to-host copy).
+//   2. the GEMM kernel (mma.sync.m16n8k16, fp32 accumulation), split along K over S blocks when
+//      the M x N tiles underfill the GPU (S = int4_gemm_cuda_splits); S == 1: bias added and
+//      rounded once to x's type in the kernel; S > 1: fp32 partials [S, M, Np] in the workspace,
+//   3. then a reduction kernel sums them in split order (deterministic), adds bias, rounds once.
+// Any M (the torch glue sends large M to cuBLAS instead, see csrc/torch/int4_gemm_cuda.cpp), any
+// N (columns >= N are not stored), any K (k-tiles past Kp are skipped).
+// ---------------------------------------------------------------------------------------------
+
+namespace bitpress {
+
+struct Int4GemmCudaParams {
+  const void* x = nullptr;
+  DType x_dtype = DType::kBFloat16;  // kFloat16 or kBFloat16; out has the same type
+  int64_t x_row_stride = 0;          // elements
+  int64_t M = 0, K = 0;
+  const int32_t* qweight = nullptr;  // 16-byte aligned, as are scales and zeros
+  const float* scales = nullptr;
+  const uint8_t* zeros = nullptr;  // optional
+  const int32_t* perm = nullptr;   // optional
+  int64_t Kp = 0, G = 0, N = 0;
+  const void* bias = nullptr;  // optional
+  DType bias_dtype = DType::kFloat32;
+  void* out = nullptr;
+  int64_t out_row_stride = 0;  // elements
+  // Multiprocessors of the device (cudaDevAttrMultiProcessorCount): sets S, hence the workspace.
+  int num_sms = 0;
+  void* workspace = nullptr;  // int4_gemm_cuda_workspace_size(*this) bytes, 256-byte aligned
+  size_t workspace_bytes = 0;
+};
+
+// Rows of x per block: 16 * int4_gemm_cuda_m_tiles(M) (one, two or four m16 tiles).
+inline int int4_gemm_cuda_m_tiles(int64_t M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
+
+// Split-K factor S: enough blocks to cover num_sms once the ceil(N/128) x ceil(M/BM) output tiles
+// underfill the GPU, with at least 2 stages of 128 K-rows per split (the cp.async pipeline needs
+// a few stages in flight to pay off) and at most 64 (workspace).
+inline int int4_gemm_cuda_splits(int64_t M, int64_t Kp, int64_t N, int num_sms) {
+  const int64_t stages = (Kp / 16 + 7) / 8;
+  const int64_t bm = 16 * int64_t(int4_gemm_cuda_m_tiles(M));
+  const int64_t blocks = ((N + 127) / 128) * ((M + bm - 1) / bm);
+  if (num_sms <= 0 || stages < 4 || blocks <= 0 || blocks >= num_sms) return 1;
+  int64_t s = num_sms / blocks;
+  if (s > stages / 2) s = stages / 2;
+  if (s > 64) s = 64;
+  return s < 1 ? 1 : int(s);
+}
+
+// Workspace bytes: x_perm [M, Kp] in x's type when perm is set (rounded up to 256), then the
+// split-K partials [S, M, Np] float32 when S > 1.
+inline size_t int4_gemm_cuda_workspace_size(const Int4GemmCudaParams& p) {
+  if (p.M <= 0 || p.N <= 0) return 0;
+  size_t bytes = 0;
+  if (p.perm) bytes += (size_t(p.M) * size_t(p.Kp) * 2 + 255) / 256 * 256;
+  const int S = int4_gemm_cuda_splits(p.M, p.Kp, p.N, p.num_sms);
+  if (S > 1) bytes += size_t(S) * size_t(p.M) * size_t((p.N + 63) / 64 * 64) * 4;
+  return bytes;
+}
+
+// kInvalidArgument for bad sizes, strides, dtypes, alignment or a small workspace; kCudaError
+// when a launch fails; kUnsupported in a build without CUDA.
+Status int4_gemm_cuda(const Int4GemmCudaParams& p, void* stream);
+
+// The dense weight W [N, K] in the original row order (W[n, perm[k]] = dequantized packed row k;
+// padding rows dropped): the large-M path of the torch glue, which then calls cuBLAS. Rows of W
+// that no packed row maps to are not written (the caller zeroes W when perm is set); a perm value
+// outside [-1, K) turns column 0 of W into NaN. out: float32 / float16 / bfloat16, computed as
+// float (q - z) * s rounded once.
+struct Int4GemmDequantizeCudaParams {
+  const int32_t* qweight = nullptr;  // [Kp/16, Nt*128]
+  const float* scales = nullptr;     // [G, Np]
+  const uint8_t* zeros = nullptr;    // [G, Np] or null
+  const int32_t* perm = nullptr;     // [Kp] or null (K == Kp)
+  int64_t K = 0, Kp = 0, G = 0, N = 0;
+  void* out = nullptr;  // [N, K]
+  DType out_dtype = DType::kBFloat16;
+  int64_t out_row_stride = 0;  // elements, >= K
+};
+
+Status int4_gemm_dequantize_cuda(const Int4GemmDequantizeCudaParams& p, void* stream);
+
 }  // namespace bitpress
