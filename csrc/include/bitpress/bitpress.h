@@ -6,6 +6,8 @@
 #include "bitpress/int4.h"
 #include "bitpress/int4_dequantize.h"
 #include "bitpress/int4_gemm.h"
+#include "bitpress/int4_mma_dequant.h"
+#include "bitpress/int4_mma_layout.h"
 #include "bitpress/philox.h"
 #include "bitpress/spec_verify.h"
 #include "bitpress/status.h"
