@@ -197,10 +197,19 @@ def int4_gemm(
     x : Tensor, float32 / float16 / bfloat16, shape [..., K]
         Activations; any leading shape (M = their product, from 1 to thousands).
     weight : bitpress.formats.int4_layout.Int4PackedWeight
-        The weight in the kernel layout (``int4_layout.pack(quantized_weight)``, done once at
-        load time): qweight int32 [Nt, Kp/8, 64], scales float32 [Nt, G, 64], zeros uint8
-        [Nt, G, 64] or None (symmetric), group_starts int32 [G+1], perm int32 [Kp] or None,
-        with N = ``weight.out_features``, Nt = ceil(N / 64).
+        The weight in a kernel layout, built once at load time by
+        ``int4_layout.pack(quantized_weight, layout=...)`` (``Int4Linear`` picks the layout of
+        the device), N = ``weight.out_features``, Nt = ceil(N / 64), Np = 64 Nt:
+
+        * ``layout="cpu"`` (the ``cpu`` backend): qweight int32 [Nt, Kp/8, 64], scales float32
+          [Nt, G, 64], zeros uint8 [Nt, G, 64] or None (symmetric), group_starts int32 [G+1]
+          in octets, perm int32 [Kp] or None;
+        * ``layout="mma"`` (the ``cuda`` and ``triton`` backends): qweight int32
+          [Kp/16, Nt*128] (``mma.m16n8k16`` B fragments), scales float32 [G, Np], zeros uint8
+          [G, Np] or None, group_starts int32 [G+1] in 16-row k-tiles (uniform groups),
+          perm int32 [Kp] or None.
+
+        ``weight.to(device, layout=...)`` converts exactly; the ``reference`` backend reads both.
     bias : Tensor, shape [N], optional
     backend : str, optional
         Force a backend for this call (see :mod:`bitpress.backends`).
@@ -213,7 +222,11 @@ def int4_gemm(
     -----
     Accumulation is in float32. On CPUs with AVX512_BF16 the bf16/fp16 path multiplies exact bf16
     representations of x (fp16 x as two bf16 terms), so its error is that of float32
-    accumulation; float32 x always takes the float32 FMA path.
+    accumulation; float32 x always takes the float32 FMA path. On CUDA (``cuda`` backend) fp16 /
+    bf16 x with M <= 64 (``BITPRESS_INT4_CUDA_MAX_M``) runs the Marlin-class kernel, whose
+    dequantized weights are rounded once to x's dtype before the tensor-core product; larger M
+    and fp32 x dequantize W once and call cuBLAS. On CUDA a perm value outside [-1, K) cannot be
+    reported without a host sync: the output is NaN instead.
     """
     _, impl = backends.select("int4_gemm", x.device, backend)
     return impl(x, *weight.tensors(), bias)
