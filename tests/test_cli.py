@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ def test_info():
 def test_selftest_passes():
     res = _run("selftest")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "| int4_dequantize | cpu" in res.stdout
+    for op in ("int4_dequantize", "int4_gemm", "int4_gemm_repack", "spec_verify"):
+        assert re.search(rf"\| {op} +\| cpu ", res.stdout), op
     assert " 0 failed" in res.stdout
 
 

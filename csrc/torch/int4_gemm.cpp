@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 
 #include "glue.h"
+#include "int4_gemm_args.h"
 
 namespace bitpress {
 namespace {
@@ -19,54 +20,9 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
                               const at::Tensor& group_starts, const std::optional<at::Tensor>& perm,
                               int64_t out_features, const std::optional<at::Tensor>& bias) {
   using namespace glue;
-  check_dtype(x, kOp, "x", {at::kFloat, at::kHalf, at::kBFloat16});
-  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., K], got a 0-D tensor");
-  check_dtype(qweight, kOp, "qweight", {at::kInt});
-  TORCH_CHECK(
-      qweight.dim() != 2, kOp,
-      ": the cpu backend reads the CPU tile layout (qweight [Nt, Kp/8, 64]); this weight is "
-      "in the GPU mma layout (qweight ",
-      qweight.sizes(), "): repack it with weight.to('cpu', layout='cpu')");
-  check_dim(qweight, kOp, "qweight", 3, "[Nt, Kp/8, 64]");
-  check_dtype(scales, kOp, "scales", {at::kFloat});
-  check_dim(scales, kOp, "scales", 3, "[Nt, G, 64]");
-  check_dtype(group_starts, kOp, "group_starts", {at::kInt});
-  check_dim(group_starts, kOp, "group_starts", 1, "[G+1]");
-  for (const auto& [t, name] :
-       {std::pair{&qweight, "qweight"}, {&scales, "scales"}, {&group_starts, "group_starts"}}) {
-    check_same_device(*t, x, kOp, name, "x");
-  }
-  const int64_t N = out_features;
-  TORCH_CHECK(N >= 0, kOp, ": out_features must be >= 0, got ", N);
-  const int64_t Nt = (N + kInt4TileN - 1) / kInt4TileN;
-  const int64_t Kp = qweight.size(1) * 8, G = scales.size(1), K = x.size(-1);
-  check_size(qweight, kOp, "qweight", 0, Nt, "Nt = ceil(out_features / 64)");
-  check_size(qweight, kOp, "qweight", 2, kInt4TileN, "the tile width");
-  check_size(scales, kOp, "scales", 0, Nt, "Nt = ceil(out_features / 64)");
-  check_size(scales, kOp, "scales", 2, kInt4TileN, "the tile width");
-  check_size(group_starts, kOp, "group_starts", 0, G + 1, "G + 1 = scales.size(1) + 1");
-  if (zeros) {
-    check_dtype(*zeros, kOp, "zeros", {at::kByte});
-    check_dim(*zeros, kOp, "zeros", 3, "[Nt, G, 64]");
-    TORCH_CHECK(zeros->sizes() == scales.sizes(), kOp, ": zeros must have the shape of scales ",
-                scales.sizes(), ", got ", zeros->sizes());
-    check_same_device(*zeros, x, kOp, "zeros", "x");
-  }
-  if (perm) {
-    check_dtype(*perm, kOp, "perm", {at::kInt});
-    check_dim(*perm, kOp, "perm", 1, "[Kp]");
-    check_size(*perm, kOp, "perm", 0, Kp, "Kp = 8 * qweight.size(1)");
-    check_same_device(*perm, x, kOp, "perm", "x");
-  } else {
-    TORCH_CHECK(K == Kp, kOp, ": x.size(-1) must be K = ", Kp,
-                " (8 * qweight.size(1); the weight has no row permutation), got shape ", x.sizes());
-  }
-  if (bias) {
-    check_dtype(*bias, kOp, "bias", {at::kFloat, at::kHalf, at::kBFloat16});
-    check_dim(*bias, kOp, "bias", 1, "[N]");
-    check_size(*bias, kOp, "bias", 0, N, "N = out_features");
-    check_same_device(*bias, x, kOp, "bias", "x");
-  }
+  const Int4GemmShapes shp = check_int4_gemm_args(Int4Layout::kCpuTiles, x, qweight, scales, zeros,
+                                                  group_starts, perm, out_features, bias);
+  const int64_t K = shp.K, N = shp.N, Kp = shp.Kp, G = shp.G;
   const at::Tensor qw = qweight.contiguous(), sc = scales.contiguous();
   const at::Tensor gs = group_starts.contiguous();
   const at::Tensor zr = zeros ? zeros->contiguous() : at::Tensor();

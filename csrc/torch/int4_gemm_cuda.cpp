@@ -30,6 +30,7 @@
 #include "bitpress/int4_gemm.h"
 #include "bitpress/int4_mma_layout.h"
 #include "glue.h"
+#include "int4_gemm_args.h"
 
 namespace bitpress {
 namespace {
@@ -86,57 +87,9 @@ at::Tensor int4_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& qweight,
                                const std::optional<at::Tensor>& perm, int64_t out_features,
                                const std::optional<at::Tensor>& bias) {
   using namespace glue;
-  check_dtype(x, kOp, "x", {at::kFloat, at::kHalf, at::kBFloat16});
-  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., K], got a 0-D tensor");
-  check_dtype(qweight, kOp, "qweight", {at::kInt});
-  TORCH_CHECK(qweight.dim() != 3, kOp,
-              ": the cuda backend reads the GPU mma layout (qweight [Kp/16, Nt*128]); this "
-              "weight is in the CPU tile layout (qweight ",
-              qweight.sizes(), "): repack it with weight.to(device, layout='mma')");
-  check_dim(qweight, kOp, "qweight", 2, "[Kp/16, Nt*128]");
-  check_dtype(scales, kOp, "scales", {at::kFloat});
-  check_dim(scales, kOp, "scales", 2, "[G, Np]");
-  check_dtype(group_starts, kOp, "group_starts", {at::kInt});
-  check_dim(group_starts, kOp, "group_starts", 1, "[G+1]");
-  for (const auto& [t, name] :
-       {std::pair{&qweight, "qweight"}, {&scales, "scales"}, {&group_starts, "group_starts"}}) {
-    check_same_device(*t, x, kOp, name, "x");
-  }
-  const int64_t N = out_features;
-  TORCH_CHECK(N >= 0, kOp, ": out_features must be >= 0, got ", N);
-  const int64_t Nt = (N + kInt4MmaTileN - 1) / kInt4MmaTileN, Np = Nt * kInt4MmaTileN;
-  const int64_t KT = qweight.size(0), Kp = KT * kInt4MmaTileK, G = scales.size(0);
-  const int64_t K = x.size(-1);
-  check_size(qweight, kOp, "qweight", 1, Nt * kInt4MmaTileWords, "128 * ceil(out_features / 64)");
-  check_size(scales, kOp, "scales", 1, Np, "Np = 64 * ceil(out_features / 64)");
-  TORCH_CHECK((G == 0 && KT == 0) || (G > 0 && KT % G == 0), kOp,
-              ": the mma layout needs Kp/16 = ", KT, " k-tiles split evenly into G = ", G,
-              " groups (scales.size(0)), got qweight shape ", qweight.sizes());
-  check_size(group_starts, kOp, "group_starts", 0, G + 1, "G + 1 = scales.size(0) + 1");
-  if (zeros) {
-    check_dtype(*zeros, kOp, "zeros", {at::kByte});
-    check_dim(*zeros, kOp, "zeros", 2, "[G, Np]");
-    TORCH_CHECK(zeros->sizes() == scales.sizes(), kOp, ": zeros must have the shape of scales ",
-                scales.sizes(), ", got ", zeros->sizes());
-    check_same_device(*zeros, x, kOp, "zeros", "x");
-  }
-  if (perm) {
-    check_dtype(*perm, kOp, "perm", {at::kInt});
-    check_dim(*perm, kOp, "perm", 1, "[Kp]");
-    check_size(*perm, kOp, "perm", 0, Kp, "Kp = 16 * qweight.size(0)");
-    check_same_device(*perm, x, kOp, "perm", "x");
-    TORCH_CHECK(K <= 0x7fffffff, kOp, ": x.size(-1) must fit in int32 with a perm, got ", K);
-  } else {
-    TORCH_CHECK(K == Kp, kOp, ": x.size(-1) must be K = ", Kp,
-                " (16 * qweight.size(0); the weight has no row permutation), got shape ",
-                x.sizes());
-  }
-  if (bias) {
-    check_dtype(*bias, kOp, "bias", {at::kFloat, at::kHalf, at::kBFloat16});
-    check_dim(*bias, kOp, "bias", 1, "[N]");
-    check_size(*bias, kOp, "bias", 0, N, "N = out_features");
-    check_same_device(*bias, x, kOp, "bias", "x");
-  }
+  const Int4GemmShapes shp = check_int4_gemm_args(Int4Layout::kMma, x, qweight, scales, zeros,
+                                                  group_starts, perm, out_features, bias);
+  const int64_t K = shp.K, N = shp.N, Kp = shp.Kp, G = shp.G;
   TORCH_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
 
   const c10::cuda::CUDAGuard guard(x.device());

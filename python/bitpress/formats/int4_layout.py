@@ -99,6 +99,13 @@ class Int4PackedWeight:
         return n + (self.zeros.numel() if self.zeros is not None else 0)
 
 
+def _check_g_idx(g: torch.Tensor, K: int, G: int) -> None:
+    if g.numel() != K:
+        raise ValueError(f"g_idx must have K = {K} entries, got {g.numel()}")
+    if K and (int(g.min()) < 0 or int(g.max()) >= G):
+        raise ValueError(f"g_idx values must lie in [0, {G}), got [{int(g.min())}, {int(g.max())}]")
+
+
 def default_layout(device: torch.device | str) -> str:
     """The layout the default backend of ``device`` reads: "mma" on CUDA, "cpu" elsewhere."""
     return "mma" if torch.device(device).type == "cuda" else "cpu"
@@ -113,10 +120,7 @@ def pack(qw: QuantizedWeight, layout: str = "cpu") -> Int4PackedWeight:
     q, g = qw.q, qw.g_idx.long()
     K, N = q.shape
     G = qw.scales.shape[0]
-    if g.numel() != K:
-        raise ValueError(f"g_idx must have K = {K} entries, got {g.numel()}")
-    if K and (int(g.min()) < 0 or int(g.max()) >= G):
-        raise ValueError(f"g_idx values must lie in [0, {G}), got [{int(g.min())}, {int(g.max())}]")
+    _check_g_idx(g, K, G)
     order = torch.argsort(g, stable=True)
     counts = torch.bincount(g, minlength=G)
     padded = (counts + 7) // 8 * 8
@@ -254,10 +258,7 @@ def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
     q, g = qw.q.cpu(), qw.g_idx.cpu().long()
     K, N = q.shape
     G = qw.scales.shape[0]
-    if g.numel() != K:
-        raise ValueError(f"g_idx must have K = {K} entries, got {g.numel()}")
-    if K and (int(g.min()) < 0 or int(g.max()) >= G):
-        raise ValueError(f"g_idx values must lie in [0, {G}), got [{int(g.min())}, {int(g.max())}]")
+    _check_g_idx(g, K, G)
     perm, group_rows = mma_row_order(g, G)
     Kp = perm.numel()
     Np = -(-N // MMA_TILE_N) * MMA_TILE_N
