@@ -393,6 +393,80 @@ def test_triton_interpreter_identical(case):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("probs", [False, True], ids=["one-hot-q", "draft-probs"])
+def test_peaked_targets_identical(dtype, probs):
+    """Targets peaked at their drafts, p(x) from ~0.05 to 1 - 1e-7, over several 2048-logit
+    chunks: the CPU kernel proves most of these accepts from a max pass alone (an upper bound on
+    S, no exp pass); every decision, including those within rounding of the bound, must still be
+    the reference's, token for token."""
+    B, K, V = 384, 4, 5000
+    g = torch.Generator().manual_seed(7 + int(probs))
+    logits = torch.randn(B, K + 1, V, generator=g) * 2.0
+    d = torch.randint(0, V, (B, K), generator=g)
+    # Peak heights spread so that e(x) / S lands on both sides of u * q(x), near it too.
+    boost = torch.rand(B, K, generator=g) * 30.0
+    logits[:, :K].scatter_add_(2, d[..., None], boost[..., None])
+    logits = logits.to(dtype)
+    q = None
+    if probs:
+        q = torch.softmax(logits[:, :K].float() * 0.9, -1).to(dtype)
+    n = torch.randint(0, K + 1, (B,), generator=g)
+    temp = torch.rand(B, generator=g) * 1.5 + 0.2
+    seeds = torch.randint(-(2**62), 2**62, (B,), generator=g)
+    args = (logits, d, n, q, temp, None, None, seeds, torch.arange(B))
+    want = ops.spec_verify(*args, backend="reference")
+    order = ["scalar", "avx2", "avx512"]
+    for isa in order[: order.index(_ext.C.best_cpu_isa()) + 1]:
+        _ext.C.set_cpu_isa(isa)
+        try:
+            got = ops.spec_verify(*args, backend="cpu")
+        finally:
+            _ext.C.set_cpu_isa(None)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), isa
+    acc = want[1].float() / n.clamp(min=1).float()
+    assert 0.3 < acc[n > 0].mean() < 0.97  # both outcomes occur, mostly accepts
+
+
+def test_accept_decisions_at_the_boundary():
+    """p(x) placed within a relative 1e-5..1e-2 of the row's own u (one-hot q, every other logit
+    equal, so the CPU's max-pass bound on S is nearly tight): the accept test must be decided as
+    the reference decides it on both sides of u, in particular inside the 1e-3 margin where the
+    bound must not decide and the exact statistics take over.
+
+    Closer than ~1e-5 the backends may differ: S sums 6000 equal terms, the worst case for the
+    rounding of a sum, and the CPU (16 lanes, 128 terms each per chunk) and torch (pairwise) sum
+    in different orders; such rows are excluded by their float64 distance to u."""
+    B, K, V = 4096, 1, 6000
+    g = torch.Generator().manual_seed(11)
+    seeds = torch.randint(-(2**62), 2**62, (B,), generator=g)
+    offsets = torch.arange(B)
+    w0 = reference.philox_stream(seeds, offsets, torch.zeros(B, dtype=torch.long))[0]
+    u = reference.uniform_from_bits(w0).double()
+    rel = torch.logspace(-5, -2, B, dtype=torch.float64)
+    p = u.clamp(0.02, 0.98) * (1 + rel * torch.where(torch.rand(B, generator=g) < 0.5, -1.0, 1.0))
+    temp = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    # p = 1 / (1 + (V - 1) e^(-delta / T)) with every other logit 0 and the draft's at delta.
+    delta = -temp * torch.log((1 / p - 1) / (V - 1))
+    logits = torch.zeros(B, K + 1, V)
+    d = torch.randint(0, V, (B, K), generator=g)
+    logits[:, 0].scatter_(1, d, delta.float()[:, None])
+    args = (logits, d, None, None, temp.float(), None, None, seeds, offsets)
+    want = ops.spec_verify(*args, backend="reference")
+    got = ops.spec_verify(*args, backend="cpu")
+    p64 = torch.softmax(logits[:, 0].double() / temp.float().double()[:, None], -1)
+    dist = (p64.gather(1, d)[:, 0] / u - 1).abs()  # of the float32 inputs the kernels see
+    far = dist > 2e-5
+    assert int((far & (dist < 1e-3)).sum()) > 1000  # inside the margin of the bound
+    # The decisions; the token that follows (resampled or bonus, from flat distributions whose
+    # CDF also sums equal terms) is compared by the other tests.
+    assert torch.equal(got[1][far], want[1][far])
+    assert torch.equal(got[0][:, 0][want[1] == 1], d[:, 0][want[1] == 1])
+    frac = want[1][far].float().mean()
+    assert 0.2 < frac < 0.8, frac  # both sides of the boundary
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_every_cpu_path_identical(isa):
     order = ["scalar", "avx2", "avx512"]

@@ -7,7 +7,9 @@
 //   sampling: online softmax (Milakov & Gimelshein 2018) in base 2 (z = logit * log2(e) / T):
 //             running max m and sum S, S rescaled by 2^(m_old - m_new) when a chunk raises the
 //             max; chunks whose max is more than 126 below m add exactly 0 and skip the exp; the
-//             accept test needs only e(x) / S.
+//             accept test needs only e(x) / S. The load of chunk c + 1 runs inside the exp loop
+//             of chunk c. A draft position of an unfiltered row first tries sure_accept: a max
+//             pass whose bound on S can prove the accept without any exp (peaked targets).
 // The token sampled at the deciding position costs one more pass over that row: per-chunk sums of
 // the weights, then the chunk that holds the target and a sequential walk inside it.
 // top_k / top_p rows keep the scaled logits of the position in a row buffer and find their
@@ -25,6 +27,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -83,23 +86,104 @@ __attribute__((always_inline)) inline typename Vec<W>::i vge(typename Vec<W>::f 
 // t = d + 1.5 * 2^23, whose low mantissa bits hold n + 2^22: (bits(t) + 127) << 23 keeps the low
 // 9 bits of n + 127 (the 2^22 term shifts out), the same bits as converting n to an integer.
 // Lanes with d < -126 (or NaN) are computed on garbage and zeroed at the end.
+//
+// AVX-512 (W = 16) spells the same values with fewer instructions, as inline asm because the
+// intrinsics cannot be inlined into these untargeted templates (GCC checks the target of each
+// always_inline callee before the template reaches rows_avx512):
+//   n = vrndscaleps(d, nearest even): the same n as (d + M) - M for |d| < 2^22, one operation
+//     instead of two (|d| >= 2^22 only for d < -126, zeroed);
+//   y * 2^n = vscalefps(y, n): exact (y in [1, 2) for n = -126, so never subnormal), equal to the
+//     multiply by the built power of two for n in [-126, 0] (d = z - max z <= 0 or NaN, never
+//     above 0); it replaces the vpaddd + vpslld + vmulps that built and applied 2^n;
+//   the zeroing of d < -126 / NaN lanes: a zero-masked vscalefps (no separate select).
+// 18 instead of 22 zmm operations per 16 exps in exp_sum_load. Compared bit for bit with the
+// W-lane formula over all 2^32 float patterns: identical for every d <= 0 and every NaN (d > 0
+// never occurs). Not used: fma(a, 1, b) for the adds (the same bits as a + b, on the FMA pipes):
+// this core (AMD family 0x1A) completed about two 512-bit FP operations per cycle whatever their
+// kind (18 in ~8.3 cycles at 3.9 GHz in a microbenchmark, 2.1 ns per 16 exps), so only fewer
+// operations help; moving 1 to 6 adds to FMA made the loop 0-6% slower (FMA latency).
 template <int W>
 __attribute__((always_inline)) inline typename Vec<W>::f vexp2_neg(typename Vec<W>::f d) {
   using F = typename Vec<W>::f;
   using I = typename Vec<W>::i;
   using U = typename Vec<W>::u;
-  const I ok = d >= vsplat<W>(spec::kExp2Min);  // false for NaN and -inf
-  const F t = d + spec::kRoundMagic;
-  const F n = t - spec::kRoundMagic;
-  const F f = d - n;
-  F y = vsplat<W>(spec::kExp2C6) * f + spec::kExp2C5;
-  y = y * f + spec::kExp2C4;
-  y = y * f + spec::kExp2C3;
-  y = y * f + spec::kExp2C2;
-  y = y * f + spec::kExp2C1;
-  y = y * f + 1.0f;
-  const U pow2 = ((U)t + 127u) << 23;
-  return vsel<W>(ok, y * (F)pow2, vsplat<W>(0.0f));
+  if constexpr (W == 16) {
+    const F kmin = vsplat<W>(spec::kExp2Min);
+    uint16_t ok;  // d >= -126: false for NaN and -inf (predicate GE_OQ)
+    asm("vcmpps $0x1d, %[m], %[d], %[k]" : [k] "=Yk"(ok) : [d] "v"(d), [m] "v"(kmin));
+    F n;
+    asm("vrndscaleps $8, %[d], %[n]" : [n] "=v"(n) : [d] "v"(d));  // nearest even, no #P
+    const F f = d - n;
+    F y = vsplat<W>(spec::kExp2C6) * f + spec::kExp2C5;
+    y = y * f + spec::kExp2C4;
+    y = y * f + spec::kExp2C3;
+    y = y * f + spec::kExp2C2;
+    y = y * f + spec::kExp2C1;
+    y = y * f + 1.0f;
+    F r;
+    asm("vscalefps %[n], %[y], %[r]%{%[k]%}%{z%}"
+        : [r] "=v"(r)
+        : [y] "v"(y), [n] "v"(n), [k] "Yk"(ok));
+    return r;
+  } else {
+    const I ok = d >= vsplat<W>(spec::kExp2Min);  // false for NaN and -inf
+    const F t = d + spec::kRoundMagic;
+    const F n = t - spec::kRoundMagic;
+    const F f = d - n;
+    F y = vsplat<W>(spec::kExp2C6) * f + spec::kExp2C5;
+    y = y * f + spec::kExp2C4;
+    y = y * f + spec::kExp2C3;
+    y = y * f + spec::kExp2C2;
+    y = y * f + spec::kExp2C1;
+    y = y * f + 1.0f;
+    const U pow2 = ((U)t + 127u) << 23;
+    return vsel<W>(ok, y * (F)pow2, vsplat<W>(0.0f));
+  }
+}
+
+// m = v > m ? v : m, lane by lane (NaN in v keeps m): exactly vmaxps(v, m), one operation instead
+// of a compare and a blend; asm for the same reason as above (written in place: no extra move).
+template <int W>
+__attribute__((always_inline)) inline void vmax_into(typename Vec<W>::f& m, typename Vec<W>::f v) {
+  if constexpr (W == 16) {
+    asm("vmaxps %[m], %[v], %[m]" : [m] "+v"(m) : [v] "v"(v));
+  } else if constexpr (W == 8) {
+    asm("vmaxps %[m], %[v], %[m]" : [m] "+x"(m) : [v] "x"(v));
+  } else {
+    m = vsel<W>(v > m, v, m);
+  }
+}
+
+// v < m ? v : m (vminps(v, m); NaN in v gives m): only for upper bounds, where either is fine.
+template <int W>
+__attribute__((always_inline)) inline typename Vec<W>::f vmin_bound(typename Vec<W>::f v,
+                                                                    typename Vec<W>::f m) {
+  typename Vec<W>::f r;
+  if constexpr (W == 16) {
+    asm("vminps %[m], %[v], %[r]" : [r] "=v"(r) : [v] "v"(v), [m] "v"(m));
+  } else if constexpr (W == 8) {
+    asm("vminps %[m], %[v], %[r]" : [r] "=x"(r) : [v] "x"(v), [m] "x"(m));
+  } else {
+    r = vsel<W>(v < m, v, m);
+  }
+  return r;
+}
+
+// W uint16 from p, zero-extended to uint32 lanes. For W = 16 one vpmovzxwd from memory: GCC
+// splits __builtin_convertvector of 16 halves into two 8-lane conversions, an extract and an
+// insert (4 operations instead of 1 in every bf16 / fp16 load).
+template <int W>
+__attribute__((always_inline)) inline typename Vec<W>::u widen_u16(const uint16_t* p) {
+  if constexpr (W == 16) {
+    typedef uint16_t Mem __attribute__((vector_size(32), may_alias));
+    typename Vec<W>::u u;
+    asm("vpmovzxwd %[h], %[u]" : [u] "=v"(u) : [h] "m"(*reinterpret_cast<const Mem*>(p)));
+    return u;
+  } else {
+    typename Vec<W>::h h;
+    memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, typename Vec<W>::u);
+  }
 }
 
 // Exact fp16 -> float without F16C: the fp16 magnitude bits placed in a float are the value times
@@ -111,62 +195,86 @@ BITPRESS_INLINE float half_to_float_mul(uint16_t h) {
   return (h & 0x8000u) ? -f : f;
 }
 
+// float(src[i .. i + W)) * scale for one dtype (DT: an int DType, so that the fused loops below
+// have no dtype branch inside).
+template <int W, int DT>
+__attribute__((always_inline)) inline typename Vec<W>::f load_vec(const void* src, int64_t i,
+                                                                  float scale) {
+  using F = typename Vec<W>::f;
+  using U = typename Vec<W>::u;
+  if constexpr (DT == int(DType::kFloat32)) {
+    return vload<W>(static_cast<const float*>(src) + i) * scale;
+  } else if constexpr (DT == int(DType::kBFloat16)) {
+    const U u = widen_u16<W>(static_cast<const uint16_t*>(src) + i) << 16;
+    return (F)(u)*scale;
+  } else {
+    const U exp_mask = U{} + 0x7c00u, mag_mask = U{} + 0x7fffu;
+    const U w = widen_u16<W>(static_cast<const uint16_t*>(src) + i);
+    const U em = w & mag_mask;
+    const U special = (U{} + 0x7f800000u) | ((em & 0x3ffu) << 13);
+    const U shifted = em << 13;
+    F f = (F)(shifted) * 5.192296858534828e+33f;
+    const U big = (U)(em >= exp_mask);
+    const U fu = (special & big) | ((U)(f) & ~big);
+    const U signed_u = fu | ((w & 0x8000u) << 16);
+    return (F)(signed_u)*scale;
+  }
+}
+
+template <int DT>
+BITPRESS_INLINE float load_scalar(const void* src, int64_t i) {
+  if constexpr (DT == int(DType::kFloat32)) {
+    return static_cast<const float*>(src)[i];
+  } else if constexpr (DT == int(DType::kBFloat16)) {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(src)[i]);
+  } else {
+    return half_to_float_mul(static_cast<const uint16_t*>(src)[i]);
+  }
+}
+
+// The end of a chunk load whose full vectors [0, i) are in dst and whose lane maxima are mv: the
+// scalar tail [i, n), the max (lanes in order, then the tail: the first maximum wins, as in one
+// sequential pass) and `pad` up to a multiple of W.
+template <int W, int DT>
+__attribute__((always_inline)) inline float finish_chunk(typename Vec<W>::f mv, const void* src,
+                                                         int64_t off, int64_t i, int64_t n,
+                                                         float scale, float pad,
+                                                         float* __restrict dst) {
+  for (int64_t t = i; t < n; ++t) dst[t] = load_scalar<DT>(src, off + t) * scale;
+  float r = -kInf;
+  for (int l = 0; l < W; ++l) r = mv[l] > r ? mv[l] : r;
+  for (int64_t t = i; t < n; ++t) r = dst[t] > r ? dst[t] : r;  // the scalar tail
+  for (int64_t t = n; t % W; ++t) dst[t] = pad;
+  return r;
+}
+
 // dst[i] = float(src[off + i]) * scale for i < n, then `pad` up to a multiple of W. Returns the
 // largest dst[i], i < n (NaN ignored; -inf if none): the max pass fused into the load, so the
 // chunk is read back from L1 once less.
+template <int W, int DT>
+__attribute__((always_inline)) inline float load_chunk_t(const void* src, int64_t off, int64_t n,
+                                                         float scale, float pad,
+                                                         float* __restrict dst) {
+  using F = typename Vec<W>::f;
+  F mv = vsplat<W>(-kInf);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const F v = load_vec<W, DT>(src, off + i, scale);
+    memcpy(dst + i, &v, sizeof(v));
+    vmax_into<W>(mv, v);
+  }
+  return finish_chunk<W, DT>(mv, src, off, i, n, scale, pad, dst);
+}
+
 template <int W>
 __attribute__((always_inline)) inline float load_chunk(const void* src, DType dt, int64_t off,
                                                        int64_t n, float scale, float pad,
                                                        float* __restrict dst) {
-  using F = typename Vec<W>::f;
-  using U = typename Vec<W>::u;
-  using H = typename Vec<W>::h;
-  F mv = vsplat<W>(-kInf);
-  int64_t i = 0;
-  if (dt == DType::kFloat32) {
-    const float* s = static_cast<const float*>(src) + off;
-    for (; i + W <= n; i += W) {
-      const F v = vload<W>(s + i) * scale;
-      memcpy(dst + i, &v, sizeof(v));
-      mv = vsel<W>(v > mv, v, mv);
-    }
-    for (; i < n; ++i) dst[i] = s[i] * scale;
-  } else if (dt == DType::kBFloat16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src) + off;
-    for (; i + W <= n; i += W) {
-      H h;
-      memcpy(&h, s + i, sizeof(h));
-      const U u = __builtin_convertvector(h, U) << 16;
-      const F v = (F)(u)*scale;
-      memcpy(dst + i, &v, sizeof(v));
-      mv = vsel<W>(v > mv, v, mv);
-    }
-    for (; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]) * scale;
-  } else {
-    const uint16_t* s = static_cast<const uint16_t*>(src) + off;
-    const U exp_mask = U{} + 0x7c00u, mag_mask = U{} + 0x7fffu;
-    for (; i + W <= n; i += W) {
-      H h;
-      memcpy(&h, s + i, sizeof(h));
-      const U w = __builtin_convertvector(h, U);
-      const U em = w & mag_mask;
-      const U special = (U{} + 0x7f800000u) | ((em & 0x3ffu) << 13);
-      const U shifted = em << 13;
-      F f = (F)(shifted) * 5.192296858534828e+33f;
-      const U big = (U)(em >= exp_mask);
-      const U fu = (special & big) | ((U)(f) & ~big);
-      const U signed_u = fu | ((w & 0x8000u) << 16);
-      const F v = (F)(signed_u)*scale;
-      memcpy(dst + i, &v, sizeof(v));
-      mv = vsel<W>(v > mv, v, mv);
-    }
-    for (; i < n; ++i) dst[i] = half_to_float_mul(s[i]) * scale;
-  }
-  float r = -kInf;
-  for (int l = 0; l < W; ++l) r = mv[l] > r ? mv[l] : r;
-  for (int64_t t = i - i % W; t < i; ++t) r = dst[t] > r ? dst[t] : r;  // the scalar tail
-  for (; i % W; ++i) dst[i] = pad;
-  return r;
+  if (dt == DType::kFloat32)
+    return load_chunk_t<W, int(DType::kFloat32)>(src, off, n, scale, pad, dst);
+  if (dt == DType::kBFloat16)
+    return load_chunk_t<W, int(DType::kBFloat16)>(src, off, n, scale, pad, dst);
+  return load_chunk_t<W, int(DType::kFloat16)>(src, off, n, scale, pad, dst);
 }
 
 template <int W>
@@ -176,21 +284,35 @@ __attribute__((always_inline)) inline float hsum(typename Vec<W>::f s) {
   return r;
 }
 
-// Σ 2^(z - m) over a padded chunk. `next` (bytes, may be null): the next chunk of the row,
-// prefetched one line per step so that its DRAM reads can overlap this chunk's exp instead of
-// following it in the load pass (its gain was within the run-to-run noise of bench/NOTES.md).
-template <int W>
-__attribute__((always_inline)) inline float exp_sum(const float* z, int64_t n, float m,
-                                                    const char* next, int64_t next_bytes) {
+// Σ 2^(z - m) over a padded chunk z[0, np), fused with the load of the row's next chunk
+// (src[off, off + n1), n1 <= 0: none) into znext; returns its max in *next_max. Separate passes
+// ran one after the other: the exp loop is bound by the latency of its Horner chains (spare issue
+// slots) and the load pass by the reads, so the loads of the next chunk are issued among the
+// exps of this one and their misses overlap the exp work (this replaced a software prefetch of
+// the next chunk, which gained nothing measurable). The sum runs in the same order as before.
+template <int W, int DT>
+__attribute__((always_inline)) inline float exp_sum_load(const float* z, int64_t np, float m,
+                                                         const void* src, int64_t off, int64_t n1,
+                                                         float scale, float* __restrict znext,
+                                                         float* next_max) {
   using F = typename Vec<W>::f;
-  F s = vsplat<W>(0.0f);
-  const int64_t step = next ? std::max<int64_t>(64, next_bytes / (n / W)) : 0;
-  int64_t pf = 0;
-  for (int64_t i = 0; i < n; i += W) {
-    if (pf < next_bytes) __builtin_prefetch(next + pf);
-    pf += step;
+  F s = vsplat<W>(0.0f), mv = vsplat<W>(-kInf);
+  const int64_t nl = n1 > 0 ? n1 / W * W : 0;  // full vectors of the next chunk
+  int64_t i = 0;
+  for (; i < np; i += W) {
+    if (i < nl) {
+      const F v = load_vec<W, DT>(src, off + i, scale);
+      memcpy(znext + i, &v, sizeof(v));
+      vmax_into<W>(mv, v);
+    }
     s += vexp2_neg<W>(vload<W>(z + i) - m);
   }
+  for (; i < nl; i += W) {  // the next chunk is longer than this one (not with equal chunks)
+    const F v = load_vec<W, DT>(src, off + i, scale);
+    memcpy(znext + i, &v, sizeof(v));
+    vmax_into<W>(mv, v);
+  }
+  if (n1 > 0) *next_max = finish_chunk<W, DT>(mv, src, off, nl, n1, scale, -kInf, znext);
   return hsum<W>(s);
 }
 
@@ -202,7 +324,7 @@ struct Filter {
 };
 
 struct Scratch {
-  std::vector<float> chunk, q, row, e, csum;
+  std::vector<float> chunk, chunk2, q, row, e, csum;
   std::vector<uint32_t> keys;
 };
 
@@ -251,30 +373,42 @@ struct RowKernel {
     return arg;
   }
 
-  // Online softmax statistics of a row without filters: one pass.
-  BITPRESS_FORCE_INLINE Filter stats(const void* row, float scale) {
+  // Online softmax statistics of a row without filters: one pass. Chunk c + 1 is loaded (into
+  // the other buffer) during the exp loop of chunk c, see exp_sum_load.
+  template <int DT>
+  BITPRESS_FORCE_INLINE Filter stats_t(const void* row, float scale) {
     Filter f;
     float m = -kInf, S = 0.0f;
     float* z = s.chunk.data();
+    float* znext = s.chunk2.data();
+    float cm = load_chunk_t<W, DT>(row, 0, std::min(kChunk, p.V), scale, -kInf, z);
     for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
       const int64_t n = std::min(kChunk, p.V - c0), np = padded(n, W);
-      const float cm = load_chunk<W>(row, p.logits_dtype, c0, n, scale, -kInf, z);
       if (cm > m) {
         S = spec::mul(S, spec::exp2_neg(spec::sub(m, cm)));
         m = cm;
       }
-      const int64_t esz = dtype_size(p.logits_dtype);
-      const int64_t next_n = std::min(kChunk, p.V - c0 - n);
-      const char* next = next_n > 0 ? static_cast<const char*>(row) + (c0 + n) * esz : nullptr;
+      const int64_t n1 = std::min(kChunk, p.V - c0 - n);  // the next chunk (<= 0: none)
+      float cm1 = -kInf;
       // Every z - m <= cm - m: below -126 the chunk's exp2_neg values are all exactly 0 and so is
       // its sum (adding +0 leaves S unchanged), so skipping it changes no bit.
       if (spec::sub(cm, m) >= spec::kExp2Min) {
-        S = spec::add(S, exp_sum<W>(z, np, m, next, next ? next_n * esz : 0));
+        S = spec::add(S, exp_sum_load<W, DT>(z, np, m, row, c0 + n, n1, scale, znext, &cm1));
+      } else if (n1 > 0) {
+        cm1 = load_chunk_t<W, DT>(row, c0 + n, n1, scale, -kInf, znext);
       }
+      std::swap(z, znext);
+      cm = cm1;
     }
     f.m = m;
     f.S = S;
     return f;
+  }
+
+  BITPRESS_FORCE_INLINE Filter stats(const void* row, float scale) {
+    if (p.logits_dtype == DType::kFloat32) return stats_t<int(DType::kFloat32)>(row, scale);
+    if (p.logits_dtype == DType::kBFloat16) return stats_t<int(DType::kBFloat16)>(row, scale);
+    return stats_t<int(DType::kFloat16)>(row, scale);
   }
 
   // Statistics with top_k / top_p: thresholds by binary search over a row buffer.
@@ -361,9 +495,43 @@ struct RowKernel {
 
   // Residual weights of one padded chunk: w = max(0, p - q), p = kept ? e / S : 0. `one_hot`: q is
   // 1 at that index (relative to the chunk) and 0 elsewhere, so w there is 0.
+  // No filter, one-hot or no q: w = e / S, the same bits as the general loop of weights(). Every
+  // lane is kept except z = NaN (z >= -inf fails; e >= 0 always holds), and there e = 0, so
+  // e / S = +0 as the select would give (S > 0, or the row was decided greedily); e / S >= +0
+  // makes the max(0, .) an identity. The logits are read straight from the row (f.m is known, no
+  // max to find first): the full vectors in one loop, the tail through load_chunk's padding.
+  template <int DT>
+  BITPRESS_FORCE_INLINE void plain_weights(const void* row, int64_t c0, int64_t n, float scale,
+                                           const Filter& f, float* w) {
+    using F = typename Vec<W>::f;
+    const int64_t nl = n / W * W;
+    for (int64_t i = 0; i < nl; i += W) {
+      const F wv = vexp2_neg<W>(load_vec<W, DT>(row, c0 + i, scale) - f.m) / f.S;
+      memcpy(w + i, &wv, sizeof(wv));
+    }
+    if (nl < n) {
+      load_chunk_t<W, DT>(row, c0 + nl, n - nl, scale, -kInf, w + nl);
+      for (int64_t i = nl; i < padded(n, W); i += W) {
+        const F wv = vexp2_neg<W>(vload<W>(w + i) - f.m) / f.S;
+        memcpy(w + i, &wv, sizeof(wv));
+      }
+    }
+  }
+
   BITPRESS_FORCE_INLINE void weights(const void* row, const void* qrow, int64_t c0, int64_t n,
                                      float scale, const Filter& f, int64_t one_hot, float* w) {
     using F = typename Vec<W>::f;
+    if (!qrow && f.zthr == -kInf && f.etau == 0.0f) {
+      if (p.logits_dtype == DType::kFloat32) {
+        plain_weights<int(DType::kFloat32)>(row, c0, n, scale, f, w);
+      } else if (p.logits_dtype == DType::kBFloat16) {
+        plain_weights<int(DType::kBFloat16)>(row, c0, n, scale, f, w);
+      } else {
+        plain_weights<int(DType::kFloat16)>(row, c0, n, scale, f, w);
+      }
+      if (one_hot >= 0 && one_hot < n) w[one_hot] = 0.0f;
+      return;
+    }
     load_chunk<W>(row, p.logits_dtype, c0, n, scale, -kInf, w);
     const int64_t np = padded(n, W);
     float* q = nullptr;
@@ -428,6 +596,80 @@ struct RowKernel {
     return hsum<W>(a);
   }
 
+  // True when draft x is accepted for certain at this position, decided from a max pass alone (no
+  // exp pass): the decision that the exact test `u * qx < e(x) / S` makes, with S bounded above.
+  // In chunk c (max cm_c, n_c logits) one term of S is 2^(cm_c - m) and every other is at most
+  // 2^(sec_c - m), sec_c >= every logit of the chunk but one occurrence of cm_c (per-lane top two:
+  // the second of each lane and the other lanes' maxima). So S <= B = Σ_c 2^(cm_c - m) +
+  // (n_c - 1) 2^(sec_c - m). The float S of stats() exceeds the real sum of its float terms, and
+  // those terms exceed the real 2^(z - m), by at most (2 roundings of 2^-24 and one exp2_neg
+  // error, <= 1.1e-7 measured, per chunk + 160 roundings) ~ 2.4e-7 per chunk + 1e-5 relative: the
+  // factor 1.001 + 1e-6 per chunk covers it (V <= 2^26: the first-order bound holds). If e(x) / B
+  // >= max(t (1 + 1e-6), 1e-30), t = u * qx as rounded by the exact test, then e(x) / S is at least
+  // that, so the rounded px = e(x) / S exceeds t (1e-6 > one ulp of t, 1e-30 > every subnormal t)
+  // and the exact test accepts. m is the running max of stats() (the same chunk maxima in the same
+  // order), e(x) the same exp2_neg. Anything else (m infinite, NaN t, an uncertain test) returns
+  // false and the caller runs the exact statistics. On a target that is peaked at its draft (the
+  // worst case of bench_spec_verify, at every draft position) this skips the exp pass: ~6 vector
+  // operations per 16 logits instead of ~23.
+  template <int DT>
+  BITPRESS_FORCE_INLINE bool sure_accept_t(const void* row, float scale, int64_t x, float t) {
+    using F = typename Vec<W>::f;
+    float* z = s.chunk.data();  // only the tail of the last chunk is written
+    const float zx = spec::mul(load_as_float(row, p.logits_dtype, x), scale);
+    const double need = std::max(double(t) * (1.0 + 1e-6), 1e-30);  // NaN t: false below
+    const double margin = 1.001 + 1e-6 * double(p.V / kChunk);  // roundings grow with the chunks
+    float m = -kInf;
+    double bound = 0.0;  // Σ over the chunks so far, relative to the running max m
+    for (int64_t c0 = 0; c0 < p.V; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, p.V - c0), nl = n / W * W;
+      F mv1 = vsplat<W>(-kInf), mv2 = vsplat<W>(-kInf);
+      for (int64_t i = 0; i < nl; i += W) {
+        const F v = load_vec<W, DT>(row, c0 + i, scale);
+        vmax_into<W>(mv2, vmin_bound<W>(v, mv1));  // the smaller of v and the lane max so far
+        vmax_into<W>(mv1, v);
+      }
+      const float cm = finish_chunk<W, DT>(mv1, row, c0, nl, n, scale, -kInf, z);
+      float sec = -kInf;
+      int lmax = -1;
+      for (int l = 0; l < W; ++l) {
+        if (lmax < 0 && mv1[l] == cm) {
+          lmax = l;
+        } else {
+          sec = std::max(sec, mv1[l]);
+        }
+        sec = std::max(sec, mv2[l]);
+      }
+      if (lmax < 0 || nl < n) sec = cm;  // a maximum in the scalar tail: no finer bound
+      if (cm > m) {
+        bound = m > -kInf ? bound * std::exp2(double(m) - double(cm)) : 0.0;
+        m = cm;
+      }
+      if (cm > -kInf) {
+        bound += std::exp2(double(cm) - double(m)) +
+                 double(n - 1) * (sec > -kInf ? std::exp2(double(sec) - double(m)) : 0.0);
+      }
+      // e(x) / B only falls as chunks are added (both relative to m; e(x) is within 1.1e-7 of
+      // 2^(zx - m)): once it is below `need` the answer is false, so stop reading. A position
+      // the bound cannot decide costs a few chunks of max pass, not a whole one.
+      if (std::exp2(double(zx) - double(m)) * 1.01 < bound * margin * need) return false;
+    }
+    if (!(m > -kInf && m < kInf)) return false;
+    const float ex = spec::exp2_neg(spec::sub(zx, m));
+    return double(ex) >= bound * margin * need;
+  }
+
+  BITPRESS_FORCE_INLINE bool sure_accept(const void* row, float scale, int64_t x, float t) {
+    if (p.V > (int64_t(1) << 26)) return false;  // keeps the first-order error bound below 2%
+    if (p.logits_dtype == DType::kFloat32) {
+      return sure_accept_t<int(DType::kFloat32)>(row, scale, x, t);
+    }
+    if (p.logits_dtype == DType::kBFloat16) {
+      return sure_accept_t<int(DType::kBFloat16)>(row, scale, x, t);
+    }
+    return sure_accept_t<int(DType::kFloat16)>(row, scale, x, t);
+  }
+
   BITPRESS_FORCE_INLINE void run(int64_t b) {
     const int64_t n = p.num_draft ? p.num_draft[b] : p.K;
     const float temp = p.temperature ? p.temperature[b] : 0.0f;
@@ -447,6 +689,15 @@ struct RowKernel {
       const int64_t x = is_draft ? d[j] : -1;
       Filter f;
       bool greedy = greedy_row;
+      if (!greedy && is_draft && !filtered) {
+        const float qx = p.draft_probs ? load_as_float(q_row(b, j), p.draft_probs_dtype, x) : 1.0f;
+        const float t =
+            spec::mul(uniform_from_bits(philox_stream(seed, offset, uint32_t(j)).v[0]), qx);
+        if (sure_accept(row, scale, x, t)) {
+          ++a;
+          continue;
+        }
+      }
       if (!greedy) {
         f = filtered ? filtered_stats(row, scale, k, top_p) : stats(row, scale);
         greedy = !(f.S > 0.0f);  // infinite or all -inf logits: no distribution, decide greedily
@@ -490,6 +741,7 @@ __attribute__((always_inline)) inline void verify_rows(const SpecVerifyParams& p
                                                        int64_t b1) {
   Scratch s;
   s.chunk.resize(kChunk);
+  s.chunk2.resize(kChunk);
   s.q.resize(kChunk);
   s.csum.resize((p.V + kChunk - 1) / kChunk);
   const bool any_filter = p.top_k || p.top_p;
