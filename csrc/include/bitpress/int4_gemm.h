@@ -61,6 +61,9 @@ size_t int4_gemm_cpu_workspace_size(int64_t M, int64_t Kp, int64_t G);
 // Checks sizes, pointers and group_starts (monotonic, ending at Kp/8) and perm values.
 Status int4_gemm_check(const Int4GemmParams& p);
 
+// The one allocation the CPU kernels make: the bf16 panel path (AVX512_BF16, M >= 5) takes up to
+// 256 KiB of fp32 accumulators per pool body call from the heap (a stack fallback of one tile x 16
+// rows when that fails), since their size depends on how the pool splits the tasks.
 Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
 
 // ---------------------------------------------------------------------------------------------
