@@ -11,14 +11,8 @@ namespace bitpress {
 namespace {
 
 Status check(const Int4RepackParams& p) {
-  if (p.K < 0 || p.N < 0 || p.Kp < 0 || p.K % 8 || p.Kp % kInt4MmaTileK) {
-    return Status::kInvalidArgument;
-  }
-  if (!p.perm && p.Kp != p.K) return Status::kInvalidArgument;
-  const int64_t Nt = (p.N + kInt4MmaTileN - 1) / kInt4MmaTileN;
-  if (p.Kp == 0 || Nt == 0) return Status::kSuccess;
-  if (!p.out || p.out_row_stride < Nt * kInt4MmaTileWords) return Status::kInvalidArgument;
-  if (p.K > 0 && (!p.qweight || p.qweight_row_stride < p.N)) return Status::kInvalidArgument;
+  const Status s = int4_gemm_repack_check_sizes(p);
+  if (s != Status::kSuccess) return s;
   for (int64_t i = 0; p.perm && i < p.Kp; ++i) {
     if (p.perm[i] < -1 || p.perm[i] >= p.K) return Status::kInvalidArgument;
   }

@@ -62,15 +62,9 @@ __global__ void __launch_bounds__(kThreads) int4_gemm_repack_kernel(const Int4Re
 }
 
 Status check(const Int4RepackParams& p) {
-  if (p.K < 0 || p.N < 0 || p.Kp < 0 || p.K % 8 || p.Kp % kInt4MmaTileK) {
-    return Status::kInvalidArgument;
-  }
-  if (!p.perm && p.Kp != p.K) return Status::kInvalidArgument;
-  const int64_t Nt = (p.N + kInt4MmaTileN - 1) / kInt4MmaTileN;
-  if (p.Kp == 0 || Nt == 0) return Status::kSuccess;
-  if (!p.out || p.out_row_stride < Nt * kInt4MmaTileWords) return Status::kInvalidArgument;
-  if (p.K > 0 && (!p.qweight || p.qweight_row_stride < p.N)) return Status::kInvalidArgument;
-  if (Nt > 0x7fffffff) return Status::kInvalidArgument;
+  const Status s = int4_gemm_repack_check_sizes(p);
+  if (s != Status::kSuccess) return s;
+  if ((p.N + kInt4MmaTileN - 1) / kInt4MmaTileN > 0x7fffffff) return Status::kInvalidArgument;
   return Status::kSuccess;
 }
 

@@ -29,6 +29,7 @@
 
 #include "bitpress/cpu.h"
 #include "bitpress/dtype.h"
+#include "bitpress/int4_mma_layout.h"
 #include "bitpress/status.h"
 
 namespace bitpress {
@@ -112,6 +113,20 @@ struct Int4RepackParams {
   int32_t* out = nullptr;            // [Kp/16, out_row_stride], every word of a row written
   int64_t out_row_stride = 0;        // words, >= Nt * 128
 };
+
+// Sizes, strides and pointers (where there is work) of a repack; not the perm values. Shared by
+// the CPU and CUDA entry points.
+inline Status int4_gemm_repack_check_sizes(const Int4RepackParams& p) {
+  if (p.K < 0 || p.N < 0 || p.Kp < 0 || p.K % 8 || p.Kp % kInt4MmaTileK) {
+    return Status::kInvalidArgument;
+  }
+  if (!p.perm && p.Kp != p.K) return Status::kInvalidArgument;
+  const int64_t Nt = (p.N + kInt4MmaTileN - 1) / kInt4MmaTileN;
+  if (p.Kp == 0 || Nt == 0) return Status::kSuccess;
+  if (!p.out || p.out_row_stride < Nt * kInt4MmaTileWords) return Status::kInvalidArgument;
+  if (p.K > 0 && (!p.qweight || p.qweight_row_stride < p.N)) return Status::kInvalidArgument;
+  return Status::kSuccess;
+}
 
 // kInvalidArgument for bad sizes, strides, null pointers (where there is work) and perm values
 // outside [-1, K).
