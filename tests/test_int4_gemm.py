@@ -44,16 +44,17 @@ def ref64(x, packed, bias=None):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "K,N,gs,sym,act",
-    [
-        (64, 64, 32, True, False),
-        (136, 7, 8, False, True),
-        (256, 130, 64, False, False),
-        (128, 1, -1, True, False),
-        (4096, 65, 128, False, True),
-    ],
-)
+# (K, N, group_size, sym, act_order) of the exact round trips of both layouts.
+LAYOUT_CASES = [
+    (64, 64, 32, True, False),
+    (136, 7, 8, False, True),
+    (256, 130, 64, False, False),
+    (128, 1, -1, True, False),
+    (4096, 65, 128, False, True),
+]
+
+
+@pytest.mark.parametrize("K,N,gs,sym,act", LAYOUT_CASES)
 def test_layout_round_trip_exact(K, N, gs, sym, act):
     qw = make_quantized(K, N, gs, sym, act)
     p = int4_layout.pack(qw)
@@ -95,16 +96,7 @@ def test_layout_nibble_order_pairs_rows():
         assert (pair & 0xF, pair >> 16) == (2 * p + 1, 2 * p + 2)
 
 
-@pytest.mark.parametrize(
-    "K,N,gs,sym,act",
-    [
-        (64, 64, 32, True, False),
-        (136, 7, 8, False, True),
-        (256, 130, 64, False, False),
-        (128, 1, -1, True, False),
-        (4096, 65, 128, False, True),
-    ],
-)
+@pytest.mark.parametrize("K,N,gs,sym,act", LAYOUT_CASES)
 def test_mma_layout_round_trip_exact(K, N, gs, sym, act):
     qw = make_quantized(K, N, gs, sym, act)
     p = int4_layout.pack(qw, layout="mma")

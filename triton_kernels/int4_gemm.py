@@ -117,6 +117,35 @@ def _decode_tile(
 
 
 @triton.jit
+def _group_tile(
+    qweight_ptr,
+    stride_q,
+    zeros_ptr,
+    stride_z,
+    scales_ptr,
+    stride_s,
+    kt0,
+    nt0,
+    n_tiles,
+    grp,
+    cols,
+    cmask,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # (q - z [BLOCK_K, BLOCK_N] int32, s [BLOCK_N] float32) of a tile that lies in group grp.
+    q = _decode_tile(qweight_ptr, stride_q, kt0, nt0, n_tiles, BLOCK_K, BLOCK_N)
+    if HAS_ZEROS:
+        z = tl.load(zeros_ptr + grp * stride_z + cols, mask=cmask, other=8).to(tl.int32)
+        q = q - z[None, :]
+    else:
+        q = q - 8
+    s = tl.load(scales_ptr + grp * stride_s + cols, mask=cmask, other=0.0)
+    return q, s
+
+
+@triton.jit
 def _load_x(x_ptr, perm_ptr, offs_m, mask_m, k, stride_xm, stride_xk, HAS_PERM: tl.constexpr):
     # x[m, perm[k]] for m in offs_m, k in k (packed rows); 0 for padding rows (perm = -1).
     if HAS_PERM:
@@ -179,17 +208,23 @@ def int4_gemv_kernel(
     for b in range(b_begin, b_end):
         kt0 = b * BKT
         grp = (kt0 // tiles_per_group).to(tl.int64)
-        q = _decode_tile(qweight_ptr, stride_q, kt0, nt0, n_tiles, BLOCK_K, BLOCK_N)
-        if HAS_ZEROS:
-            q = (
-                q
-                - tl.load(zeros_ptr + grp * stride_z + cols, mask=cmask, other=8).to(tl.int32)[
-                    None, :
-                ]
-            )
-        else:
-            q = q - 8
-        s = tl.load(scales_ptr + grp * stride_s + cols, mask=cmask, other=0.0)
+        q, s = _group_tile(
+            qweight_ptr,
+            stride_q,
+            zeros_ptr,
+            stride_z,
+            scales_ptr,
+            stride_s,
+            kt0,
+            nt0,
+            n_tiles,
+            grp,
+            cols,
+            cmask,
+            HAS_ZEROS,
+            BLOCK_K,
+            BLOCK_N,
+        )
         xt = _load_x(
             x_ptr, perm_ptr, offs_m, mask_m, kt0 * 16 + rows, stride_xm, stride_xk, HAS_PERM
         ).to(tl.float32)
@@ -279,17 +314,23 @@ def int4_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt0 in range(0, KT, BKT):
         grp = (kt0 // tiles_per_group).to(tl.int64)
-        q = _decode_tile(qweight_ptr, stride_q, kt0, nt0, n_tiles, BLOCK_K, BLOCK_N)
-        if HAS_ZEROS:
-            q = (
-                q
-                - tl.load(zeros_ptr + grp * stride_z + cols, mask=cmask, other=8).to(tl.int32)[
-                    None, :
-                ]
-            )
-        else:
-            q = q - 8
-        s = tl.load(scales_ptr + grp * stride_s + cols, mask=cmask, other=0.0)
+        q, s = _group_tile(
+            qweight_ptr,
+            stride_q,
+            zeros_ptr,
+            stride_z,
+            scales_ptr,
+            stride_s,
+            kt0,
+            nt0,
+            n_tiles,
+            grp,
+            cols,
+            cmask,
+            HAS_ZEROS,
+            BLOCK_K,
+            BLOCK_N,
+        )
         w = (q.to(tl.float32) * s[None, :]).to(x_ty)
         xt = _load_x(
             x_ptr, perm_ptr, offs_m, mask_m, kt0 * 16 + rows, stride_xm, stride_xk, HAS_PERM

@@ -102,6 +102,7 @@ at::Tensor int4_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& qweight,
   const at::Tensor zr = zeros ? dense16(*zeros) : at::Tensor();
   const at::Tensor pm = perm ? perm->contiguous() : at::Tensor();
 
+  if (M == 0 || N == 0) return new_output(out_shape, x.options());  // nothing to dequantize
   const bool kernel_path = x.scalar_type() != at::kFloat && M <= kernel_max_m();
   if (!kernel_path) {
     // Large M or float32 x: dense W in x.dtype, then cuBLAS.
@@ -126,7 +127,6 @@ at::Tensor int4_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& qweight,
   }
 
   at::Tensor out = new_output(out_shape, x.options());
-  if (M == 0 || N == 0) return out;
   int64_t x_stride = row_stride(x2);
   if (!pm.defined() && (!aligned16(x2) || x_stride % 8 != 0)) {
     // The kernel reads rows of x with 16-byte cp.async.

@@ -262,13 +262,13 @@ def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
     perm, group_rows = mma_row_order(g, G)
     Kp = perm.numel()
     Np = -(-N // MMA_TILE_N) * MMA_TILE_N
+    identity = Kp == K and bool((perm == torch.arange(K)).all())
     if K % 8 == 0:
         # The C++ repack (ops.int4_gemm_repack, tested bit-exact against mma_qweight): ~80x
         # faster than the plain-torch definition, which builds [Kp/16, Nt, 32, 4, 8] indices.
         from bitpress import ops
         from bitpress.formats.packing import pack_int4_along_k
 
-        identity = Kp == K and bool((perm == torch.arange(K)).all())
         qweight = ops.int4_gemm_repack(
             pack_int4_along_k(q), None if identity else perm.to(torch.int32), backend="cpu"
         )
@@ -281,7 +281,6 @@ def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
     zeros = None if bool((qw.zeros == 8).all()) else pad_n(qw.zeros, torch.uint8)
     tiles_per_group = group_rows // MMA_TILE_K
     group_starts = (torch.arange(G + 1) * tiles_per_group).to(torch.int32)
-    identity = Kp == K and bool((perm == torch.arange(K)).all())
     return Int4PackedWeight(
         qweight=qweight,
         scales=pad_n(qw.scales.float(), torch.float32),
