@@ -19,7 +19,7 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 import torch  # noqa: E402
-from setuptools import setup  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
@@ -99,11 +99,7 @@ def extension():
 
 setup(
     packages=[
-        "bitpress",
-        "bitpress.formats",
-        "bitpress.quantize",
-        "bitpress.nn",
-        "bitpress.speculative",
+        *find_packages("python"),  # bitpress and its feature packages
         "bitpress.triton_kernels",
     ],
     package_dir={"bitpress": "python/bitpress", "bitpress.triton_kernels": "triton_kernels"},

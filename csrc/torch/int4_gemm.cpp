@@ -18,10 +18,11 @@ constexpr const char* kOp = "int4_gemm";
 at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                               const at::Tensor& group_starts, const std::optional<at::Tensor>& perm,
-                              int64_t out_features, const std::optional<at::Tensor>& bias) {
+                              int64_t out_features, int64_t layout,
+                              const std::optional<at::Tensor>& bias) {
   using namespace glue;
-  const Int4GemmShapes shp = check_int4_gemm_args(Int4Layout::kCpuTiles, x, qweight, scales, zeros,
-                                                  group_starts, perm, out_features, bias);
+  const Int4GemmShapes shp = check_int4_gemm_args(Int4Layout::kCpuTiles, layout, x, qweight, scales,
+                                                  zeros, group_starts, perm, out_features, bias);
   const int64_t K = shp.K, N = shp.N, Kp = shp.Kp, G = shp.G;
   const at::Tensor qw = qweight.contiguous(), sc = scales.contiguous();
   const at::Tensor gs = group_starts.contiguous();

@@ -11,7 +11,16 @@
 
 namespace bitpress::glue {
 
-enum class Int4Layout { kCpuTiles, kMma };
+// The kernel layout of an INT4 weight: the `layout` argument of the int4_gemm schema
+// (bitpress.int4.layout.Int4Layout in Python). The layout is named by the caller, never guessed
+// from tensor ranks.
+enum class Int4Layout : int64_t { kCpuTiles = 0, kMma = 1 };
+
+inline const char* int4_layout_name(int64_t layout) {
+  return layout == int64_t(Int4Layout::kCpuTiles) ? "Int4CpuTiles"
+         : layout == int64_t(Int4Layout::kMma)    ? "Int4MmaTiles"
+                                                  : "unknown";
+}
 
 struct Int4GemmShapes {
   int64_t K = 0, N = 0, Kp = 0, G = 0;
@@ -19,8 +28,9 @@ struct Int4GemmShapes {
 
 // x [..., K]; CPU tiles: qweight [Nt, Kp/8, 64], scales / zeros [Nt, G, 64], group_starts in
 // octets; mma: qweight [Kp/16, Nt*128], scales / zeros [G, Np] (uniform groups), group_starts in
-// k-tiles; perm [Kp]; bias [N]. Checks dtypes, ranks, sizes and devices (not values).
-inline Int4GemmShapes check_int4_gemm_args(Int4Layout layout, const at::Tensor& x,
+// k-tiles; perm [Kp]; bias [N]. `reads` is the layout of the backend; `layout` the weight's.
+// Checks the layout, dtypes, ranks, sizes and devices (not values).
+inline Int4GemmShapes check_int4_gemm_args(Int4Layout reads, int64_t layout, const at::Tensor& x,
                                            const at::Tensor& qweight, const at::Tensor& scales,
                                            const std::optional<at::Tensor>& zeros,
                                            const at::Tensor& group_starts,
@@ -28,21 +38,16 @@ inline Int4GemmShapes check_int4_gemm_args(Int4Layout layout, const at::Tensor& 
                                            int64_t out_features,
                                            const std::optional<at::Tensor>& bias) {
   constexpr const char* kOp = "int4_gemm";
-  const bool mma = layout == Int4Layout::kMma;
+  TORCH_CHECK(layout == int64_t(Int4Layout::kCpuTiles) || layout == int64_t(Int4Layout::kMma), kOp,
+              ": layout must be 0 (Int4CpuTiles) or 1 (Int4MmaTiles), got ", layout);
+  TORCH_CHECK(
+      layout == int64_t(reads), kOp, ": this backend reads ", int4_layout_name(int64_t(reads)),
+      " weights, got ", int4_layout_name(layout),
+      ": convert the weight with weight.to(device, layout=", int4_layout_name(int64_t(reads)), ")");
+  const bool mma = reads == Int4Layout::kMma;
   check_dtype(x, kOp, "x", {at::kFloat, at::kHalf, at::kBFloat16});
   TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., K], got a 0-D tensor");
   check_dtype(qweight, kOp, "qweight", {at::kInt});
-  if (mma) {
-    TORCH_CHECK(qweight.dim() != 3, kOp,
-                ": the cuda backend reads the GPU mma layout (qweight [Kp/16, Nt*128]); this "
-                "weight is in the CPU tile layout (qweight ",
-                qweight.sizes(), "): repack it with weight.to(device, layout='mma')");
-  } else {
-    TORCH_CHECK(qweight.dim() != 2, kOp,
-                ": the cpu backend reads the CPU tile layout (qweight [Nt, Kp/8, 64]); this "
-                "weight is in the GPU mma layout (qweight ",
-                qweight.sizes(), "): repack it with weight.to('cpu', layout='cpu')");
-  }
   const char* qshape = mma ? "[Kp/16, Nt*128]" : "[Nt, Kp/8, 64]";
   const char* sshape = mma ? "[G, Np]" : "[Nt, G, 64]";
   const int64_t rank = mma ? 2 : 3;

@@ -27,7 +27,8 @@ TORCH_LIBRARY(bitpress, m) {
       "spec_verify(Tensor target_logits, Tensor draft_tokens, Tensor? num_draft=None, "
       "Tensor? draft_probs=None, Tensor? temperature=None, Tensor? top_k=None, "
       "Tensor? top_p=None, Tensor? seeds=None, Tensor? offsets=None) -> (Tensor, Tensor, Tensor)");
-  // x [..., K]; returns [..., N]. The weight is in one of two layouts, told apart by rank:
+  // x [..., K]; returns [..., N]. The weight is in one of two layouts, named by `layout`
+  // (0 = CPU tiles, 1 = GPU mma tiles; bitpress.int4.layout.Int4Layout):
   //  * CPU tile layout (bitpress/int4_gemm.h; CPU kernel): qweight [Nt, Kp/8, 64], scales and
   //    zeros [Nt, G, 64], group_starts [G+1] in octets;
   //  * GPU mma layout (bitpress/int4_mma_layout.h; CUDA kernel): qweight [Kp/16, Nt*128], scales
@@ -35,7 +36,7 @@ TORCH_LIBRARY(bitpress, m) {
   // perm [Kp] in both (source row of x, -1 = padding row; None = identity).
   m.def(
       "int4_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor group_starts, "
-      "Tensor? perm, int out_features, Tensor? bias=None) -> Tensor");
+      "Tensor? perm, int out_features, int layout, Tensor? bias=None) -> Tensor");
   // qweight [K/8, N] int32 (GPTQ, packed along K); perm [Kp] int32 (source row of each packed
   // row, -1 = zero row) or None (identity; K % 16 == 0). Returns the GPU mma layout's qweight
   // [Kp/16, ceil(N/64)*128] int32 (bitpress/int4_mma_layout.h).

@@ -1,18 +1,30 @@
 """bitpress: compiled kernels for compressed LLM inference.
 
-Ops live in :mod:`bitpress.ops` (``torch.ops.bitpress.*`` underneath); the backend choice in
-:mod:`bitpress.backends`.
+Layout: one package per feature (:mod:`bitpress.int4`, :mod:`bitpress.speculative`; FP8 and
+2:4 follow the same shape), over a shared core. Layers, each importing only those below it (no
+import circles, and no function-local import of a bitpress module):
+
+1. core (:mod:`bitpress._core`): the compiled extension, backend choice with per-op
+   capabilities, the registries (ops, ``quantize_`` handlers, checkpoint formats), argument
+   checks;
+2. layouts and references of each feature (``<feature>.layout``, ``<feature>.reference``):
+   only torch and core;
+3. ops (``<feature>.ops``; :mod:`bitpress.ops` re-exports every op): the public function, its
+   argument check, fake, backends and registry entry;
+4. modules and quantizers (``Int4Linear``, RTN, GPTQ, ``Int4Config``);
+5. checkpoints (:mod:`bitpress.checkpoint`, with each feature's format) and
+   :func:`bitpress.quantize_`;
+6. the CLI (``python -m bitpress``: info, selftest, demo).
+
+The backend choice is documented in :mod:`bitpress.backends`.
 """
 
-from bitpress import (
-    _ext,  # noqa: F401  (loads bitpress._C: the torch ops)
-    ops,
-    reference,
-)
+from bitpress import int4, ops, reference, speculative  # noqa: F401  (features register here)
+from bitpress._core import ext as _ext  # noqa: F401  (loads bitpress._C: the torch ops)
 from bitpress.backends import available_backends, set_backend, use_backend
-from bitpress.formats.checkpoint import from_pretrained, save_pretrained
-from bitpress.nn import Int4Linear
-from bitpress.quantize.api import Int4Config, quantize_
+from bitpress.checkpoint import from_pretrained, save_pretrained
+from bitpress.int4 import Int4Config, Int4Linear
+from bitpress.quantize import quantize_
 
 __version__ = "0.1.0"
 

@@ -6,12 +6,16 @@ import argparse
 import platform
 import sys
 
+import torch
+
+import bitpress
+from bitpress import demo as demo_mod
+from bitpress import selftest
+from bitpress._core import backends, registry
+from bitpress._core import ext as _ext
+
 
 def info() -> int:
-    import torch
-
-    import bitpress
-    from bitpress import _ext, backends
 
     lines = [
         ("bitpress", bitpress.__version__),
@@ -34,6 +38,15 @@ def info() -> int:
         ("backends", ", ".join(backends.available_backends())),
         ("forced backend", backends.forced_backend() or "none (best per device)"),
     ]
+    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    for name, spec in registry.ops().items():
+        per_device = []
+        for dev in devices:
+            usable = [
+                b for b in backends.implementations(name) if not backends.refusal(name, b, dev)
+            ]
+            per_device.append(f"{dev}: {' > '.join(usable) or 'none'}")
+        lines.append((f"op {name}", f"[{spec.feature}] " + "; ".join(per_device)))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")
@@ -51,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         return info()
     if args.cmd == "demo":
-        from bitpress import demo as demo_mod
-
         return demo_mod.main(args.steps)
-    from bitpress import selftest
-
     return selftest.main()
 
 

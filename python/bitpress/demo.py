@@ -19,6 +19,10 @@ import time
 import torch
 from torch import nn
 
+import bitpress
+from bitpress.int4 import Int4Linear
+from bitpress.testing import sqnr_db
+
 TRAIN_MODULES = [
     "argparse",
     "textwrap",
@@ -117,8 +121,6 @@ def next_token_agreement(model, ref, data: torch.Tensor) -> float:
 @torch.no_grad()
 def layer_sqnr(model_q, model_ref, ids: torch.Tensor) -> dict[str, float]:
     """Output SQNR of every quantized Linear: its output on the reference model's own inputs."""
-    from bitpress.nn import Int4Linear
-    from bitpress.testing import sqnr_db
 
     inputs = {}
     hooks = [
@@ -155,8 +157,6 @@ def decode_ms(model, prompt: torch.Tensor, new_tokens: int = 32) -> float:
 
 
 def main(steps: int = 300) -> int:
-    import bitpress
-    from bitpress.nn import Int4Linear
 
     torch.set_num_threads(os.cpu_count() or 1)
     train = torch.frombuffer(bytearray(_text(TRAIN_MODULES)), dtype=torch.uint8).long()

@@ -28,6 +28,13 @@ from collections.abc import Iterator
 
 import torch
 
+from bitpress._core import ext as _ext
+
+try:  # triton is optional
+    from bitpress.triton_kernels._runtime import jit_function
+except ImportError:  # pragma: no cover
+    jit_function = None
+
 # Relative-error bounds (‖out − ref‖ / ‖ref‖) for results rounded once to the dtype.
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -49,7 +56,6 @@ def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 @contextlib.contextmanager
 def poisoned_outputs(on: bool = True) -> Iterator[None]:
     """Ops fill their outputs with NaN / most-negative integers before kernels write them."""
-    from bitpress import _ext
 
     prev = _ext.C.set_poison_outputs(on)
     try:
@@ -131,7 +137,6 @@ def _split_sass_functions(text: str) -> dict[str, list[str]]:
 
 
 def extension_path() -> str:
-    from bitpress import _ext
 
     return _ext.C.__file__
 
@@ -236,8 +241,6 @@ def _compile(kernel, signature, constexprs, arch, num_warps, num_stages):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from bitpress.triton_kernels._runtime import jit_function
 
     fn = jit_function(kernel)
     sig = dict(signature)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from bitpress.formats.packing import (
+from bitpress.int4.packing import (
     pack_int4_along_k,
     pack_int4_along_n,
     unpack_int4_along_k,
     unpack_int4_along_n,
 )
-from bitpress.quantize.common import QuantizedWeight
+from bitpress.int4.quantized import QuantizedWeight
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -31,7 +31,7 @@ Groups and act-order (``desc_act``), with GPTQModel's semantics:
   act-order (a layout that kernels without g_idx support can run).
 * ``group_size = -1``: one group, parameters from the whole (dead-zeroed) W up front.
 
-Group parameters and the rounding follow :mod:`bitpress.quantize.rtn` (scales rounded to
+Group parameters and the rounding follow :mod:`bitpress.int4.rtn` (scales rounded to
 ``scale_dtype`` before use, so the returned tensors represent exactly the weight GPTQ
 compensated for).
 """
@@ -44,8 +44,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from bitpress.quantize.common import QuantizedWeight
-from bitpress.quantize.rtn import check_group_size, find_params, quantize_values
+from bitpress.int4.modules import Int4Linear
+from bitpress.int4.quantized import QuantizedWeight, check_group_size
+from bitpress.int4.rtn import find_params, quantize_values
 
 
 class HessianAccumulator:
@@ -101,7 +102,7 @@ def gptq_quantize(
     group_size : int
         -1 or a positive multiple of 8.
     sym : bool
-        Symmetric (zero 8) or asymmetric groups, formulas of :mod:`bitpress.quantize.rtn`.
+        Symmetric (zero 8) or asymmetric groups, formulas of :mod:`bitpress.int4.rtn`.
     act_order : bool
         Process columns by decreasing ``diag(H)`` (``desc_act``).
     damp : float
@@ -245,8 +246,6 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 def _quantize_linears(
     root: nn.Module, linears: dict[str, nn.Linear], hessians: dict, qkw: dict
 ) -> None:
-    from bitpress.nn.int4 import Int4Linear
-
     for name, lin in linears.items():
         acc = hessians[name]
         if acc.nsamples == 0:

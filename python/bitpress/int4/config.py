@@ -1,4 +1,5 @@
-"""``quantize_(model, config)``: swap the Linear layers of an existing model in place."""
+"""``Int4Config``: INT4 weight-only quantization of a model's Linear layers, and its
+``quantize_`` handler (registered by config type)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from bitpress._core.registry import register_quantize_handler
+from bitpress.int4.gptq import gptq_quantize_model
+from bitpress.int4.modules import Int4Linear
+from bitpress.int4.quantized import check_group_size
 
 log = logging.getLogger("bitpress")
 
@@ -24,7 +30,7 @@ class Int4Config:
     group_size : rows of K per scale/zero group: 32, 64, 128 (default) or -1 (one group).
     sym : symmetric groups (zero point 8) or asymmetric (min/max).
     method : "rtn" (round to nearest, no data) or "gptq" (needs ``calibration``).
-    act_order, damp, static_groups, block_size : GPTQ options (bitpress.quantize.gptq).
+    act_order, damp, static_groups, block_size : GPTQ options (bitpress.int4.gptq).
     calibration : token-id batches [B, T] for GPTQ.
     filter_fn : (name, module) -> bool, which Linear layers to quantize (default: all but lm_head).
     dtype : dtype of scales and bias (default: the layer's weight dtype, float16 for float32).
@@ -44,11 +50,10 @@ class Int4Config:
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"Int4Config.method must be 'rtn' or 'gptq', got {self.method!r}")
-        if not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
-            raise ValueError(
-                "Int4Config.group_size must be -1 or a positive multiple of 8, got "
-                f"{self.group_size}"
-            )
+        try:
+            check_group_size(8, self.group_size)
+        except ValueError as e:
+            raise ValueError(f"Int4Config.{e}") from None
         if self.method == "gptq" and not self.calibration:
             raise ValueError(
                 "Int4Config(method='gptq') needs calibration: a list of token-id batches [B, T]"
@@ -64,16 +69,15 @@ def _compatible(linear: nn.Linear, group_size: int) -> str | None:
     return None
 
 
+@register_quantize_handler(Int4Config)
 @torch.no_grad()
-def quantize_(model: nn.Module, config: Int4Config) -> nn.Module:
+def quantize_int4(model: nn.Module, config: Int4Config) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` by ``Int4Linear``, in place.
 
     Layers rejected by ``config.filter_fn`` stay as they are; layers whose shape the format
     cannot hold (in_features not a multiple of 8 or of the group size) are skipped with a warning.
     Returns the model.
     """
-    from bitpress.nn.int4 import Int4Linear
-
     keep = config.filter_fn or skip_lm_head
     chosen, skipped = {}, []
     for name, mod in model.named_modules():
@@ -90,8 +94,6 @@ def quantize_(model: nn.Module, config: Int4Config) -> nn.Module:
         )
 
     if config.method == "gptq":
-        from bitpress.quantize.gptq import gptq_quantize_model
-
         return gptq_quantize_model(
             model,
             config.calibration,

@@ -39,11 +39,15 @@ The GPU mma layout (full description: ``csrc/include/bitpress/int4_mma_layout.h`
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
+from typing import ClassVar
 
 import torch
 
-from bitpress.quantize.common import QuantizedWeight
+from bitpress._core import ext  # noqa: F401  (registers torch.ops.bitpress.int4_gemm_repack)
+from bitpress.int4.packing import pack_int4_along_k
+from bitpress.int4.quantized import QuantizedWeight
 
 TILE_N = 64
 MMA_TILE_K = 16
@@ -52,51 +56,78 @@ ROW_OF_NIBBLE = (0, 2, 4, 6, 1, 3, 5, 7)
 NIBBLE_OF_ROW = tuple(ROW_OF_NIBBLE.index(j) for j in range(8))
 
 
+class Int4Layout(enum.IntEnum):
+    """The kernel layouts of INT4 weights; the value is the ``layout`` argument of the
+    ``bitpress::int4_gemm`` schema (``bitpress::Int4Layout`` in ``bitpress/int4/int4_gemm.h``)."""
+
+    CPU_TILES = 0  # "bitpress int4 tiles": the C++ CPU kernel
+    MMA_TILES = 1  # "bitpress int4 mma tiles": the CUDA and Triton kernels
+
+
 @dataclasses.dataclass
 class Int4PackedWeight:
-    qweight: torch.Tensor  # int32 [Nt, Kp/8, 64]
-    scales: torch.Tensor  # float32 [Nt, G, 64]
-    zeros: torch.Tensor | None  # uint8 [Nt, G, 64]; None: all 8
-    group_starts: torch.Tensor  # int32 [G+1], in octets
+    """An INT4 weight in one of the kernel layouts; the concrete type names the layout
+    (:class:`Int4CpuTiles`, :class:`Int4MmaTiles`). The fields are the weight arguments of the
+    ``bitpress::int4_gemm`` schema, passed by name (:meth:`op_kwargs`)."""
+
+    qweight: torch.Tensor  # int32: CPU tiles [Nt, Kp/8, 64]; mma tiles [Kp/16, Nt*128]
+    scales: torch.Tensor  # float32: CPU tiles [Nt, G, 64]; mma tiles [G, Np]
+    zeros: torch.Tensor | None  # uint8, the shape of scales; None: all 8
+    group_starts: torch.Tensor  # int32 [G+1]: in octets (CPU tiles), in k-tiles (mma tiles)
     perm: torch.Tensor | None  # int32 [Kp]; -1 = padding row; None = identity
     in_features: int  # K
     out_features: int  # N
     scale_dtype: torch.dtype  # dtype of the interchange scales (for the exact round trip)
-    layout: str = "cpu"  # "cpu": CPU tile layout; "mma": GPU mma layout (see the module doc)
 
-    def tensors(self) -> tuple:
-        """The op arguments: (qweight, scales, zeros, group_starts, perm, out_features)."""
-        return (
-            self.qweight,
-            self.scales,
-            self.zeros,
-            self.group_starts,
-            self.perm,
-            self.out_features,
-        )
+    layout: ClassVar[Int4Layout]
+    TENSORS: ClassVar[tuple[str, ...]] = ("qweight", "scales", "zeros", "group_starts", "perm")
 
-    def to(self, device, layout: str | None = None) -> Int4PackedWeight:
+    def __post_init__(self) -> None:
+        if type(self) is Int4PackedWeight:
+            raise TypeError("Int4PackedWeight is abstract: build an Int4CpuTiles or Int4MmaTiles")
+
+    def op_kwargs(self) -> dict:
+        """The weight arguments of ``bitpress::int4_gemm``, by schema name."""
+        kw = {name: getattr(self, name) for name in self.TENSORS}
+        kw["out_features"] = self.out_features
+        kw["layout"] = int(self.layout)
+        return kw
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def to(self, device, layout: type[Int4PackedWeight] | None = None) -> Int4PackedWeight:
         """On ``device``, in ``layout`` (default: this one). A layout change repacks exactly."""
-        if layout is not None and layout != self.layout:
+        if layout is not None and layout is not type(self):
             return pack(unpack(self), layout=layout).to(device)
 
         def mv(t):
             return None if t is None else t.to(device)
 
-        return dataclasses.replace(
-            self,
-            qweight=mv(self.qweight),
-            scales=mv(self.scales),
-            zeros=mv(self.zeros),
-            group_starts=mv(self.group_starts),
-            perm=mv(self.perm),
-        )
+        return dataclasses.replace(self, **{name: mv(getattr(self, name)) for name in self.TENSORS})
 
     @property
     def nbytes(self) -> int:
         """Bytes the kernel reads for the weight (packed nibbles, scales, zeros)."""
         n = self.qweight.numel() * 4 + self.scales.numel() * 4
         return n + (self.zeros.numel() if self.zeros is not None else 0)
+
+
+class Int4CpuTiles(Int4PackedWeight):
+    """The CPU tile layout (module docstring), read by the C++ CPU kernel."""
+
+    layout = Int4Layout.CPU_TILES
+
+
+class Int4MmaTiles(Int4PackedWeight):
+    """The GPU mma layout (module docstring, ``int4_mma_layout.h``), read by the CUDA and Triton
+    kernels."""
+
+    layout = Int4Layout.MMA_TILES
+
+
+LAYOUTS = {Int4Layout.CPU_TILES: Int4CpuTiles, Int4Layout.MMA_TILES: Int4MmaTiles}
 
 
 def _check_g_idx(g: torch.Tensor, K: int, G: int) -> None:
@@ -106,17 +137,18 @@ def _check_g_idx(g: torch.Tensor, K: int, G: int) -> None:
         raise ValueError(f"g_idx values must lie in [0, {G}), got [{int(g.min())}, {int(g.max())}]")
 
 
-def default_layout(device: torch.device | str) -> str:
-    """The layout the default backend of ``device`` reads: "mma" on CUDA, "cpu" elsewhere."""
-    return "mma" if torch.device(device).type == "cuda" else "cpu"
+def default_layout(device: torch.device | str) -> type[Int4PackedWeight]:
+    """The layout the default backend of ``device`` reads: mma tiles on CUDA, CPU tiles
+    elsewhere."""
+    return Int4MmaTiles if torch.device(device).type == "cuda" else Int4CpuTiles
 
 
-def pack(qw: QuantizedWeight, layout: str = "cpu") -> Int4PackedWeight:
+def pack(qw: QuantizedWeight, layout: type[Int4PackedWeight] = Int4CpuTiles) -> Int4PackedWeight:
     """QuantizedWeight -> kernel layout (exactly invertible by :func:`unpack`)."""
-    if layout == "mma":
+    if layout is Int4MmaTiles:
         return _pack_mma(qw)
-    if layout != "cpu":
-        raise ValueError(f"layout must be 'cpu' or 'mma', got {layout!r}")
+    if layout is not Int4CpuTiles:
+        raise TypeError(f"layout must be Int4CpuTiles or Int4MmaTiles, got {layout!r}")
     q, g = qw.q, qw.g_idx.long()
     K, N = q.shape
     G = qw.scales.shape[0]
@@ -154,7 +186,7 @@ def pack(qw: QuantizedWeight, layout: str = "cpu") -> Int4PackedWeight:
     group_starts = torch.zeros(G + 1, dtype=torch.int32)
     group_starts[1:] = torch.cumsum(padded // 8, 0).to(torch.int32)
     identity = Kp == K and bool((perm == torch.arange(K)).all())
-    return Int4PackedWeight(
+    return Int4CpuTiles(
         qweight=qweight,
         scales=scales,
         zeros=zeros,
@@ -168,7 +200,7 @@ def pack(qw: QuantizedWeight, layout: str = "cpu") -> Int4PackedWeight:
 
 def unpack(p: Int4PackedWeight, group_size: int = -1, sym: bool = True) -> QuantizedWeight:
     """Kernel layout -> QuantizedWeight (the inverse of :func:`pack`)."""
-    if p.layout == "mma":
+    if isinstance(p, Int4MmaTiles):
         return _unpack_mma(p, group_size, sym)
     K, N = p.in_features, p.out_features
     Nt, K8, _ = p.qweight.shape
@@ -254,7 +286,7 @@ def mma_qweight(q: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return words.reshape(KT, Nt * 128)
 
 
-def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
+def _pack_mma(qw: QuantizedWeight) -> Int4MmaTiles:
     q, g = qw.q.cpu(), qw.g_idx.cpu().long()
     K, N = q.shape
     G = qw.scales.shape[0]
@@ -264,13 +296,11 @@ def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
     Np = -(-N // MMA_TILE_N) * MMA_TILE_N
     identity = Kp == K and bool((perm == torch.arange(K)).all())
     if K % 8 == 0:
-        # The C++ repack (ops.int4_gemm_repack, tested bit-exact against mma_qweight): ~80x
-        # faster than the plain-torch definition, which builds [Kp/16, Nt, 32, 4, 8] indices.
-        from bitpress import ops
-        from bitpress.formats.packing import pack_int4_along_k
-
-        qweight = ops.int4_gemm_repack(
-            pack_int4_along_k(q), None if identity else perm.to(torch.int32), backend="cpu"
+        # The C++ repack (the CPU kernel of bitpress.ops.int4_gemm_repack, tested bit-exact
+        # against mma_qweight): ~80x faster than the plain-torch definition, which builds
+        # [Kp/16, Nt, 32, 4, 8] indices.
+        qweight = torch.ops.bitpress.int4_gemm_repack(
+            pack_int4_along_k(q), None if identity else perm.to(torch.int32)
         )
     else:
         qweight = mma_qweight(q, perm)
@@ -281,7 +311,7 @@ def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
     zeros = None if bool((qw.zeros == 8).all()) else pad_n(qw.zeros, torch.uint8)
     tiles_per_group = group_rows // MMA_TILE_K
     group_starts = (torch.arange(G + 1) * tiles_per_group).to(torch.int32)
-    return Int4PackedWeight(
+    return Int4MmaTiles(
         qweight=qweight,
         scales=pad_n(qw.scales.float(), torch.float32),
         zeros=zeros,
@@ -290,11 +320,10 @@ def _pack_mma(qw: QuantizedWeight) -> Int4PackedWeight:
         in_features=K,
         out_features=N,
         scale_dtype=qw.scales.dtype,
-        layout="mma",
     )
 
 
-def _unpack_mma(p: Int4PackedWeight, group_size: int, sym: bool) -> QuantizedWeight:
+def _unpack_mma(p: Int4MmaTiles, group_size: int, sym: bool) -> QuantizedWeight:
     K, N = p.in_features, p.out_features
     KT, W = p.qweight.shape
     Nt = W // 128

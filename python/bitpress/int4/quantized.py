@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from bitpress.formats.packing import pack_int4_along_k, pack_int4_along_n
+from bitpress.int4.packing import pack_int4_along_k, pack_int4_along_n
 
 
 @dataclasses.dataclass
@@ -51,3 +51,15 @@ class QuantizedWeight:
             "scales": self.scales,
             "g_idx": self.g_idx.to(torch.int32),
         }
+
+
+def check_group_size(in_features: int, group_size: int) -> int:
+    """Validate ``group_size`` against ``K`` and return the effective group width: the one
+    validation of every INT4 entry point (modules, configs, formats, checkpoints)."""
+    if in_features % 8:
+        raise ValueError(f"in_features K must be a multiple of 8 (INT4 packing), got {in_features}")
+    if group_size == -1:
+        return in_features
+    if group_size <= 0 or group_size % 8:
+        raise ValueError(f"group_size must be -1 or a positive multiple of 8, got {group_size}")
+    return group_size

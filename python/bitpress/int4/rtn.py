@@ -26,20 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from bitpress.quantize.common import QuantizedWeight
+from bitpress.int4.quantized import QuantizedWeight, check_group_size
 
 MAXQ = 15
-
-
-def check_group_size(in_features: int, group_size: int) -> int:
-    """Validate ``group_size`` against ``K`` and return the effective group width."""
-    if in_features % 8:
-        raise ValueError(f"in_features K must be a multiple of 8 (INT4 packing), got {in_features}")
-    if group_size == -1:
-        return in_features
-    if group_size <= 0 or group_size % 8:
-        raise ValueError(f"group_size must be -1 or a positive multiple of 8, got {group_size}")
-    return group_size
 
 
 def find_params(

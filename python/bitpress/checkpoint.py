@@ -15,7 +15,7 @@ A checkpoint directory holds:
 * For a quantized Linear ``<name>``: ``<name>.qweight`` int32 [K/8, N], ``<name>.qzeros`` int32
   [G, N/8], ``<name>.scales`` [G, N], ``<name>.g_idx`` int32 [K] (required with desc_act),
   optional ``<name>.bias`` [N] (older AutoGPTQ versions write one even for bias-free layers; it
-  is used). Layout in :mod:`bitpress.formats.gptq`. Every other tensor is a plain parameter or
+  is used). Layout in :mod:`bitpress.int4.format_gptq`. Every other tensor is a plain parameter or
   persistent buffer of the model (embeddings, norms, lm_head).
 
 Strictness: a missing tensor, a tensor of the wrong shape or dtype, and a tensor the model has
@@ -38,13 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitpress.formats.gptq import CHECKPOINT_FORMATS, gptq_to_quantized
+from bitpress._core.registry import checkpoint_formats
 
 CONFIG_NAME = "config.json"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
@@ -54,44 +53,21 @@ _IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 def parse_quantization_config(qc: dict[str, Any], source: str = "quantization_config") -> dict:
-    """Validate a GPTQ quantization config and return it normalised to
-    ``{bits, group_size, desc_act, sym, checkpoint_format}``; ValueError names the field."""
+    """Validate a quantization config and return it normalised by its format, with
+    ``quant_method`` (GPTQ: ``{bits, group_size, desc_act, sym, checkpoint_format}``); ValueError
+    names the field. A config without ``quant_method`` is read as GPTQ (AutoGPTQ's
+    quantize_config.json has none)."""
     if not isinstance(qc, dict):
         raise ValueError(f"{source} must be a JSON object, got {type(qc).__name__}")
     method = qc.get("quant_method", "gptq")
-    if not isinstance(method, str) or method.lower() != "gptq":
+    fmt = checkpoint_formats().get(method.lower()) if isinstance(method, str) else None
+    if fmt is None:
+        known = " or ".join(repr(m) for m in checkpoint_formats())
         raise ValueError(
-            f"{source}.quant_method must be 'gptq', got {method!r}"
-            + (" (AWQ checkpoints: see bitpress.formats.awq)" if method == "awq" else "")
+            f"{source}.quant_method must be {known}, got {method!r}"
+            + (" (AWQ checkpoints: see bitpress.int4.format_awq)" if method == "awq" else "")
         )
-    bits = qc.get("bits")
-    if bits != 4:
-        raise ValueError(f"{source}.bits must be 4 (only INT4 GPTQ is supported), got {bits!r}")
-    gs = qc.get("group_size", 128)
-    if (
-        not isinstance(gs, int)
-        or isinstance(gs, bool)
-        or not (gs == -1 or (gs > 0 and gs % 8 == 0))
-    ):
-        raise ValueError(f"{source}.group_size must be -1 or a positive multiple of 8, got {gs!r}")
-    sym = qc.get("sym", True)
-    desc_act = qc.get("desc_act", False)
-    for field, value in (("sym", sym), ("desc_act", desc_act)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{source}.{field} must be true or false, got {value!r}")
-    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-    if fmt not in CHECKPOINT_FORMATS:
-        raise ValueError(
-            f"{source}.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {fmt!r}"
-        )
-    if qc.get("is_marlin_format"):
-        raise ValueError(f"{source}.is_marlin_format: Marlin-repacked checkpoints are unsupported")
-    if qc.get("dynamic"):
-        raise ValueError(
-            f"{source}.dynamic: per-module quantization overrides are unsupported, got "
-            f"{qc['dynamic']!r}"
-        )
-    return dict(bits=4, group_size=gs, desc_act=desc_act, sym=sym, checkpoint_format=fmt)
+    return {**fmt.parse(qc, source), "quant_method": fmt.name}
 
 
 def _read_json(path: Path) -> dict:
@@ -217,64 +193,6 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _expect(tensors: dict, name: str, shape: list[int], what: str) -> torch.Tensor:
-    t = tensors.get(name)
-    if t is None:
-        raise ValueError(f"checkpoint: missing tensor {name!r} (expected shape {shape}, {what})")
-    if list(t.shape) != shape:
-        raise ValueError(
-            f"checkpoint: tensor {name!r} has shape {list(t.shape)}, expected {shape} ({what})"
-        )
-    return t
-
-
-def _int4_from_checkpoint(name: str, linear: nn.Linear, tensors: dict, qc: dict, dtype):
-    from bitpress.nn.int4 import Int4Linear
-
-    K, N = linear.in_features, linear.out_features
-    gs = qc["group_size"]
-    if K % 8:
-        raise ValueError(f"{name}: in_features = {K} is not a multiple of 8; cannot be GPTQ-packed")
-    G = 1 if gs == -1 else -(-K // gs)
-    what = f"in_features K={K}, out_features N={N}, group_size={gs}"
-    qweight = _expect(tensors, f"{name}.qweight", [K // 8, N], f"int32 [K/8, N], {what}")
-    qzeros = _expect(tensors, f"{name}.qzeros", [G, -(-N // 8)], f"int32 [G, N/8], {what}")
-    scales = _expect(tensors, f"{name}.scales", [G, N], f"float16 [G, N], {what}")
-    g_idx = None
-    if f"{name}.g_idx" in tensors or qc["desc_act"]:
-        g_idx = _expect(tensors, f"{name}.g_idx", [K], f"int32 [K], {what}")
-    bias = None
-    if linear.bias is not None or f"{name}.bias" in tensors:
-        bias = _expect(tensors, f"{name}.bias", [N], "[N]")
-        if not bias.dtype.is_floating_point:
-            raise ValueError(f"checkpoint: tensor {name!r}.bias must be floating, got {bias.dtype}")
-    for t, suffix, ok in (
-        (qweight, "qweight", (torch.int32,)),
-        (qzeros, "qzeros", (torch.int32,)),
-        (scales, "scales", (torch.float16, torch.bfloat16, torch.float32)),
-        (g_idx, "g_idx", (torch.int32,)),
-    ):
-        if t is not None and t.dtype not in ok:
-            got = str(t.dtype).removeprefix("torch.")
-            want = " or ".join(str(d).removeprefix("torch.") for d in ok)
-            raise ValueError(
-                f"checkpoint: tensor '{name}.{suffix}' has dtype {got}, expected {want}"
-            )
-    try:
-        qw = gptq_to_quantized(
-            qweight,
-            qzeros,
-            scales,
-            g_idx,
-            group_size=gs,
-            sym=qc["sym"],
-            checkpoint_format=qc["checkpoint_format"],
-        )
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint: {name}: {e}") from e
-    return Int4Linear.from_quantized(qw, bias=bias, dtype=dtype)
-
-
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -334,23 +252,25 @@ def from_pretrained(
     with _parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    quantized = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    fmt = checkpoint_formats()[qc["quant_method"]]
     modules = dict(model.named_modules())
     used: set[str] = set()
-    for name in quantized:
+    for name in fmt.module_names(tensors):
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(
-                f"checkpoint: tensor '{name}.qweight' has no nn.Linear {name!r} in "
+                f"checkpoint: tensor '{name}.{fmt.suffixes[0]}' has no nn.Linear {name!r} in "
                 f"{type(model).__name__}"
                 + ("" if linear is None else f" (it is a {type(linear).__name__})")
             )
-        _set_module(model, name, _int4_from_checkpoint(name, linear, tensors, qc, dtype))
-        used.update(f"{name}.{s}" for s in _QUANT_SUFFIXES)
+        _set_module(model, name, fmt.load(name, linear, tensors, qc, dtype))
+        used.update(f"{name}.{s}" for s in fmt.suffixes)
 
     # Everything else: plain parameters and persistent buffers, still on meta / default values.
     expected = {
-        k: v for k, v in model.state_dict(keep_vars=True).items() if not _is_int4_buffer(model, k)
+        k: v
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not _in_quantized_module(model, k)
     }
     state = {}
     for k, ref in expected.items():
@@ -384,19 +304,20 @@ def from_pretrained(
     for k, v in model.state_dict(keep_vars=True).items():
         if v.device.type == "meta":
             raise ValueError(f"checkpoint: missing tensor {k!r} (expected shape {list(v.shape)})")
-    model.config.quantization_config = {"quant_method": "gptq", **qc}
+    model.config.quantization_config = qc
     model.eval()
     return model.to(device)
 
 
-def _is_int4_buffer(model: nn.Module, key: str) -> bool:
-    from bitpress.nn.int4 import Int4Linear
-
+def _in_quantized_module(model: nn.Module, key: str) -> bool:
+    """Whether state_dict entry ``key`` belongs to a module of a checkpoint format (which
+    writes and reads it itself)."""
     parent, _, _ = key.rpartition(".")
     try:
-        return isinstance(model.get_submodule(parent), Int4Linear)
+        module = model.get_submodule(parent)
     except AttributeError:
         return False
+    return any(isinstance(module, f.module_type) for f in checkpoint_formats().values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,8 +329,8 @@ def save_pretrained(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    checkpoint_format: str = "gptq",
     max_shard_size: int | str | None = None,
+    **options,
 ) -> None:
     """Write ``model`` (a transformers model with Int4Linear layers) as a GPTQ checkpoint.
 
@@ -422,45 +343,33 @@ def save_pretrained(
     otherwise in their own dtype, which bitpress reads back but other readers may not. Other
     tensors keep their dtype. Tied weights are written once (re-tied at load).
 
-    ``checkpoint_format``: "gptq" (v1, zeros stored minus one: what AutoGPTQ and most loaders
-    read) or "gptq_v2".
+    ``options`` go to the format's writer; GPTQ (Int4Linear layers): ``checkpoint_format`` "gptq"
+    (v1, zeros stored minus one: what AutoGPTQ and most loaders read, the default) or "gptq_v2".
     """
     from safetensors.torch import save_file
 
-    from bitpress.nn.int4 import Int4Linear
-
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(
-            f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}"
-        )
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError("model must be a transformers model (it has no .config to save)")
-
-    tensors: dict[str, torch.Tensor] = {}
-    int4 = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
-    if not int4:
-        raise ValueError("model has no Int4Linear layer: nothing quantized to save")
-    settings = {(m.group_size, m.sym) for m in int4.values()}
-    if len(settings) > 1:
+    by_format = {
+        f.name: {n: m for n, m in model.named_modules() if isinstance(m, f.module_type)}
+        for f in checkpoint_formats().values()
+    }
+    by_format = {k: v for k, v in by_format.items() if v}
+    if not by_format:
+        kinds = ", ".join(f.module_type.__name__ for f in checkpoint_formats().values())
+        raise ValueError(f"model has no quantized layer ({kinds}): nothing quantized to save")
+    if len(by_format) > 1:
         raise ValueError(
-            f"all Int4Linear layers must share group_size and sym (one quantization_config), got "
-            f"(group_size, sym) = {sorted(settings)}"
+            f"model mixes quantization formats {sorted(by_format)}: a checkpoint has one "
+            "quantization_config"
         )
-    (group_size, sym), desc_act = settings.pop(), False
-    for name, m in int4.items():
-        for k, v in m.to_gptq(checkpoint_format).items():
-            if k == "scales" and v.dtype != torch.float16:
-                # Readers expect float16 scales; write them so whenever that is exact.
-                half = v.to(torch.float16)
-                v = half if torch.equal(half.to(v.dtype), v) else v
-            tensors[f"{name}.{k}"] = v
-        g = m.g_idx
-        desc_act |= bool((g[1:] < g[:-1]).any()) if g.numel() > 1 else False
+    ((name, quantized),) = by_format.items()
+    tensors, qc = checkpoint_formats()[name].save(quantized, **options)
 
     seen: dict[tuple, str] = {}
     for k, v in model.state_dict().items():
-        if _is_int4_buffer(model, k):
+        if _in_quantized_module(model, k):
             continue
         # Tied parameters share storage: write the first name only (safetensors refuses shared
         # tensors), e.g. embed_tokens.weight for a tied lm_head.weight.
@@ -471,17 +380,6 @@ def save_pretrained(
         tensors[k] = v
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
-    qc = {
-        "quant_method": "gptq",
-        "bits": 4,
-        "group_size": group_size,
-        "desc_act": desc_act,
-        "sym": sym,
-        "static_groups": False,
-        "true_sequential": True,
-        "damp_percent": 0.01,
-        "checkpoint_format": checkpoint_format,
-    }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for stale in [

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from bitpress.formats.gptq import default_g_idx, num_groups
-from bitpress.quantize.common import QuantizedWeight
+from bitpress.int4.format_gptq import default_g_idx, num_groups
+from bitpress.int4.quantized import QuantizedWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8c + AWQ_ORDER[i]
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)

@@ -1,0 +1,51 @@
+"""Plain-PyTorch reference of the INT4 ops: the ground truth of the tests.
+
+Each function computes exactly what the op's docstring in :mod:`bitpress.int4.ops` defines, in
+the simplest way, on any device. No kernel tricks and no speed: only clarity. Imports only torch
+and the INT4 layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitpress.int4.layout import Int4PackedWeight, mma_qweight, unpack
+from bitpress.int4.packing import unpack_int4_along_k, unpack_int4_along_n
+
+
+def int4_dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
+    group_size: int = 128,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """w[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n] in float32, rounded once to ``dtype``."""
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    q = unpack_int4_along_k(qweight).to(torch.int32)
+    if g_idx is not None:
+        g = g_idx.long()
+    else:
+        gs = K if group_size == -1 else group_size
+        g = torch.arange(K, device=qweight.device) // max(gs, 1)
+    z = unpack_int4_along_n(qzeros, N).to(torch.int32)[g] if qzeros is not None else 8
+    w = (q - z).to(torch.float32) * scales.to(torch.float32)[g]
+    return w.to(dtype or scales.dtype)
+
+
+def int4_gemm(
+    x: torch.Tensor, weight: Int4PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x · Wᵀ + bias in float64, rounded once to x.dtype; W unpacked from its layout."""
+    w = unpack(weight).dequantize(torch.float64).to(x.device)  # [N, K]
+    y = x.double() @ w.t()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)
+
+
+def int4_gemm_repack(qweight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """GPTQ qweight [K/8, N] (+ perm [Kp]) -> the GPU mma layout's qweight [Kp/16, Nt*128]."""
+    q = unpack_int4_along_k(qweight.cpu())
+    return mma_qweight(q, None if perm is None else perm.cpu()).to(qweight.device)

@@ -1,5 +1,0 @@
-"""Drop-in modules."""
-
-from bitpress.nn.int4 import Int4Linear
-
-__all__ = ["Int4Linear"]
