@@ -40,6 +40,10 @@ Prepared prepare(const at::Tensor& qweight_in, const at::Tensor& scales_in,
   if (g_idx_in) {
     check_dtype(*g_idx_in, kOp, "g_idx", {at::kInt});
     check_dim(*g_idx_in, kOp, "g_idx", 1, "[K]");
+    // g_idx [K] is the plain statement of K: a qweight whose rows disagree is the wrong one.
+    const int64_t Kg = g_idx_in->size(0);
+    TORCH_CHECK(Kg == K || Kg % 8 != 0, kOp, ": qweight.size(0) must be K/8 = ", Kg / 8,
+                " (K = g_idx.size(0) = ", Kg, "), got shape ", qweight_in.sizes());
     check_size(*g_idx_in, kOp, "g_idx", 0, K, "K = 8 * qweight.size(0)");
     check_same_device(*g_idx_in, qweight_in, kOp, "g_idx", "qweight");
     TORCH_CHECK(G > 0 || K == 0, kOp, ": scales must have at least one group, got shape ",

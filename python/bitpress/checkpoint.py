@@ -73,9 +73,12 @@ def parse_quantization_config(qc: dict[str, Any], source: str = "quantization_co
 def _read_json(path: Path) -> dict:
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict:
@@ -109,6 +112,19 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: 'weight_map' must be a non-empty object")
+        for k, f in weight_map.items():
+            if not isinstance(f, str):
+                raise ValueError(
+                    f"{index}: weight_map[{k!r}] must be a file name (a string), got {f!r}"
+                )
+            # A shard is a file of this directory: "../x" or "/abs/x" would read files the
+            # checkpoint does not own.
+            target = (path / f).resolve()
+            if Path(f).is_absolute() or target.parent != path.resolve():
+                raise ValueError(
+                    f"{index}: shard {f!r} (holding {k!r}) is not a file of the checkpoint "
+                    f"directory {path}"
+                )
         files = sorted(set(weight_map.values()))
         for f in files:
             if not (path / f).is_file():
@@ -129,7 +145,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         weight_map = None
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        for k, v in load_file(path / f).items():
+        try:
+            shard = load_file(path / f)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{path / f}: not a readable safetensors file ({e})") from e
+        for k, v in shard.items():
             if k in tensors:
                 raise ValueError(f"{path}: tensor {k!r} appears in more than one shard ({f})")
             if weight_map is not None and weight_map.get(k) != f:

@@ -39,7 +39,13 @@ import torch
 from bitpress._core import ext
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-_DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Meta tensors (shape propagation, torch.compile tracing) go to the compiled op, whose meta kernel
+# is the op's fake: shapes and dtypes are checked, nothing is computed.
+_DEFAULT_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+    "meta": ("cpu", "reference"),
+}
 
 _state = threading.local()
 _global_forced: str | None = None
@@ -200,7 +206,7 @@ class Capability:
 DEFAULT_CAPABILITY = {
     "cuda": Capability(devices=("cuda",), compiled_cuda=True),
     "triton": Capability(devices=("cuda",), interpreter=True),
-    "cpu": Capability(devices=("cpu",)),
+    "cpu": Capability(devices=("cpu", "meta")),
     "reference": Capability(devices=("any",)),
 }
 

@@ -21,6 +21,7 @@ from torch import nn
 from bitpress._core.registry import CheckpointFormat, register_checkpoint_format
 from bitpress.int4.format_gptq import CHECKPOINT_FORMATS, gptq_to_quantized
 from bitpress.int4.modules import Int4Linear
+from bitpress.int4.quantized import check_group_size
 
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
@@ -32,12 +33,12 @@ def parse_gptq_config(qc: dict[str, Any], source: str = "quantization_config") -
     if bits != 4:
         raise ValueError(f"{source}.bits must be 4 (only INT4 GPTQ is supported), got {bits!r}")
     gs = qc.get("group_size", 128)
-    if (
-        not isinstance(gs, int)
-        or isinstance(gs, bool)
-        or not (gs == -1 or (gs > 0 and gs % 8 == 0))
-    ):
+    if not isinstance(gs, int) or isinstance(gs, bool):
         raise ValueError(f"{source}.group_size must be -1 or a positive multiple of 8, got {gs!r}")
+    try:
+        check_group_size(8, gs)
+    except ValueError as e:
+        raise ValueError(f"{source}.{e}") from None
     sym = qc.get("sym", True)
     desc_act = qc.get("desc_act", False)
     for field, value in (("sym", sym), ("desc_act", desc_act)):
@@ -153,7 +154,7 @@ def save_gptq(
         "desc_act": desc_act,
         "sym": sym,
         "static_groups": False,
-        "true_sequential": True,
+        "true_sequential": False,  # one pass per decoder layer (bitpress.int4.gptq)
         "damp_percent": 0.01,
         "checkpoint_format": checkpoint_format,
     }

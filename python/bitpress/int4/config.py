@@ -30,8 +30,10 @@ class Int4Config:
     group_size : rows of K per scale/zero group: 32, 64, 128 (default) or -1 (one group).
     sym : symmetric groups (zero point 8) or asymmetric (min/max).
     method : "rtn" (round to nearest, no data) or "gptq" (needs ``calibration``).
-    act_order, damp, static_groups, block_size : GPTQ options (bitpress.int4.gptq).
-    calibration : token-id batches [B, T] for GPTQ.
+    act_order, damp, static_groups, block_size, act_group_aware : GPTQ options
+        (bitpress.int4.gptq).
+    calibration : batches for GPTQ: token ids [B, T] for a transformers model, input tensors for
+        any other module.
     filter_fn : (name, module) -> bool, which Linear layers to quantize (default: all but lm_head).
     dtype : dtype of scales and bias (default: the layer's weight dtype, float16 for float32).
     """
@@ -43,6 +45,7 @@ class Int4Config:
     damp: float = 0.01
     static_groups: bool = False
     block_size: int = 128
+    act_group_aware: bool = False
     calibration: Sequence[torch.Tensor] | None = None
     filter_fn: Callable[[str, nn.Module], bool] | None = None
     dtype: torch.dtype | None = None
@@ -56,7 +59,8 @@ class Int4Config:
             raise ValueError(f"Int4Config.{e}") from None
         if self.method == "gptq" and not self.calibration:
             raise ValueError(
-                "Int4Config(method='gptq') needs calibration: a list of token-id batches [B, T]"
+                "Int4Config(method='gptq') needs calibration: a list of token-id batches [B, T] "
+                "(transformers models) or of input tensors (any other module)"
             )
 
 
@@ -103,6 +107,7 @@ def quantize_int4(model: nn.Module, config: Int4Config) -> nn.Module:
             damp=config.damp,
             static_groups=config.static_groups,
             block_size=config.block_size,
+            act_group_aware=config.act_group_aware,
             filter_fn=lambda n, m: n in chosen,
         )
     for name, lin in chosen.items():

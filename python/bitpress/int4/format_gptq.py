@@ -32,7 +32,7 @@ from bitpress.int4.packing import (
     unpack_int4_along_k,
     unpack_int4_along_n,
 )
-from bitpress.int4.quantized import QuantizedWeight
+from bitpress.int4.quantized import QuantizedWeight, check_group_size
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -115,6 +115,7 @@ def gptq_to_quantized(
     if qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D [K/8, N], got shape {_shape(qweight)}")
     K, N = qweight.shape[0] * 8, qweight.shape[1]
+    check_group_size(K, group_size)
     G = num_groups(K, group_size)
 
     if not isinstance(scales, torch.Tensor) or scales.dtype not in _SCALE_DTYPES:
@@ -155,6 +156,13 @@ def gptq_to_quantized(
     else:
         if not isinstance(g_idx, torch.Tensor) or g_idx.dtype.is_floating_point:
             raise TypeError(f"g_idx must be an integer tensor [K], got {_desc(g_idx)}")
+        if g_idx.dim() == 1 and g_idx.shape[0] != K and g_idx.shape[0] % 8 == 0:
+            # g_idx [K] is the plain statement of K: a qweight whose rows disagree is wrong.
+            Kg = g_idx.shape[0]
+            raise ValueError(
+                f"qweight must have shape [K/8, N] = [{Kg // 8}, {N}] (K = g_idx.size(0) = {Kg}), "
+                f"got {_shape(qweight)}"
+            )
         if _shape(g_idx) != [K]:
             raise ValueError(f"g_idx must have shape [K] = [{K}], got {_shape(g_idx)}")
         if K and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):

@@ -38,6 +38,7 @@ compensated for).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -80,6 +81,17 @@ class HessianAccumulator:
         return self.H
 
 
+def _group_aware_order(diag: torch.Tensor, gs: int) -> torch.Tensor:
+    """Columns ordered group by group (groups by decreasing max diag(H)), each group's columns by
+    decreasing diag(H): a permutation that keeps every group contiguous."""
+    K = diag.numel()
+    groups = [torch.arange(g, min(g + gs, K)) for g in range(0, K, gs)]
+    local = [c[torch.argsort(diag[c], descending=True, stable=True)] for c in groups]
+    importance = torch.stack([diag[c].max() for c in groups])
+    order = torch.argsort(importance, descending=True, stable=True)
+    return torch.cat([local[int(g)] for g in order])
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -91,6 +103,7 @@ def gptq_quantize(
     static_groups: bool = False,
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float16,
+    act_group_aware: bool = False,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight [N, K]`` given the Hessian ``H [K, K]`` of its inputs.
 
@@ -114,6 +127,12 @@ def gptq_quantize(
         Columns per lazy batch.
     scale_dtype : torch.dtype
         dtype of the returned scales.
+    act_group_aware : bool
+        Without ``act_order``: process the groups by decreasing importance (largest ``diag(H)``
+        of their columns) and, inside each group, the columns by decreasing ``diag(H)``
+        (GPTQModel's group-aware reordering). Each group's columns stay together, so every
+        group's parameters come from its own columns and ``g_idx`` stays ``k // group_size``:
+        the kernel needs no row permutation.
 
     Returns
     -------
@@ -148,10 +167,13 @@ def gptq_quantize(
 
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
+    elif act_group_aware and group_size != -1:
+        perm = _group_aware_order(torch.diag(H), gs)
     else:
         perm = torch.arange(K)
+    if act_order or act_group_aware:
+        W = W[:, perm]
+        H = H[perm][:, perm]
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     try:
@@ -164,7 +186,7 @@ def gptq_quantize(
 
     Q = torch.zeros_like(W)
     # Group (in 0..G) of each processed position i, i.e. of original column perm[i].
-    if static_groups:
+    if static_groups or (act_group_aware and not act_order):
         group_of_pos = perm // gs
     else:
         group_of_pos = torch.arange(K) // gs
@@ -226,6 +248,31 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
             if len(mod) and (best is None or size > best[2]):
                 best = (name, mod, size)
     return None if best is None else (best[0], best[1])
+
+
+def _takes_input_ids(model: nn.Module) -> bool:
+    try:
+        return "input_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def run_calibration(model: nn.Module, batch, **transformers_kwargs):
+    """One forward pass on a calibration batch: token ids [B, T] for a transformers model
+    (``model(input_ids=batch, **transformers_kwargs)``), a dict of keyword arguments, a tuple of
+    positional arguments, or an input tensor for any other module (``model(batch)``)."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(
+            "calibration batches must be tensors (token ids [B, T] for a transformers model, "
+            f"inputs for any other module), tuples or dicts, got {type(batch).__name__}"
+        )
+    if _takes_input_ids(model):
+        return model(input_ids=batch, **transformers_kwargs)
+    return model(batch)
 
 
 def _linears(module: nn.Module, prefix: str, filter_fn) -> dict[str, nn.Linear]:
@@ -290,15 +337,18 @@ def gptq_quantize_model(
     static_groups: bool = False,
     block_size: int = 128,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    act_group_aware: bool = False,
 ) -> nn.Module:
     """GPTQ-quantize the Linear layers of ``model`` in place, replacing them with ``Int4Linear``.
 
     Parameters
     ----------
     model : nn.Module
-        A transformers causal LM (any model whose forward takes ``input_ids``).
-    calibration : sequence of Tensor, int64, shape [B, T]
-        Batches of token ids (no padding: every token is counted in the Hessians).
+        A transformers causal LM, or any other module (a plain ``nn.Sequential`` of Linear
+        layers included).
+    calibration : sequence of Tensor (or tuples / dicts of arguments)
+        Batches of token ids [B, T] for a transformers model (no padding: every token is counted
+        in the Hessians); input tensors for any other module (see :func:`run_calibration`).
     filter_fn : callable(name, module) -> bool, optional
         Which Linear layers to quantize; default: every Linear except ``lm_head``.
     Other arguments are those of :func:`gptq_quantize`.
@@ -317,7 +367,10 @@ def gptq_quantize_model(
     all are quantized.
     """
     if not calibration:
-        raise ValueError("calibration must hold at least one batch of input_ids")
+        raise ValueError(
+            "calibration must hold at least one batch (token ids for a transformers model, "
+            "input tensors for any other module)"
+        )
     filter_fn = filter_fn or _default_filter
     qkw = dict(
         group_size=group_size,
@@ -326,6 +379,7 @@ def gptq_quantize_model(
         damp=damp,
         static_groups=static_groups,
         block_size=block_size,
+        act_group_aware=act_group_aware,
     )
     was_training = model.training
     model.eval()
@@ -335,8 +389,8 @@ def gptq_quantize_model(
             linears = _linears(model, "", filter_fn)
             hessians, handles = _hook_hessians(linears)
             try:
-                for ids in calibration:
-                    model(input_ids=ids)
+                for batch in calibration:
+                    run_calibration(model, batch)
             finally:
                 for h in handles:
                     h.remove()
@@ -352,9 +406,9 @@ def gptq_quantize_model(
 
         handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            for ids in calibration:
+            for batch in calibration:
                 try:
-                    model(input_ids=ids, use_cache=False)
+                    run_calibration(model, batch, use_cache=False)
                 except _Catch:
                     pass
         finally:
@@ -389,8 +443,8 @@ def gptq_quantize_model(
         if rest:
             hessians, handles = _hook_hessians(rest)
             try:
-                for ids in calibration:
-                    model(input_ids=ids, use_cache=False)
+                for batch in calibration:
+                    run_calibration(model, batch, use_cache=False)
             finally:
                 for h in handles:
                     h.remove()

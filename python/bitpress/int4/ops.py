@@ -21,7 +21,7 @@ from bitpress._core.checks import check_size as _check_size
 from bitpress._core.checks import fail as _fail
 from bitpress._core.registry import OpSpec, register_op
 from bitpress.int4 import cases, reference
-from bitpress.int4.layout import LAYOUTS, Int4Layout, Int4PackedWeight
+from bitpress.int4.layout import LAYOUTS, Int4Layout, Int4MmaTiles, Int4PackedWeight
 
 try:  # triton is optional (it comes with CUDA builds of torch); without it the backend refuses
     from bitpress.triton_kernels import int4_dequantize as tk_int4_dequantize
@@ -105,6 +105,14 @@ def _check_int4_dequantize(qweight, scales, qzeros, g_idx, group_size, dtype):
     if g_idx is not None:
         _check_dtype(op, "g_idx", g_idx, (torch.int32,))
         _check_dim(op, "g_idx", g_idx, 1, "[K]")
+        if g_idx.shape[0] != K and g_idx.shape[0] % 8 == 0:
+            # g_idx [K] is the plain statement of K: a qweight whose rows disagree is the wrong one.
+            Kg = g_idx.shape[0]
+            _fail(
+                op,
+                f"qweight.size(0) must be K/8 = {Kg // 8} (K = g_idx.size(0) = {Kg}), got shape "
+                f"{list(qweight.shape)}",
+            )
         _check_size(op, "g_idx", g_idx, 0, K, "K = 8 * qweight.size(0)")
         _check_device(op, "g_idx", g_idx, qweight, "qweight")
         if G == 0 and K > 0:
@@ -355,14 +363,92 @@ def _int4_gemm_triton(
 torch.library.register_fake("bitpress::int4_gemm_triton")(_int4_gemm_fake)
 
 
+# Autograd: the weight is frozen (quantized), x and bias get gradients, as QLoRA-style adapter
+# training on a quantized base needs: dx = dy · W (W [N, K] dequantized), dbias = sum of dy.
+# The backward dequantizes W from the kernel layout with plain torch ops (O(K N) memory traffic
+# per call, no caching: the module keeps one copy of its weight).
+
+
+def _int4_gemm_setup_context(ctx, inputs, output):
+    x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias = inputs
+    if scales.requires_grad:
+        _fail(
+            "int4_gemm",
+            "the quantized weight is frozen: scales must not require grad (gradients flow to x "
+            "and bias only)",
+        )
+    ctx.save_for_backward(qweight, scales, zeros, group_starts, perm)
+    ctx.meta = (x.shape[-1], out_features, layout, x.dtype, bias is not None)
+
+
+def _int4_gemm_backward(ctx, grad):
+    qweight, scales, zeros, group_starts, perm = ctx.saved_tensors
+    K, N, layout, x_dtype, has_bias = ctx.meta
+    weight = LAYOUTS[layout](qweight, scales, zeros, group_starts, perm, K, N, torch.float32)
+    w = reference.dequantize_packed(weight, torch.float32).to(grad.device)  # [N, K]
+    grad_x = (grad.to(torch.float32) @ w).to(x_dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = None
+    if has_bias and ctx.needs_input_grad[8]:
+        grad_bias = grad.reshape(-1, N).sum(0)
+    return grad_x, None, None, None, None, None, None, None, grad_bias
+
+
+for _name in ("bitpress::int4_gemm", "bitpress::int4_gemm_triton"):
+    torch.library.register_autograd(
+        _name, _int4_gemm_backward, setup_context=_int4_gemm_setup_context
+    )
+
+
 @backends.register("int4_gemm", "triton", _TRITON_SM80)
 def _int4_gemm_triton_backend(x, weight, bias):
     return torch.ops.bitpress.int4_gemm_triton(x, **weight.op_kwargs(), bias=bias)
 
 
+def _check_int4_gemm_values(x, weight):
+    """The value checks of the CPU glue (CPU tensors, outside torch.compile: they sync):
+    group_starts and perm. On CUDA they would cost a host sync: a bad perm gives NaN there."""
+    if weight.qweight.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    op, K = "int4_gemm", x.shape[-1]
+    g = weight.group_starts.long()
+    G = g.numel() - 1
+    if isinstance(weight, Int4MmaTiles):
+        tiles = weight.qweight.shape[0] // max(G, 1) if G else 0
+        expect = torch.arange(G + 1) * tiles
+        if not torch.equal(g, expect):
+            _fail(op, f"group_starts must be arange(G + 1) * {tiles} (uniform groups, in k-tiles)")
+    else:
+        end = weight.qweight.shape[1]
+        if G and (int(g[0]) != 0 or int(g[-1]) != end):
+            _fail(
+                op, f"group_starts must run from 0 to Kp/8 = {end}, got [{int(g[0])}, {int(g[-1])}]"
+            )
+        dec = (g[1:] < g[:-1]).nonzero()
+        if len(dec):
+            i = int(dec[0])
+            _fail(
+                op,
+                f"group_starts must be non-decreasing, got {int(g[i])} then {int(g[i + 1])} at {i}",
+            )
+    if weight.perm is not None:
+        p = weight.perm.long()
+        bad = ((p < -1) | (p >= K)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            _fail(
+                op,
+                f"perm values must lie in [-1, {K}) (K = x.size(-1)), got perm[{i}] = {int(p[i])}",
+            )
+        rows = p[p >= 0]
+        if rows.numel() != rows.unique().numel():
+            v = int(rows.sort().values[rows.sort().values.diff() == 0][0])
+            _fail(op, f"perm must name each row of x at most once, got row {v} more than once")
+
+
 @backends.register("int4_gemm", "reference")
 def _int4_gemm_reference(x, weight, bias):
     _check_int4_gemm(x, **weight.op_kwargs(), bias=bias)
+    _check_int4_gemm_values(x, weight)
     return reference.int4_gemm(x, weight, bias)
 
 

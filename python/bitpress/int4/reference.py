@@ -34,11 +34,16 @@ def int4_dequantize(
     return w.to(dtype or scales.dtype)
 
 
+def dequantize_packed(weight: Int4PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] of a packed weight (either layout), in ``dtype``, on the CPU."""
+    return unpack(weight).dequantize(dtype)
+
+
 def int4_gemm(
     x: torch.Tensor, weight: Int4PackedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y = x · Wᵀ + bias in float64, rounded once to x.dtype; W unpacked from its layout."""
-    w = unpack(weight).dequantize(torch.float64).to(x.device)  # [N, K]
+    w = dequantize_packed(weight, torch.float64).to(x.device)  # [N, K]
     y = x.double() @ w.t()
     if bias is not None:
         y = y + bias.double()

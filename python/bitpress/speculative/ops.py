@@ -200,7 +200,9 @@ def _check_spec_verify(
     return B, K, V
 
 
-def _check_spec_verify_values(target_logits, draft_tokens, num_draft, temperature):
+def _check_spec_verify_values(
+    target_logits, draft_tokens, num_draft, temperature, draft_probs=None
+):
     """The value checks of the C++ glue (CPU tensors, outside torch.compile: they sync)."""
     if target_logits.device.type != "cpu" or torch.compiler.is_compiling():
         return
@@ -226,6 +228,19 @@ def _check_spec_verify_values(target_logits, draft_tokens, num_draft, temperatur
                 f"temperature values must be >= 0 (0: greedy), got temperature[{b}] = "
                 f"{float(temperature[b]):g}",
             )
+        sampling = temperature is not None and float(temperature[b]) > 0.0
+        if draft_probs is not None and sampling and nb:
+            # q is read at the draft positions of sampling rows: a negative q would accept every
+            # draft, a NaN reject every one.
+            q = draft_probs[b, :nb].float()
+            bad = (~(q >= 0) | torch.isinf(q)).nonzero()
+            if len(bad):
+                j, v = (int(i) for i in bad[0])
+                _fail(
+                    op,
+                    f"draft_probs values must be finite and >= 0, got draft_probs[{b}, {j}, {v}] "
+                    f"= {float(q[j, v]):g}",
+                )
 
 
 @torch.library.register_fake("bitpress::spec_verify")
@@ -272,7 +287,7 @@ def _spec_verify_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (target_logits, draft_tokens, num_draft, draft_probs, temperature, top_k, top_p, seeds)
     _check_spec_verify(*args, offsets)
-    _check_spec_verify_values(target_logits, draft_tokens, num_draft, temperature)
+    _check_spec_verify_values(target_logits, draft_tokens, num_draft, temperature, draft_probs)
     return tk_spec_verify.spec_verify(*args, offsets)
 
 
@@ -287,7 +302,7 @@ def _spec_verify_triton_backend(*args):
 @backends.register("spec_verify", "reference")
 def _spec_verify_reference(*args):
     _check_spec_verify(*args)
-    _check_spec_verify_values(args[0], args[1], args[2], args[4])
+    _check_spec_verify_values(args[0], args[1], args[2], args[4], args[3])
     return reference.spec_verify(*args)
 
 

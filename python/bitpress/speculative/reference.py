@@ -199,7 +199,9 @@ def spec_verify(
     diff = p_a - q_a
     w = torch.where(diff > 0, diff, torch.zeros_like(diff))
     if draft_probs is None and K > 0:  # q one-hot at the rejected draft: no residual mass there
-        one_hot = torch.nn.functional.one_hot(d[rows, a.clamp(max=K - 1)], V).bool()
+        # d at the deciding position may be -1 padding (a == num_draft < K: nothing rejected).
+        one_hot = torch.nn.functional.one_hot(d[rows, a.clamp(max=K - 1)].clamp(0, V - 1), V)
+        one_hot = one_hot.bool()
         w = torch.where(one_hot & rejected[:, None], torch.zeros_like(w), w)
     u = u1[rows, a]
     tok = _inverse_cdf(w, u)
