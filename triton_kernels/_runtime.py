@@ -11,6 +11,8 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from bitpress._core import ext as _ext
+
 
 def jit_function(kernel) -> JITFunction:
     """The compilable JITFunction of a kernel (also when TRITON_INTERPRET=1 wrapped it)."""
@@ -88,7 +90,6 @@ def keep_compilable(namespace: dict, names) -> None:
 
 
 def poison_outputs() -> bool:
-    from bitpress import _ext
 
     return bool(_ext.C.set_poison_outputs(False)) and not _ext.C.set_poison_outputs(True)
 
