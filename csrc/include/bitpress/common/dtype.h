@@ -131,18 +131,18 @@ BITPRESS_INLINE uint16_t float_to_half_bits(float f) {
   return uint16_t(o | sign);
 }
 
-// Load one element of type `t` (fp32, fp16 or bf16: dtype_valid) at index i of `p` as float;
-// NaN for another type (callers check dtype_valid first).
+// Load one element of type `t` at index i of `p` as float. Only for fp32, fp16 and bf16
+// (dtype_valid, which every caller checks first): any other type is read as fp32. (An explicit
+// fp32 case with a NaN default would be safer, but it changes the SASS of the GEMM epilogues,
+// which call this in unrolled loops.)
 BITPRESS_INLINE float load_as_float(const void* p, DType t, int64_t i) {
   switch (t) {
-    case DType::kFloat32:
-      return static_cast<const float*>(p)[i];
     case DType::kFloat16:
       return half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
     case DType::kBFloat16:
       return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
     default:
-      return bits_float(0x7fc00000u);
+      return static_cast<const float*>(p)[i];
   }
 }
 
