@@ -56,12 +56,12 @@ bench: build
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check python triton_kernels tests bench setup.py
 	$(VENV)/bin/ruff format --check python triton_kernels tests bench setup.py
-	find csrc tests/cpp -name '*.h' -o -name '*.cpp' -o -name '*.cu' | xargs $(VENV)/bin/clang-format --dry-run --Werror
+	find csrc tests/cpp -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu' | xargs $(VENV)/bin/clang-format --dry-run --Werror
 
 format: $(VENV)/.deps
 	$(VENV)/bin/ruff format python triton_kernels tests bench setup.py
 	$(VENV)/bin/ruff check --fix python triton_kernels tests bench setup.py
-	find csrc tests/cpp -name '*.h' -o -name '*.cpp' -o -name '*.cu' | xargs $(VENV)/bin/clang-format -i
+	find csrc tests/cpp -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu' | xargs $(VENV)/bin/clang-format -i
 
 info: build
 	$(PY) -m bitpress info

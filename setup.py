@@ -4,12 +4,16 @@ Environment:
   BITPRESS_CUDA=0|1       0: CPU-only build. 1: CUDA required (error if no toolkit/CUDA torch).
                           Unset: CUDA when torch is a CUDA build and nvcc is found.
   TORCH_CUDA_ARCH_LIST    CUDA archs; default "8.0;9.0a" (Ampere mma.sync, Hopper wgmma).
+                          Each .cu is compiled only for the listed archs it is written for:
+                          `<op>_sm80.cu` for every listed arch >= 8.0, `<op>_sm90a.cu` only for
+                          9.0a (skipped when 9.0a is not listed); see csrc/README.md.
   CUDA_HOME               CUDA toolkit; default /usr/local/cuda when it exists.
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
 import glob
 import os
+import re
 import site
 import sys
 
@@ -51,27 +55,92 @@ def cuda_header_dirs() -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
-def sm_names(arch_list: str) -> str:
+def parse_archs(arch_list: str) -> list[tuple[int, str, bool]]:
+    """TORCH_CUDA_ARCH_LIST -> [(80, "", ptx), (90, "a", ptx)]: numeric arch, suffix, +PTX."""
     out = []
     for a in arch_list.replace(" ", ";").split(";"):
-        a = a.strip().replace("+PTX", "")
-        if a:
-            out.append("sm_" + a.replace(".", ""))
-    return ",".join(out)
+        a = a.strip()
+        if not a:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", a)
+        if not m:
+            sys.exit(f"TORCH_CUDA_ARCH_LIST: unsupported entry {a!r} (expected e.g. 8.0, 9.0a)")
+        out.append((int(m[1] + m[2]), m[3], m[4] is not None))
+    return out
+
+
+def sm_names(arch_list: str) -> str:
+    return ",".join(f"sm_{num}{sfx}" for num, sfx, _ in parse_archs(arch_list))
+
+
+def source_archs(path: str, archs: list[tuple[int, str, bool]]) -> list[tuple[int, str, bool]]:
+    """The listed archs a CUDA source is compiled for, from its name `<op>_sm<NN>[a].cu`.
+
+    `_sm80.cu`: every listed arch >= 8.0 (sm_90a included: arch-specific targets run portable
+    code too). `_sm90a.cu` (arch-specific instructions: wgmma, setmaxnreg): 9.0a only.
+    """
+    m = re.search(r"_sm(\d+)([af]?)\.cu$", os.path.basename(path))
+    if not m:
+        sys.exit(f"{path}: a CUDA source must be named <op>_sm<NN>.cu or <op>_sm<NN>a.cu")
+    num, sfx = int(m[1]), m[2]
+    if sfx:
+        return [a for a in archs if a[0] == num and a[1] == sfx]
+    return [a for a in archs if a[0] >= num]
+
+
+def gencode_flags(archs: list[tuple[int, str, bool]]) -> list[str]:
+    flags = []
+    for num, sfx, ptx in archs:
+        flags.append(f"-gencode=arch=compute_{num}{sfx},code=sm_{num}{sfx}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num}{sfx},code=compute_{num}{sfx}")
+    return flags
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, with per-source CUDA archs.
+
+    torch applies one -gencode set (from TORCH_CUDA_ARCH_LIST) to every .cu of an extension.
+    Here the .cu sources are grouped by the archs their names ask for (source_archs); each group
+    is compiled through the same (ninja) compiler and flags, plus its own -gencode flags (an
+    explicit arch flag makes torch add none), into its own object folder, and the objects are
+    linked into the extension.
+    """
+
+    def build_extension(self, ext):
+        groups = getattr(ext, "cuda_arch_groups", {})
+        objects = []
+        for gencode, sources in groups.items():
+            tag = "_".join(f.split("code=")[-1] for f in gencode)
+            args = dict(ext.extra_compile_args)
+            args["nvcc"] = list(args["nvcc"]) + list(gencode)
+            objects += self.compiler.compile(
+                sources,
+                output_dir=os.path.join(self.build_temp, "cuda_" + tag),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=args,
+                depends=ext.depends,
+            )
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
 
 
 def extension():
     with_cuda = want_cuda()
-    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    # csrc: the private headers of the sources (common/, torch/glue.h); csrc/include: the API.
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     # -fopenmp: torch is built with OpenMP and at::parallel_for is a header template whose
     # `#pragma omp parallel` is compiled into this extension; without the flag it runs serially.
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
-    sources = sorted(glob.glob(os.path.join("csrc", "torch", "*.cpp")))
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # One folder per feature (csrc/<feature>/): kernels, torch glue and CUDA stubs. The stubs
+    # (`*_cuda_stubs.cpp`) stand in for the CUDA entry points in a build without CUDA.
+    sources = sorted(glob.glob(os.path.join("csrc", "*", "*.cpp")))
     if not with_cuda:
         return cpp_extension.CppExtension(
             "bitpress._C",
-            sources + cpu_sources,
+            sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
@@ -79,6 +148,7 @@ def extension():
         )
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    archs = parse_archs(arch_list)
     defines = ["-DBITPRESS_WITH_CUDA", f'-DBITPRESS_CUDA_ARCHS="{sm_names(arch_list)}"']
     nvcc = [
         "-O3",
@@ -87,14 +157,21 @@ def extension():
         "-lineinfo",  # source lines in SASS dumps and profilers; no effect on the code
         "-Xfatbin=-compress-all",
     ]
-    cpu_sources = [s for s in cpu_sources if not s.endswith("cuda_stubs.cpp")]
-    return cpp_extension.CUDAExtension(
+    sources = [s for s in sources if not s.endswith("_cuda_stubs.cpp")]
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for cu in sorted(glob.glob(os.path.join("csrc", "*", "*.cu"))):
+        gencode = tuple(gencode_flags(source_archs(cu, archs)))
+        if gencode:  # e.g. an _sm90a.cu when 9.0a is not listed: not built
+            groups.setdefault(gencode, []).append(cu)
+    ext = cpp_extension.CUDAExtension(
         "bitpress._C",
-        sources + cpu_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
+        sources,
         include_dirs=include_dirs + cuda_header_dirs(),
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
         extra_link_args=["-fopenmp"],
     )
+    ext.cuda_arch_groups = groups
+    return ext
 
 
 setup(
@@ -104,5 +181,5 @@ setup(
     ],
     package_dir={"bitpress": "python/bitpress", "bitpress.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

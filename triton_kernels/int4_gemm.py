@@ -2,7 +2,7 @@
 
 ``y[m, n] = sum_k x[m, perm[k]] * (q[k, n] - z[g(k), n]) * s[g(k), n] + bias[n]``, float32
 accumulation, one rounding to x.dtype. The weight layout is described in
-``csrc/include/bitpress/int4_mma_layout.h``.
+``csrc/include/bitpress/int4/int4_mma_layout.h``.
 
 Decoding the layout without a gather
 ------------------------------------

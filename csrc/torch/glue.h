@@ -15,9 +15,9 @@
 #include <sstream>
 #include <string>
 
-#include "bitpress/cpu.h"
-#include "bitpress/dtype.h"
-#include "bitpress/status.h"
+#include "bitpress/common/cpu.h"
+#include "bitpress/common/dtype.h"
+#include "bitpress/common/status.h"
 
 namespace bitpress::glue {
 

@@ -1,47 +1,20 @@
-// The extension module bitpress._C: every op schema of the `bitpress` library, and a few plain
-// Python functions (build and CPU facts, the CPU ISA override) for bitpress.info / tests.
+// The extension module bitpress._C: a few plain Python functions (build and CPU facts, the CPU ISA
+// override) for bitpress.info / tests.
 //
-// Importing bitpress._C runs the static registrations of this file and of the op files.
+// Importing bitpress._C runs the static registrations of the op files: each feature's torch glue
+// (csrc/<feature>/*_torch.cpp) declares its ops' schemas with TORCH_LIBRARY_FRAGMENT(bitpress, m)
+// next to their implementations, so no file owns the `bitpress` library.
 #include <Python.h>
-#include <torch/library.h>
 
 #include <string>
 
-#include "bitpress/cpu.h"
-#include "bitpress/version.h"
+#include "bitpress/common/cpu.h"
+#include "bitpress/common/version.h"
 #include "glue.h"
 
 #ifndef BITPRESS_CUDA_ARCHS
 #define BITPRESS_CUDA_ARCHS ""
 #endif
-
-TORCH_LIBRARY(bitpress, m) {
-  // Shapes: qweight [K/8, N] int32, scales [G, N], qzeros [G, ceil(N/8)] int32, g_idx [K] int32,
-  // out [K, N]. See python/bitpress/ops.py for the full contract.
-  m.def(
-      "int4_dequantize(Tensor qweight, Tensor scales, Tensor? qzeros, Tensor? g_idx, "
-      "int group_size, ScalarType? dtype=None) -> Tensor");
-  // target_logits [B, K+1, V], draft_tokens [B, K]; the rest [B] (draft_probs [B, K, V]).
-  // Returns (tokens [B, K+1], num_accepted [B], num_emitted [B]), int64. See bitpress.ops.
-  m.def(
-      "spec_verify(Tensor target_logits, Tensor draft_tokens, Tensor? num_draft=None, "
-      "Tensor? draft_probs=None, Tensor? temperature=None, Tensor? top_k=None, "
-      "Tensor? top_p=None, Tensor? seeds=None, Tensor? offsets=None) -> (Tensor, Tensor, Tensor)");
-  // x [..., K]; returns [..., N]. The weight is in one of two layouts, named by `layout`
-  // (0 = CPU tiles, 1 = GPU mma tiles; bitpress.int4.layout.Int4Layout):
-  //  * CPU tile layout (bitpress/int4_gemm.h; CPU kernel): qweight [Nt, Kp/8, 64], scales and
-  //    zeros [Nt, G, 64], group_starts [G+1] in octets;
-  //  * GPU mma layout (bitpress/int4_mma_layout.h; CUDA kernel): qweight [Kp/16, Nt*128], scales
-  //    and zeros [G, Np], group_starts [G+1] in 16-row k-tiles;
-  // perm [Kp] in both (source row of x, -1 = padding row; None = identity).
-  m.def(
-      "int4_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor group_starts, "
-      "Tensor? perm, int out_features, int layout, Tensor? bias=None) -> Tensor");
-  // qweight [K/8, N] int32 (GPTQ, packed along K); perm [Kp] int32 (source row of each packed
-  // row, -1 = zero row) or None (identity; K % 16 == 0). Returns the GPU mma layout's qweight
-  // [Kp/16, ceil(N/64)*128] int32 (bitpress/int4_mma_layout.h).
-  m.def("int4_gemm_repack(Tensor qweight, Tensor? perm) -> Tensor");
-}
 
 namespace {
 

@@ -3,7 +3,7 @@
 // without perm, padded row strides and a chunking thread pool; the error statuses; and the
 // consistency of the header's maps, which the CUDA kernel uses in their inverse form.
 #include <bitpress/bitpress.h>
-#include <bitpress/int4_mma_layout.h>
+#include <bitpress/int4/int4_mma_layout.h>
 
 #include <algorithm>
 #include <cstdint>

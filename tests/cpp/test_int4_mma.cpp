@@ -1,4 +1,5 @@
-// Host tests of the CUDA int4_gemm's __host__ __device__ helpers (bitpress/int4_mma_dequant.h):
+// Host tests of the CUDA int4_gemm's __host__ __device__ helpers (bitpress/int4/int4_mma_dequant.h,
+// and the shared swizzle of bitpress/cuda/primitives.cuh):
 //   1. lop3 / magic-number dequantization: every q and z (0..15), fp16 and bf16, a sweep of
 //      scales (normal, subnormal, large, random) against round((q - z) * s) computed in double;
 //   2. the shared-memory index math: A swizzle (bijective, ldmatrix conflict-free), B and scale
@@ -10,9 +11,10 @@
 //      compared with x * dequant(W) in double. Ragged M, N and K (partial tiles, stages, blocks);
 //   4. argument checks of int4_gemm_cuda (no device needed).
 #include <bitpress/bitpress.h>
-#include <bitpress/int4_mma_dequant.h>
-#include <bitpress/int4_mma_layout.h>
+#include <bitpress/int4/int4_mma_dequant.h>
+#include <bitpress/int4/int4_mma_layout.h>
 
+#include <bitpress/cuda/primitives.cuh>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -128,6 +130,29 @@ void test_indices() {
         CHECK(int4_mma_half_of_reg(p) == (v & 3) / 2, "half of reg");  // b0b1 -> 0, b2b3 -> 1
       }
   for (int i = 0; i < 16 * 64; ++i) CHECK(seen[i] == 1, "tile coverage %d", i);
+
+  // The shared XOR swizzle (bitpress/cuda/primitives.cuh) that the kernel's A tile uses: a
+  // permutation of each row's chunks, and the 8 rows of one logical chunk in 8 bank groups.
+  for (int row_chunks : {8, 16, 32}) {
+    for (int row = 0; row < 16; ++row) {
+      std::vector<int> rhit(row_chunks, 0);
+      for (int ch = 0; ch < row_chunks; ++ch) {
+        const int s = swizzled_chunk_index(row, ch, row_chunks) - row * row_chunks;
+        CHECK(s >= 0 && s < row_chunks, "swizzle stays in the row");
+        if (s >= 0 && s < row_chunks) rhit[s]++;
+      }
+      for (int s = 0; s < row_chunks; ++s) CHECK(rhit[s] == 1, "swizzle permutes a row");
+    }
+    for (int ch = 0; ch < row_chunks; ++ch) {
+      int groups = 0;
+      for (int r = 0; r < 8; ++r) groups |= 1 << (swizzled_chunk_index(r, ch, row_chunks) % 8);
+      CHECK(groups == 0xFF, "swizzle: 8 rows of chunk %d in 8 bank groups", ch);
+    }
+  }
+  for (int row = 0; row < 64; ++row)
+    for (int ch = 0; ch < 16; ++ch)
+      CHECK(int4_gemm_a_smem_chunk(row, ch) == swizzled_chunk_index(row, ch, 16),
+            "A tile uses the shared swizzle");
 
   for (int MT : {1, 2, 4}) {
     const int chunks = 16 * MT * 16;

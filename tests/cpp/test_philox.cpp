@@ -1,7 +1,7 @@
-// Host tests of the shared RNG and float helpers of spec_verify (bitpress/philox.h,
-// bitpress/spec_verify.h), and spec_verify_cpu through the torch-free API: Random123 known-answer
-// vectors, the stream layout, the uniform, exp2_neg against std::exp2, the order keys, a greedy
-// verification on every ISA path, and the argument checks.
+// Host tests of the shared RNG and float helpers of spec_verify (bitpress/common/philox.h,
+// bitpress/speculative/spec_verify.h), and spec_verify_cpu through the torch-free API: Random123
+// known-answer vectors, the stream layout, the uniform, exp2_neg against std::exp2, the order keys,
+// a greedy verification on every ISA path, and the argument checks.
 #include <bitpress/bitpress.h>
 
 #include <cmath>

@@ -23,7 +23,7 @@ zero points [G, N], a group index per row ``g_idx`` [K]. The kernel wants instea
 * ``scales`` [Nt, G, 64] float32 and ``zeros`` [Nt, G, 64] uint8 (None when every zero point
   is 8, the symmetric case).
 
-The GPU mma layout (full description: ``csrc/include/bitpress/int4_mma_layout.h``):
+The GPU mma layout (full description: ``csrc/include/bitpress/int4/int4_mma_layout.h``):
 
 * **Uniform groups in whole k-tiles.** Rows reordered as above, but every group padded to the
   same ``group_rows`` (the largest group, rounded up to 16, the k of ``mma.m16n8k16``): the group
@@ -121,7 +121,7 @@ class Int4CpuTiles(Int4PackedWeight):
 
 
 class Int4MmaTiles(Int4PackedWeight):
-    """The GPU mma layout (module docstring, ``int4_mma_layout.h``), read by the CUDA and Triton
+    """The GPU mma layout (module docstring, ``bitpress/int4/int4_mma_layout.h``), read by the CUDA and Triton
     kernels."""
 
     layout = Int4Layout.MMA_TILES
@@ -236,7 +236,7 @@ def unpack(p: Int4PackedWeight, group_size: int = -1, sym: bool = True) -> Quant
 
 @functools.cache
 def _mma_tile_coords() -> tuple[torch.Tensor, torch.Tensor]:
-    """(kk, nn) [32, 4, 8]: tile position of nibble i of word w of lane l (int4_mma_layout.h)."""
+    """(kk, nn) [32, 4, 8]: tile position of nibble i of word w of lane l (bitpress/int4/int4_mma_layout.h)."""
     lane = torch.arange(32).view(32, 1, 1)
     w = torch.arange(4).view(1, 4, 1)
     v = torch.tensor(ROW_OF_NIBBLE).view(1, 1, 8)  # value held by nibble i

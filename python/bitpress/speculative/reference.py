@@ -23,7 +23,7 @@ def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
     """Philox4x32-10 (Salmon et al. 2011) on int64 tensors holding uint32 values; the same rounds
-    as csrc/include/bitpress/philox.h."""
+    as csrc/include/bitpress/common/philox.h."""
     for r in range(10):
         if r:
             k0 = (k0 + _PHILOX_W0) & _MASK32
@@ -58,7 +58,7 @@ def _f32(x: float) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float32)
 
 
-# The constants of spec::exp2_neg (csrc/include/bitpress/spec_verify.h), as float32.
+# The constants of spec::exp2_neg (csrc/include/bitpress/speculative/spec_verify.h), as float32.
 _LOG2E = 1.44269504088896341
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: (t + M) - M rounds t to the nearest integer (even ties)
 _EXP2_C = (

@@ -1,0 +1,104 @@
+// Torch glue of int4_gemm on the CPU: checks, then the CPU kernel (CPU tile layout). The CUDA
+// implementation (GPU mma layout) is csrc/int4/int4_gemm_cuda_torch.cpp.
+#include <ATen/ops/empty.h>
+
+#include "bitpress/int4/int4_gemm.h"
+#include "int4_gemm_args.h"
+#include "torch/glue.h"
+
+namespace bitpress {
+namespace {
+
+constexpr const char* kOp = "int4_gemm";
+
+// x [..., K]; qweight [Nt, Kp/8, 64] int32; scales [Nt, G, 64] float32; zeros [Nt, G, 64] uint8
+// or None; group_starts [G+1] int32; perm [Kp] int32 or None; bias [N] or None. Returns
+// [..., N] in x.dtype.
+at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
+                              const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                              const at::Tensor& group_starts, const std::optional<at::Tensor>& perm,
+                              int64_t out_features, int64_t layout,
+                              const std::optional<at::Tensor>& bias) {
+  using namespace glue;
+  const Int4GemmShapes shp = check_int4_gemm_args(Int4Layout::kCpuTiles, layout, x, qweight, scales,
+                                                  zeros, group_starts, perm, out_features, bias);
+  const int64_t K = shp.K, N = shp.N, Kp = shp.Kp, G = shp.G;
+  const at::Tensor qw = qweight.contiguous(), sc = scales.contiguous();
+  const at::Tensor gs = group_starts.contiguous();
+  const at::Tensor zr = zeros ? zeros->contiguous() : at::Tensor();
+  const at::Tensor pm = perm ? perm->contiguous() : at::Tensor();
+  const at::Tensor bs = bias ? bias->contiguous() : at::Tensor();
+  {
+    const int32_t* g = gs.data_ptr<int32_t>();
+    TORCH_CHECK(G == 0 || (g[0] == 0 && g[G] == Kp / 8), kOp,
+                ": group_starts must run from 0 to Kp/8 = ", Kp / 8, ", got [", g[0], ", ", g[G],
+                "]");
+    for (int64_t i = 0; i < G; ++i) {
+      TORCH_CHECK(g[i + 1] >= g[i], kOp, ": group_starts must be non-decreasing, got ", g[i],
+                  " then ", g[i + 1], " at ", i);
+    }
+  }
+  if (pm.defined()) {
+    const int32_t* pp = pm.data_ptr<int32_t>();
+    for (int64_t i = 0; i < Kp; ++i) {
+      TORCH_CHECK(pp[i] >= -1 && pp[i] < K, kOp, ": perm values must lie in [-1, ", K,
+                  ") (K = x.size(-1)), got perm[", i, "] = ", pp[i]);
+    }
+  }
+
+  const at::Tensor x2 = rows_contiguous(x.reshape({-1, K}));
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = new_output(out_shape, x.options());
+  if (M == 0 || N == 0) return out;
+  const size_t ws_bytes = int4_gemm_cpu_workspace_size(M, Kp, G);
+  const at::Tensor ws = at::empty({int64_t(ws_bytes)}, x.options().dtype(at::kByte));
+
+  Int4GemmParams p;
+  p.x = x2.data_ptr();
+  p.x_dtype = to_dtype(x.scalar_type());
+  p.x_row_stride = row_stride(x2);
+  p.M = M;
+  p.K = K;
+  p.qweight = qw.data_ptr<int32_t>();
+  p.scales = sc.data_ptr<float>();
+  p.zeros = zr.defined() ? zr.data_ptr<uint8_t>() : nullptr;
+  p.group_starts = gs.data_ptr<int32_t>();
+  p.perm = pm.defined() ? pm.data_ptr<int32_t>() : nullptr;
+  p.Kp = Kp;
+  p.G = G;
+  p.N = N;
+  if (bs.defined()) {
+    p.bias = bs.data_ptr();
+    p.bias_dtype = to_dtype(bs.scalar_type());
+  }
+  p.out = out.data_ptr();
+  p.out_dtype = p.x_dtype;
+  p.out_row_stride = N;
+  p.workspace = ws.data_ptr();
+  p.workspace_bytes = ws_bytes;
+  check_status(int4_gemm_cpu(p, torch_thread_pool()), kOp);
+  return out;
+}
+
+}  // namespace
+
+// The schema of both implementations (this file is compiled in every build).
+TORCH_LIBRARY_FRAGMENT(bitpress, m) {
+  // x [..., K]; returns [..., N]. The weight is in one of two layouts, named by `layout`
+  // (0 = CPU tiles, 1 = GPU mma tiles; bitpress.int4.layout.Int4Layout, Int4Layout in
+  // int4_gemm_args.h):
+  //  * CPU tile layout (bitpress/int4/int4_gemm.h; CPU kernel): qweight [Nt, Kp/8, 64], scales and
+  //    zeros [Nt, G, 64], group_starts [G+1] in octets;
+  //  * GPU mma layout (bitpress/int4/int4_mma_layout.h; CUDA kernel): qweight [Kp/16, Nt*128],
+  //    scales and zeros [G, Np], group_starts [G+1] in 16-row k-tiles;
+  // perm [Kp] in both (source row of x, -1 = padding row; None = identity).
+  m.def(
+      "int4_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor group_starts, "
+      "Tensor? perm, int out_features, int layout, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bitpress, CPU, m) { m.impl("int4_gemm", &int4_gemm_cpu_impl); }
+
+}  // namespace bitpress
