@@ -109,7 +109,8 @@ Status int4_dequantize_check(const Int4DequantizeParams& p) {
   }
   if (p.qzeros && p.qzeros_row_stride < (p.N + 7) / 8) return Status::kInvalidArgument;
   if (!p.g_idx) {
-    if (p.group_size <= 0 || (p.K + p.group_size - 1) / p.group_size != p.num_groups) {
+    // (K - 1) / gs + 1, not (K + gs - 1) / gs: the latter overflows for a group_size near 2^63.
+    if (p.group_size <= 0 || (p.K - 1) / p.group_size + 1 != p.num_groups) {
       return Status::kInvalidArgument;
     }
   }

@@ -56,7 +56,8 @@ Prepared prepare(const at::Tensor& qweight_in, const at::Tensor& scales_in,
       }
     }
   } else {
-    check_size(scales_in, kOp, "scales", 0, (K + gs - 1) / gs, "G = ceil(K / group_size)");
+    check_size(scales_in, kOp, "scales", 0, (K == 0 ? 0 : (K - 1) / gs + 1),
+               "G = ceil(K / group_size)");
   }
   if (qzeros_in) {
     check_dtype(*qzeros_in, kOp, "qzeros", {at::kInt});

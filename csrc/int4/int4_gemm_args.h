@@ -83,6 +83,10 @@ inline Int4GemmShapes check_int4_gemm_args(Int4Layout reads, int64_t layout, con
     check_size(qweight, kOp, "qweight", 2, kInt4TileN, "the tile width");
     check_size(scales, kOp, "scales", 0, Nt, "Nt = ceil(out_features / 64)");
     check_size(scales, kOp, "scales", 2, kInt4TileN, "the tile width");
+    TORCH_CHECK(s.G > 0 || s.Kp == 0, kOp,
+                ": scales must hold at least one group when K > 0 (scales.size(1) = G >= 1), got "
+                "shape ",
+                scales.sizes());
     perm_what = "Kp = 8 * qweight.size(1)";
   }
   check_size(group_starts, kOp, "group_starts", 0, s.G + 1, "G + 1 = number of groups + 1");

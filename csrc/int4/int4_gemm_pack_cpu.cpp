@@ -23,7 +23,7 @@ Status check(const Int4PackParams& p) {
       p.scales_row_stride < p.N || (p.qzeros && p.qzeros_row_stride < (p.N + 7) / 8)) {
     return Status::kInvalidArgument;
   }
-  if (!p.g_idx && (p.group_size <= 0 || (p.K + p.group_size - 1) / p.group_size != p.G)) {
+  if (!p.g_idx && (p.group_size <= 0 || (p.K - 1) / p.group_size + 1 != p.G)) {  // K > 0
     return Status::kInvalidArgument;
   }
   for (int64_t k = 0; p.g_idx && k < p.K; ++k) {

@@ -67,6 +67,7 @@ Prepared prepare(const at::Tensor& qweight_in, const std::optional<at::Tensor>& 
 at::Tensor int4_gemm_repack_cpu_impl(const at::Tensor& qweight,
                                      const std::optional<at::Tensor>& perm) {
   Prepared r = prepare(qweight, perm);
+  if (r.out.numel() == 0) return r.out;  // no rows (an empty perm) or no columns: nothing to pack
   glue::check_status(int4_gemm_repack_cpu(r.p, glue::torch_thread_pool()), kOp);
   return r.out;
 }
@@ -76,6 +77,7 @@ at::Tensor int4_gemm_repack_cuda_impl(const at::Tensor& qweight,
                                       const std::optional<at::Tensor>& perm) {
   const c10::cuda::CUDAGuard guard(qweight.device());
   Prepared r = prepare(qweight, perm);
+  if (r.out.numel() == 0) return r.out;
   glue::check_status(int4_gemm_repack_cuda(
                          r.p, c10::cuda::getCurrentCUDAStream(qweight.device().index()).stream()),
                      kOp);

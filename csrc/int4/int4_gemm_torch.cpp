@@ -2,6 +2,8 @@
 // implementation (GPU mma layout) is csrc/int4/int4_gemm_cuda_torch.cpp.
 #include <ATen/ops/empty.h>
 
+#include <vector>
+
 #include "bitpress/int4/int4_gemm.h"
 #include "int4_gemm_args.h"
 #include "torch/glue.h"
@@ -39,10 +41,16 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
     }
   }
   if (pm.defined()) {
+    // Each row of x feeds at most one packed row: a repeated row would count its products twice.
     const int32_t* pp = pm.data_ptr<int32_t>();
+    std::vector<bool> seen(size_t(K), false);
     for (int64_t i = 0; i < Kp; ++i) {
       TORCH_CHECK(pp[i] >= -1 && pp[i] < K, kOp, ": perm values must lie in [-1, ", K,
                   ") (K = x.size(-1)), got perm[", i, "] = ", pp[i]);
+      if (pp[i] < 0) continue;
+      TORCH_CHECK(!seen[pp[i]], kOp, ": perm must name each row of x at most once, got row ", pp[i],
+                  " more than once");
+      seen[pp[i]] = true;
     }
   }
 

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -337,10 +338,24 @@ inline int64_t padded(int64_t n, int W) { return (n + W - 1) / W * W; }
 // wide vectors).
 #define BITPRESS_FORCE_INLINE __attribute__((always_inline)) inline
 
+// A draft_probs value the kernel can use: finite and >= 0.
+BITPRESS_FORCE_INLINE bool q_ok(float q) { return q >= 0.0f && q < kInf; }
+
 template <int W>
 struct RowKernel {
   const SpecVerifyParams& p;
   Scratch& s;
+  std::atomic<int64_t>& bad_q;  // smallest flat index of an invalid q read, or INT64_MAX
+  int64_t cur_b = 0, cur_j = 0;
+  bool q_failed = false;
+
+  BITPRESS_FORCE_INLINE void q_bad(int64_t b, int64_t j, int64_t v) {
+    const int64_t idx = (b * p.K + j) * p.V + v;
+    int64_t cur = bad_q.load(std::memory_order_relaxed);
+    while (idx < cur && !bad_q.compare_exchange_weak(cur, idx, std::memory_order_relaxed)) {
+    }
+    q_failed = true;
+  }
 
   BITPRESS_FORCE_INLINE const void* logits_row(int64_t b, int64_t j) const {
     return static_cast<const char*>(p.logits) +
@@ -540,6 +555,12 @@ struct RowKernel {
     if (qrow) {
       q = s.q.data();
       load_chunk<W>(qrow, p.draft_probs_dtype, c0, n, 1.0f, 0.0f, q);
+      for (int64_t i = 0; i < n; ++i) {
+        if (!q_ok(q[i])) {
+          q_bad(cur_b, cur_j, c0 + i);
+          break;
+        }
+      }
     }
     const F zthr = vsplat<W>(f.zthr), etau = vsplat<W>(f.etau), zero = vsplat<W>(0.0f);
     for (int64_t i = 0; i < np; i += W) {
@@ -693,6 +714,7 @@ struct RowKernel {
       bool greedy = greedy_row;
       if (!greedy && is_draft && !filtered) {
         const float qx = p.draft_probs ? load_as_float(q_row(b, j), p.draft_probs_dtype, x) : 1.0f;
+        if (!q_ok(qx)) return q_bad(b, j, x);
         const float t =
             spec::mul(uniform_from_bits(philox_stream(seed, offset, uint32_t(j)).v[0]), qx);
         if (sure_accept(row, scale, x, t)) {
@@ -720,13 +742,17 @@ struct RowKernel {
         const float ex = spec::exp2_neg(spec::sub(zx, f.m));
         const float px = f.kept(zx, ex) ? spec::div(ex, f.S) : 0.0f;
         const float qx = qrow ? load_as_float(qrow, p.draft_probs_dtype, x) : 1.0f;
+        if (!q_ok(qx)) return q_bad(b, j, x);
         if (spec::mul(uniform_from_bits(r.v[0]), qx) < px) {
           ++a;
           continue;
         }
       }
       const float u = uniform_from_bits(r.v[1]);
+      cur_b = b;
+      cur_j = j;
       token = sample(row, qrow, scale, f, is_draft && !qrow ? x : -1, u);
+      if (q_failed) return;
       if (token < 0) token = sample(row, nullptr, scale, f, -1, u);  // p <= q everywhere: p
       break;
     }
@@ -740,7 +766,7 @@ struct RowKernel {
 
 template <int W>
 __attribute__((always_inline)) inline void verify_rows(const SpecVerifyParams& p, int64_t b0,
-                                                       int64_t b1) {
+                                                       int64_t b1, std::atomic<int64_t>* bad_q) {
   Scratch s;
   s.chunk.resize(kChunk);
   s.chunk2.resize(kChunk);
@@ -752,19 +778,26 @@ __attribute__((always_inline)) inline void verify_rows(const SpecVerifyParams& p
     s.e.resize(padded(p.V, 16));
     s.keys.resize(p.V);
   }
-  RowKernel<W> k{p, s};
-  for (int64_t b = b0; b < b1; ++b) k.run(b);
+  RowKernel<W> k{p, s, *bad_q};
+  for (int64_t b = b0; b < b1; ++b) {
+    k.q_failed = false;
+    k.run(b);
+  }
 }
 
-using RowsFn = void (*)(const SpecVerifyParams&, int64_t, int64_t);
+using RowsFn = void (*)(const SpecVerifyParams&, int64_t, int64_t, std::atomic<int64_t>*);
 
-void rows_scalar(const SpecVerifyParams& p, int64_t b0, int64_t b1) { verify_rows<4>(p, b0, b1); }
+void rows_scalar(const SpecVerifyParams& p, int64_t b0, int64_t b1, std::atomic<int64_t>* bq) {
+  verify_rows<4>(p, b0, b1, bq);
+}
 #if defined(__x86_64__)
-BITPRESS_TARGET_AVX2 void rows_avx2(const SpecVerifyParams& p, int64_t b0, int64_t b1) {
-  verify_rows<8>(p, b0, b1);
+BITPRESS_TARGET_AVX2 void rows_avx2(const SpecVerifyParams& p, int64_t b0, int64_t b1,
+                                    std::atomic<int64_t>* bq) {
+  verify_rows<8>(p, b0, b1, bq);
 }
-BITPRESS_TARGET_AVX512 void rows_avx512(const SpecVerifyParams& p, int64_t b0, int64_t b1) {
-  verify_rows<16>(p, b0, b1);
+BITPRESS_TARGET_AVX512 void rows_avx512(const SpecVerifyParams& p, int64_t b0, int64_t b1,
+                                        std::atomic<int64_t>* bq) {
+  verify_rows<16>(p, b0, b1, bq);
 }
 #endif
 
@@ -812,7 +845,12 @@ Status spec_verify_cpu(const SpecVerifyParams& p, const CpuThreadPool* pool) {
     if (p.temperature && !(p.temperature[b] >= 0.0f)) return Status::kInvalidArgument;
   }
   const RowsFn fn = pick(active_cpu_isa());
-  parallel_for(pool, 0, p.B, 1, [&](int64_t b0, int64_t b1) { fn(p, b0, b1); });
+  std::atomic<int64_t> bad_q{INT64_MAX};
+  parallel_for(pool, 0, p.B, 1, [&](int64_t b0, int64_t b1) { fn(p, b0, b1, &bad_q); });
+  if (bad_q.load() != INT64_MAX) {
+    if (p.bad_q) *p.bad_q = bad_q.load();
+    return Status::kInvalidArgument;
+  }
   return Status::kSuccess;
 }
 

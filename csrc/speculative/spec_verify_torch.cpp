@@ -144,7 +144,16 @@ Result spec_verify_cpu_impl(const at::Tensor& target_logits, const at::Tensor& d
                             const OptT& offsets) {
   Prepared r = prepare(target_logits, draft_tokens, num_draft, draft_probs, temperature, top_k,
                        top_p, seeds, offsets);
-  glue::check_status(spec_verify_cpu(r.p, glue::torch_thread_pool()), kOp);
+  int64_t bad_q = -1;
+  r.p.bad_q = &bad_q;
+  const Status st = spec_verify_cpu(r.p, glue::torch_thread_pool());
+  if (bad_q >= 0) {
+    const int64_t K = r.p.K, V = r.p.V, v = bad_q % V, j = bad_q / V % K, b = bad_q / V / K;
+    const at::Tensor q = r.draft_probs.select(0, b).select(0, j).select(0, v);
+    TORCH_CHECK(false, kOp, ": draft_probs values must be finite and >= 0, got draft_probs[", b,
+                ", ", j, ", ", v, "] = ", q.item<float>());
+  }
+  glue::check_status(st, kOp);
   return {r.tokens, r.num_accepted, r.num_emitted};
 }
 

@@ -56,7 +56,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         if not isinstance(out_features, int) or out_features < 1:
             raise ValueError(f"Int4Linear: out_features must be a positive int, got {out_features}")
-        if not isinstance(in_features, int) or in_features < 8:
+        if not isinstance(in_features, int) or in_features < 8 or in_features % 8:
             raise ValueError(
                 f"Int4Linear: in_features must be a positive multiple of 8, got {in_features}"
             )
@@ -90,7 +90,6 @@ class Int4Linear(nn.Module):
 
     def _set_weight(self, w: Int4PackedWeight) -> None:
         self._layout = type(w)
-        self._scale_dtype = w.scale_dtype
         for name in _PACKED:
             self.register_buffer(f"packed_{name}", getattr(w, name), persistent=False)
 

@@ -441,7 +441,8 @@ def _check_int4_gemm_values(x, weight):
             )
         rows = p[p >= 0]
         if rows.numel() != rows.unique().numel():
-            v = int(rows.sort().values[rows.sort().values.diff() == 0][0])
+            srt = rows.sort().values
+            v = int(srt[1:][srt.diff() == 0][0])
             _fail(op, f"perm must name each row of x at most once, got row {v} more than once")
 
 

@@ -53,19 +53,27 @@ struct SpecVerifyParams {
   int64_t* num_accepted = nullptr;  // [B] out
   int64_t* num_emitted = nullptr;   // [B] out
   int64_t B = 0, K = 0, V = 0;
+  // CPU only, optional out: when the kernel reads a draft_probs value that is negative, NaN or
+  // infinite (a negative q would accept every draft, a NaN reject every one), it sets this to the
+  // smallest flat index (b * K + j) * V + v of such a value read and returns kInvalidArgument.
+  int64_t* bad_q = nullptr;
 };
 
 // Checks sizes, strides, dtypes and pointers (not the contents of the index tensors).
 Status spec_verify_check(const SpecVerifyParams& p);
 
 // CPU kernel, threaded over rows through `pool`. Also checks every value the CUDA kernel cannot:
-// num_draft in [0, K], draft token ids in [0, V) for the real drafts, temperature >= 0 (not NaN).
+// num_draft in [0, K], draft token ids in [0, V) for the real drafts, temperature >= 0 (not NaN),
+// and the draft_probs values it reads (q at the draft tokens of sampling rows up to the first
+// rejection, and the whole row at that rejection) are finite and >= 0 (see bad_q).
 Status spec_verify_cpu(const SpecVerifyParams& p, const CpuThreadPool* pool = nullptr);
 
 // CUDA kernel on `stream` (cudaStream_t; null: the legacy default stream); device pointers. Values
 // cannot be reported without a host sync, so: num_draft is clamped to [0, K]; a draft token outside
-// [0, V) is rejected (never read); a negative or NaN temperature means greedy. kUnsupported in
-// builds without CUDA.
+// [0, V) is rejected (never read); a negative or NaN temperature means greedy. draft_probs values
+// are not checked: a negative q accepts the draft, a NaN q rejects it, and such values in the
+// rejection row feed max(0, p - q) as they are (the caller's contract: q finite and >= 0).
+// kUnsupported in builds without CUDA.
 Status spec_verify_cuda(const SpecVerifyParams& p, void* stream);
 
 namespace spec {
