@@ -13,7 +13,7 @@ import torch
 from bench_util import Row, record, seconds_of, timeit
 
 from bitpress import ops, reference
-from bitpress.formats.packing import pack_int4_along_k
+from bitpress.int4.packing import pack_int4_along_k
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # Llama-3-8B: qkv/o, gate/up, down
 

@@ -1,17 +1,46 @@
-"""Test harness: markers, output poisoning, and the Triton interpreter switch.
+"""Test harness: markers, output poisoning, the Triton interpreter switch and the shared
+backend x device fixture.
 
 Markers (pyproject.toml): ``gpu`` tests are skipped without a CUDA GPU, with the reason;
 ``slow`` tests run in CI too; ``interpreter`` tests run Triton kernels on CPU tensors under the
-Triton interpreter (TRITON_INTERPRET=1 for the test) and must run in CI.
+Triton interpreter (TRITON_INTERPRET=1 for the test) and must run in CI; ``op(name)`` names the
+op whose backends the ``backend_device`` fixture runs (or a module-level ``OP = name``).
+
+Layout: ``tests/<feature>/`` (int4, speculative), one file per op; core and CLI tests at the
+top. Test files are imported by basename (no ``__init__.py``): every basename is unique, and
+the helpers (``backend_matrix``, ``int4/int4_data``, ``int4/tiny_llama``) are importable from
+the tests next to them.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from backend_matrix import backend_device_params
 
-from bitpress import _ext
+from bitpress._core import ext as _ext
 from bitpress.testing import poisoned_outputs
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "op(name): the op whose backends the backend_device fixture runs"
+    )
+
+
+def pytest_generate_tests(metafunc):
+    """``backend_device``: every (backend, device) registered for the test's op (module ``OP`` or
+    ``@pytest.mark.op``), as a :class:`backend_matrix.BackendDevice`."""
+    if "backend_device" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("op")
+    op = marker.args[0] if marker else getattr(metafunc.module, "OP", None)
+    if op is None:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: backend_device needs OP = '<op>' in the module "
+            "or @pytest.mark.op('<op>')"
+        )
+    metafunc.parametrize("backend_device", backend_device_params(op))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,16 +8,24 @@ import sys
 
 import pytest
 import torch
-from int4_data import make_int4
 
 import bitpress
 from bitpress import backends, ops
+from bitpress._core import backends as core_backends
+from bitpress._core import registry
+from bitpress._core.backends import Implementation
+
+
+def _dequantize_args():
+    """A small int4_dequantize call (the registry's selftest case, on the CPU)."""
+    case = registry.op("int4_dequantize").cases()[1]
+    return case.make(torch.device("cpu"), torch.Generator().manual_seed(0), "cpu")
 
 
 def test_available_backends():
     avail = bitpress.available_backends()
     assert "cpu" in avail and "reference" in avail
-    assert ("cuda" in avail) == (torch.cuda.is_available() and bitpress._ext.with_cuda())
+    assert ("cuda" in avail) == (torch.cuda.is_available() and core_backends.ext.with_cuda())
     assert list(avail) == [b for b in backends.BACKENDS if b in avail]  # best first
 
 
@@ -41,14 +49,14 @@ def test_set_backend_and_context_manager():
 
 def test_forced_backend_is_used():
     """Forcing a backend really runs it: the reference path accepts what only it would."""
-    d = make_int4(16, 8, 8, torch.float16)
+    args = _dequantize_args()
     calls = []
-    impls = backends._IMPLS["int4_dequantize"]
+    impls = core_backends._IMPLS["int4_dequantize"]
     orig = impls["reference"]
-    impls["reference"] = lambda *a: calls.append(1) or orig(*a)
+    impls["reference"] = Implementation(lambda *a: calls.append(1) or orig.fn(*a), orig.capability)
     try:
         with bitpress.use_backend("reference"):
-            ops.int4_dequantize(*d.args())
+            ops.int4_dequantize(*args)
     finally:
         impls["reference"] = orig
     assert calls == [1]
@@ -58,18 +66,31 @@ def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         bitpress.set_backend("tpu")
     with pytest.raises(ValueError, match="backend must be one of"):
-        ops.int4_dequantize(*make_int4(8, 1, 8).args(), backend="tpu")
+        ops.int4_dequantize(*_dequantize_args(), backend="tpu")
 
 
 def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    d = make_int4(8, 1, 8)
+    args = _dequantize_args()
     with pytest.raises(
-        RuntimeError, match="backend 'triton' cannot run on device cpu.*TRITON_INTERPRET=1"
+        RuntimeError,
+        match=r"bitpress.int4_dequantize: backend 'triton' cannot serve this call: "
+        r"Triton runs on CPU tensors only under TRITON_INTERPRET=1",
     ):
-        ops.int4_dequantize(*d.args(), backend="triton")
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on device cpu"):
-        ops.int4_dequantize(*d.args(), backend="cuda")
+        ops.int4_dequantize(*args, backend="triton")
+    with pytest.raises(
+        RuntimeError,
+        match=r"bitpress.int4_dequantize: backend 'cuda' cannot serve this call: "
+        r"it runs on cuda tensors, not cpu",
+    ):
+        ops.int4_dequantize(*args, backend="cuda")
+    # A backend that does not implement the op at all.
+    with pytest.raises(
+        NotImplementedError,
+        match=r"bitpress.int4_gemm_repack: backend 'triton' cannot serve this call: "
+        r"the 'triton' backend does not implement this op",
+    ):
+        ops.int4_gemm_repack(torch.zeros(2, 8, dtype=torch.int32), backend="triton")
 
 
 def test_environment_variable():

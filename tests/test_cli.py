@@ -9,6 +9,8 @@ import sys
 import torch
 
 from bitpress import selftest
+from bitpress._core import ext as _ext
+from bitpress._core import registry
 
 
 def _run(*args):
@@ -22,8 +24,8 @@ def test_info():
     assert res.returncode == 0, res.stderr
     for key in ("bitpress", "torch", "CPU features", "CUDA kernels", "backends"):
         assert key in res.stdout
-    from bitpress import _ext
-
+    for name, spec in registry.ops().items():  # every registered op, with its feature
+        assert re.search(rf"^op {name} +\[{spec.feature}\] cpu: cpu > ", res.stdout, re.M), name
     assert _ext.C.cpu_features().split(",")[0] in res.stdout
     if _ext.with_cuda():
         assert "sm_80" in res.stdout and "sm_90a" in res.stdout
@@ -32,7 +34,9 @@ def test_info():
 def test_selftest_passes():
     res = _run("selftest")
     assert res.returncode == 0, res.stdout + res.stderr
-    for op in ("int4_dequantize", "int4_gemm", "int4_gemm_repack", "spec_verify"):
+    ops = registry.ops()
+    assert ops
+    for op in ops:  # every registered op runs on the CPU kernel
         assert re.search(rf"\| {op} +\| cpu ", res.stdout), op
     assert " 0 failed" in res.stdout
 
@@ -49,7 +53,7 @@ def test_selftest_reports_failure(capsys):
 
 
 def test_selftest_reports_exceptions(capsys):
-    def make(device, gen):
+    def make(device, gen, backend):
         return (torch.zeros(1, 1), torch.zeros(1, 1), None, None, 8, None)  # qweight not int32
 
     bad = selftest.Case("int4_dequantize", "bad input", make, lambda *a: a[0], 0.0, 0)

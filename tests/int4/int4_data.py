@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from bitpress.formats.packing import pack_int4_along_k, pack_int4_along_n
+from bitpress.int4.packing import pack_int4_along_k, pack_int4_along_n
 
 
 @dataclasses.dataclass
@@ -53,8 +53,8 @@ def make_int4(
 def make_quantized(
     K, N, group_size=128, sym=True, act_order=False, scale_dtype=torch.float16, seed=0
 ):
-    """A random QuantizedWeight (bitpress.quantize.common) with K rows and N columns."""
-    from bitpress.quantize.common import QuantizedWeight
+    """A random QuantizedWeight (bitpress.int4.quantized) with K rows and N columns."""
+    from bitpress.int4.quantized import QuantizedWeight
 
     gen = torch.Generator().manual_seed(seed + 7919 * K + N)
     gs = K if group_size == -1 else group_size

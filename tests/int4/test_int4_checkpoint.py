@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import bitpress
-from bitpress.formats.checkpoint import parse_quantization_config
-from bitpress.nn import Int4Linear
+from bitpress.checkpoint import parse_quantization_config
+from bitpress.int4 import Int4Linear
 from bitpress.testing import rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -101,7 +101,7 @@ def test_several_safetensors_without_index(tmp_path):
 
 
 def test_gptq_act_order_model_round_trip(tmp_path):
-    from bitpress.quantize.gptq import gptq_quantize_model
+    from bitpress.int4.gptq import gptq_quantize_model
 
     model = tiny_llama(correlated=True)
     calib = [
@@ -112,8 +112,11 @@ def test_gptq_act_order_model_round_trip(tmp_path):
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc["desc_act"] is True and qc["sym"] is False
     loaded = bitpress.from_pretrained(tmp_path)
-    g_idx = loaded.model.layers[0].self_attn.q_proj.g_idx
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    g_idx = q_proj.quantized().g_idx
     assert bool((g_idx[1:] < g_idx[:-1]).any())  # act-order: not monotonic
+    assert torch.equal(g_idx, loaded.state_dict()["model.layers.0.self_attn.q_proj.g_idx"].cpu())
+    assert q_proj.packed_perm is not None  # the kernel layout holds the row permutation
     sa, sb = model.state_dict(), loaded.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
@@ -312,9 +315,16 @@ def test_qweight_for_a_module_that_is_not_linear(saved):
 
 
 def test_old_rotary_inv_freq_is_ignored(saved):
+    """Checkpoints written by older transformers hold each layer's RoPE ``inv_freq`` buffer: it is
+    not an unexpected tensor, and it is ignored (a garbage value changes nothing)."""
+    clean = bitpress.from_pretrained(saved)
     key = "model.layers.0.self_attn.rotary_emb.inv_freq"
-    _edit_tensors(saved, lambda t: t.update({key: torch.ones(8)}))
-    bitpress.from_pretrained(saved)
+    _edit_tensors(saved, lambda t: t.update({key: torch.full((8,), 123.0)}))
+    assert key in safetensors_torch.load_file(saved / "model.safetensors")
+    loaded = bitpress.from_pretrained(saved)  # no "no place for" ValueError
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert not any(k.endswith("rotary_emb.inv_freq") for k in loaded.state_dict())
+    assert torch.equal(logits(loaded), logits(clean))
 
 
 @pytest.mark.parametrize(
@@ -379,7 +389,7 @@ def test_safetensors_only(tmp_path):
 
 
 def test_save_errors(tmp_path):
-    with pytest.raises(ValueError, match="no Int4Linear"):
+    with pytest.raises(ValueError, match=r"no quantized layer \(Int4Linear\)"):
         bitpress.save_pretrained(tiny_llama(), tmp_path)
     model, _ = quantize_rtn(tiny_llama())
     with pytest.raises(ValueError, match="checkpoint_format"):
@@ -394,7 +404,14 @@ def test_save_errors(tmp_path):
 
 def test_parse_quantization_config_defaults():
     qc = parse_quantization_config({"bits": 4, "group_size": -1})
-    assert qc == dict(bits=4, group_size=-1, desc_act=False, sym=True, checkpoint_format="gptq")
+    assert qc == dict(
+        bits=4,
+        group_size=-1,
+        desc_act=False,
+        sym=True,
+        checkpoint_format="gptq",
+        quant_method="gptq",
+    )
     assert parse_quantization_config({"bits": 4, "format": "gptq_v2"})["checkpoint_format"] == (
         "gptq_v2"
     )

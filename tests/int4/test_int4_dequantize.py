@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_matrix import backend_device_params
 from int4_data import make_int4
 
 import bitpress
-from bitpress import _ext, ops, reference
+from bitpress import ops, reference
+from bitpress._core import ext as _ext
 from bitpress.testing import compile_triton, cuobjdump, extension_resource_usage, extension_sass
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -20,13 +22,10 @@ VARIANTS = [  # (group_size, zeros, act_order)
     (-1, True, False),
 ]
 
-# (backend, device) pairs; the GPU ones skip without a GPU, the interpreter one runs everywhere.
-BACKENDS = [
-    pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("triton", "cpu", id="triton-interpreter", marks=pytest.mark.interpreter),
-    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
-    pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu),
-]
+# The ``backend_device`` fixture (tests/conftest.py) runs every backend registered for OP on
+# every device it can use here: cpu and reference on CPU tensors, triton under the interpreter,
+# cuda and triton on a GPU (``gpu``: skipped without one).
+OP = "int4_dequantize"
 
 
 def expected_for(backend, device, out, args, **kw):
@@ -35,7 +34,7 @@ def expected_for(backend, device, out, args, **kw):
     The Triton interpreter's fp32->bf16 cast truncates where the compiled kernel (and every other
     backend) rounds to nearest even: there, the float32 reference is truncated instead, so that
     everything but the final rounding is still compared exactly."""
-    if backend == "triton" and device == "cpu" and out.dtype == torch.bfloat16:
+    if backend == "triton" and device.type == "cpu" and out.dtype == torch.bfloat16:
         ref32 = reference.int4_dequantize(*args, **{**kw, "dtype": torch.float32})
         return (ref32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
     return reference.int4_dequantize(*args, **kw)
@@ -45,7 +44,6 @@ def _group_size_for(K, gs):
     return gs if gs == -1 or gs <= K else -1
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("K,N", SHAPES)
 @pytest.mark.parametrize(
     "variant",
@@ -53,22 +51,23 @@ def _group_size_for(K, gs):
     ids=lambda v: f"g{v[0]}-{'asym' if v[1] else 'sym'}{'-actorder' if v[2] else ''}",
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(backend, device, K, N, variant, dtype):
-    if backend == "triton" and device == "cpu" and K * N > 40_000:
+def test_matches_reference(backend_device, K, N, variant, dtype):
+    backend, device = backend_device
+    if backend == "triton" and device.type == "cpu" and K * N > 40_000:
         pytest.skip("interpreter: large shapes covered by the compiled backends")
     gs, zeros, act_order = variant
     d = make_int4(K, N, _group_size_for(K, gs), dtype, zeros, act_order)
     args = d.args(device)
     out = ops.int4_dequantize(*args, backend=backend)
-    assert out.shape == (K, N) and out.dtype == dtype and out.device.type == device
+    assert out.shape == (K, N) and out.dtype == dtype and out.device == device
     want = expected_for(backend, device, out, d.args("cpu"))
     torch.testing.assert_close(out.cpu(), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("scale_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
-def test_dtype_pairs(backend, device, scale_dtype, out_dtype):
+def test_dtype_pairs(backend_device, scale_dtype, out_dtype):
+    backend, device = backend_device
     d = make_int4(64, 40, 32, scale_dtype, zeros=True)
     out = ops.int4_dequantize(*d.args(device), dtype=out_dtype, backend=backend)
     assert out.dtype == out_dtype
@@ -76,8 +75,8 @@ def test_dtype_pairs(backend, device, scale_dtype, out_dtype):
     torch.testing.assert_close(out.cpu(), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_non_contiguous_inputs(backend, device):
+def test_non_contiguous_inputs(backend_device):
+    backend, device = backend_device
     d = make_int4(64, 24, 16, torch.float16, zeros=True, act_order=True)
     qweight, scales, qzeros, g_idx, gs = d.args(device)
     # qweight as the transpose of an [N, K/8] buffer, scales as every other column of a wider
@@ -91,7 +90,9 @@ def test_non_contiguous_inputs(backend, device):
     out = ops.int4_dequantize(
         qweight_t, wide[:, ::2], qz_pad[:, : qzeros.shape[1]], g_idx, gs, backend=backend
     )
-    torch.testing.assert_close(out.cpu(), reference.int4_dequantize(*d.args("cpu")), rtol=0, atol=0)
+    assert out.device == device
+    want = expected_for(backend, device, out, d.args("cpu"))
+    torch.testing.assert_close(out.cpu(), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
@@ -170,10 +171,11 @@ def test_torch_compile_fullgraph():
 # Bad input: every backend raises an error that names the argument and what was expected.
 # ------------------------------------------------------------------------------------------
 
+# Every backend that runs on CPU tensors here (the C++ checks are the same on CUDA).
 BAD_BACKENDS = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("reference", id="reference"),
-    pytest.param("triton", id="triton-interpreter", marks=pytest.mark.interpreter),
+    pytest.param(p.values[0].backend, id=p.id, marks=p.marks)
+    for p in backend_device_params(OP)
+    if p.values[0].device.type == "cpu"
 ]
 
 

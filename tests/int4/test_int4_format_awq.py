@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitpress.formats.awq import AWQ_ORDER, awq_to_quantized, pack_awq
-from bitpress.formats.gptq import gptq_to_quantized, quantized_to_gptq
-from bitpress.quantize.rtn import rtn_quantize
+from bitpress.int4.format_awq import AWQ_ORDER, awq_to_quantized, pack_awq
+from bitpress.int4.format_gptq import gptq_to_quantized, quantized_to_gptq
+from bitpress.int4.rtn import rtn_quantize
 
 
 def _to_int32(v: int) -> int:

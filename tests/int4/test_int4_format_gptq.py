@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bitpress import reference
-from bitpress.formats.gptq import gptq_to_quantized, quantized_to_gptq
-from bitpress.quantize.common import QuantizedWeight
+from bitpress.int4.format_gptq import gptq_to_quantized, quantized_to_gptq
+from bitpress.int4.quantized import QuantizedWeight
 
 GROUP_SIZES = [32, 64, 128, -1]
 

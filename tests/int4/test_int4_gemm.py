@@ -3,12 +3,18 @@ odd shapes and every dtype, opcheck, torch.compile, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 from int4_data import make_quantized
 
-from bitpress import _ext, ops, reference
-from bitpress.formats import int4_layout
+from bitpress import ops, reference
+from bitpress._core import backends
+from bitpress._core import ext as _ext
+from bitpress.int4 import layout as int4_layout
+from bitpress.int4.layout import Int4CpuTiles, Int4Layout, Int4MmaTiles
 from bitpress.testing import rel_err
 
 # Relative-error bounds against float64: the output rounding (fp16 2^-11, bf16 2^-8 per element)
@@ -34,9 +40,7 @@ def cpu_isa(request):
 
 def ref64(x, packed, bias=None):
     """The float64 result before rounding to x.dtype."""
-    return reference.int4_gemm(
-        x.double(), *packed.tensors(), None if bias is None else bias.double()
-    )
+    return reference.int4_gemm(x.double(), packed, None if bias is None else bias.double())
 
 
 # ------------------------------------------------------------------------------------------
@@ -61,6 +65,7 @@ def test_layout_round_trip_exact(K, N, gs, sym, act):
     back = int4_layout.unpack(p, gs, sym)
     for name in ("q", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(back, name), getattr(qw, name)), name
+    assert type(p) is Int4CpuTiles and p.layout == Int4Layout.CPU_TILES
     assert p.qweight.shape[0] == -(-N // 64) and p.qweight.shape[2] == 64
     assert (p.perm is None) == (not act and (gs == -1 or gs % 8 == 0))
     assert (p.zeros is None) == sym
@@ -79,7 +84,7 @@ def test_layout_pads_uneven_groups():
 
 def test_layout_nibble_order_pairs_rows():
     """(word >> 4p) & 0x000F000F must hold rows (2p, 2p+1) of the octet: the bf16 pair."""
-    from bitpress.quantize.common import QuantizedWeight
+    from bitpress.int4.quantized import QuantizedWeight
 
     q = torch.arange(8, dtype=torch.uint8).reshape(8, 1) + 1  # rows 0..7 hold 1..8
     qw = QuantizedWeight(
@@ -99,19 +104,21 @@ def test_layout_nibble_order_pairs_rows():
 @pytest.mark.parametrize("K,N,gs,sym,act", LAYOUT_CASES)
 def test_mma_layout_round_trip_exact(K, N, gs, sym, act):
     qw = make_quantized(K, N, gs, sym, act)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     back = int4_layout.unpack(p, gs, sym)
     for name in ("q", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(back, name), getattr(qw, name)), name
     Kp, Nt = p.qweight.shape[0] * 16, -(-N // 64)
-    assert p.layout == "mma" and p.qweight.shape[1] == 128 * Nt
+    assert type(p) is Int4MmaTiles and p.layout == Int4Layout.MMA_TILES == 1
+    assert p.qweight.shape[1] == 128 * Nt
     assert p.scales.shape == (qw.scales.shape[0], 64 * Nt) and (p.zeros is None) == sym
     G = qw.scales.shape[0]
     assert Kp % G == 0 and p.group_starts.tolist() == [g * Kp // G // 16 for g in range(G + 1)]
     # Conversions between the layouts are exact too.
-    cpu = p.to("cpu", layout="cpu")
-    assert cpu.layout == "cpu" and torch.equal(cpu.qweight, int4_layout.pack(qw).qweight)
-    assert torch.equal(cpu.to("cpu", layout="mma").qweight, p.qweight)
+    cpu = p.to("cpu", layout=Int4CpuTiles)
+    assert type(cpu) is Int4CpuTiles and cpu.layout == Int4Layout.CPU_TILES == 0
+    assert torch.equal(cpu.qweight, int4_layout.pack(qw).qweight)
+    assert torch.equal(cpu.to("cpu", layout=Int4MmaTiles).qweight, p.qweight)
 
 
 def test_mma_layout_words_are_mma_fragments():
@@ -119,7 +126,7 @@ def test_mma_layout_words_are_mma_fragments():
     2t+8, 2t+9; column groupID = lane/4): (word >> 4p) & 0x000F000F of lane l's word w holds
     the two rows of register p % 2 of n8-block 2w + p // 2."""
     qw = make_quantized(32, 130, 16, sym=False)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     q = qw.q.long()
     words = p.qweight.long() & 0xFFFFFFFF
     for kt in range(2):
@@ -141,7 +148,7 @@ def test_mma_layout_pads_groups_uniformly():
     kt // tiles_per_group in every GPU kernel."""
     qw = make_quantized(48, 5, 16, sym=False)  # G = 3
     qw.g_idx = torch.tensor([0] * 5 + [1] * 19 + [2] * 24, dtype=torch.int32)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     assert p.qweight.shape[0] == 3 * 2 and p.group_starts.tolist() == [0, 2, 4, 6]
     assert (p.perm == -1).sum() == 3 * 32 - 48
     x = torch.randn(3, 48, dtype=torch.float64)
@@ -153,30 +160,60 @@ def test_layouts_give_the_same_reference():
     qw = make_quantized(256, 130, 64, sym=False, act_order=True)
     x = torch.randn(5, 256)
     a = ref64(x, int4_layout.pack(qw))
-    b = ref64(x, int4_layout.pack(qw, layout="mma"))
+    b = ref64(x, int4_layout.pack(qw, layout=Int4MmaTiles))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _impl(backend):
+    """The backend's implementation of int4_gemm: (x, weight, bias)."""
+    return backends.implementations("int4_gemm")[backend]
+
+
 def test_cpu_backend_rejects_the_mma_layout():
-    p = int4_layout.pack(make_quantized(64, 70, 32), layout="mma")
-    with pytest.raises(RuntimeError, match="GPU mma layout.*layout='cpu'"):
-        ops.int4_gemm(torch.randn(2, 64), p, backend="cpu")
-    with pytest.raises(RuntimeError, match="CPU tile layout.*layout='mma'"):
-        ops._int4_gemm_triton(
-            torch.randn(2, 64), *int4_layout.pack(make_quantized(64, 70, 32)).tensors()
-        )
+    mma = int4_layout.pack(make_quantized(64, 70, 32), layout=Int4MmaTiles)
+    cpu = int4_layout.pack(make_quantized(64, 70, 32))
+    x = torch.randn(2, 64)
+    want_cpu = (
+        "int4_gemm: this backend reads Int4CpuTiles weights, got Int4MmaTiles: convert the "
+        "weight with weight.to(device, layout=Int4CpuTiles)"
+    )
+    with pytest.raises(RuntimeError, match=re.escape(want_cpu)):
+        ops.int4_gemm(x, mma, backend="cpu")
+    with pytest.raises(RuntimeError, match=re.escape(want_cpu)):
+        torch.ops.bitpress.int4_gemm(x, **mma.op_kwargs())
+    want_mma = (
+        "int4_gemm: this backend reads Int4MmaTiles weights, got Int4CpuTiles: convert the "
+        "weight with weight.to(device, layout=Int4MmaTiles)"
+    )
+    with pytest.raises(RuntimeError, match=re.escape(want_mma)):
+        torch.ops.bitpress.int4_gemm_triton(x, **cpu.op_kwargs())
+    # The reference reads both layouts.
+    torch.testing.assert_close(
+        ops.int4_gemm(x, mma, backend="reference"), ops.int4_gemm(x, cpu, backend="reference")
+    )
+
+
+@pytest.mark.parametrize("op", ["int4_gemm", "int4_gemm_triton"])
+@pytest.mark.parametrize("code", [-1, 2, 7])
+def test_unknown_layout_code(op, code):
+    kw = int4_layout.pack(make_quantized(64, 70, 32)).op_kwargs()
+    kw["layout"] = code
+    with pytest.raises(
+        RuntimeError, match=r"layout must be 0 \(Int4CpuTiles\) or 1 \(Int4MmaTiles\)"
+    ):
+        getattr(torch.ops.bitpress, op)(torch.randn(2, 64), **kw)
 
 
 def test_mma_layout_bad_shapes():
-    p = int4_layout.pack(make_quantized(64, 70, 32, sym=False, act_order=True), layout="mma")
-    qw, sc, zr, gs, pm, n = p.tensors()
+    p = int4_layout.pack(make_quantized(64, 70, 32, sym=False, act_order=True), layout=Int4MmaTiles)
     x = torch.randn(2, 64)
+    ref = _impl("reference")
     with pytest.raises(RuntimeError, match=r"qweight.size\(1\) must be 256"):
-        ops._int4_gemm_reference(x, qw[:, :128], sc, zr, gs, pm, n, None)
+        ref(x, dataclasses.replace(p, qweight=p.qweight[:, :128]), None)
     with pytest.raises(RuntimeError, match="split evenly into G = 3 groups"):
-        ops._int4_gemm_reference(x, qw, torch.cat([sc, sc[:1]]), None, gs, pm, n, None)
+        ref(x, dataclasses.replace(p, scales=torch.cat([p.scales, p.scales[:1]]), zeros=None), None)
     with pytest.raises(RuntimeError, match=r"scales must be 2-D \[G, Np\]"):
-        ops._int4_gemm_reference(x, qw, sc[None], zr, gs, pm, n, None)
+        ref(x, dataclasses.replace(p, scales=p.scales[None]), None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -201,6 +238,39 @@ def test_matches_reference(cpu_isa, dtype, M, K, N, gs, sym, act):
     out = ops.int4_gemm(x, p)
     assert out.shape == (M, N) and out.dtype == dtype
     assert rel_err(out, ref64(x, p)) <= TOLERANCE[dtype], (cpu_isa, rel_err(out, ref64(x, p)))
+
+
+OP = "int4_gemm"  # the op of the backend_device fixture (tests/conftest.py)
+
+# (M, K, N, group_size, sym, act_order): small enough for the Triton interpreter.
+BACKEND_CASES = [
+    (1, 128, 70, 32, True, False),
+    (5, 136, 65, 8, False, True),
+    (33, 256, 64, 64, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_every_backend_matches_reference(backend_device, case, dtype):
+    """Every backend on every device it runs on, with the layout its device reads
+    (``default_layout``: Int4MmaTiles on CUDA and for the Triton kernel), against float64."""
+    backend, device = backend_device
+    M, K, N, gs, sym, act = case
+    qw = make_quantized(K, N, gs, sym, act)
+    layout = Int4MmaTiles if backend in ("cuda", "triton") else int4_layout.default_layout(device)
+    p = int4_layout.pack(qw, layout=layout)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    out = ops.int4_gemm(x.to(device), p.to(device), bias.to(device), backend=backend)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert out.shape == (M, N) and out.dtype == dtype and out.device == device
+    want = ref64(x, p, bias)
+    tol = TOLERANCE[dtype]
+    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+        tol = max(tol, 2.0**-7)  # the interpreter truncates fp32 -> bf16 (DESIGN.md)
+    assert rel_err(out.cpu(), want) <= tol, rel_err(out.cpu(), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -245,11 +315,13 @@ def test_opcheck():
     for sym, act in [(True, False), (False, True)]:
         p = int4_layout.pack(make_quantized(64, 70, 32, sym, act))
         x = torch.randn(3, 64, dtype=torch.bfloat16)
-        torch.library.opcheck(torch.ops.bitpress.int4_gemm.default, (x, *p.tensors()))
-        torch.library.opcheck(
-            torch.ops.bitpress.int4_gemm.default,
-            (x, *p.tensors(), torch.randn(70, dtype=torch.bfloat16)),
-        )
+        op = torch.ops.bitpress.int4_gemm.default
+        torch.library.opcheck(op, (x,), p.op_kwargs())
+        torch.library.opcheck(op, (x,), {**p.op_kwargs(), "bias": torch.randn(70).bfloat16()})
+        # Positional, with the layout code.
+        kw = p.op_kwargs()
+        args = (x, *(kw[k] for k in ("qweight", "scales", "zeros", "group_starts", "perm")))
+        torch.library.opcheck(op, (*args, kw["out_features"], int(Int4Layout.CPU_TILES)))
 
 
 @pytest.mark.slow
@@ -270,92 +342,76 @@ def test_torch_compile_fullgraph():
 
 
 def _bad_cases():
+    """(name, x, weight fields to replace, bias, exception, message)."""
     p = int4_layout.pack(make_quantized(64, 70, 32, sym=False, act_order=True))
-    qw, sc, zr, gs, pm, n = p.tensors()
     x = torch.randn(2, 64)
-    return [
-        ("x int", (x.int(), qw, sc, zr, gs, pm, n, None), TypeError, "x must be float32"),
-        (
-            "qweight dtype",
-            (x, qw.float(), sc, zr, gs, pm, n, None),
-            TypeError,
-            "qweight must be int32",
-        ),
-        (
-            "qweight 1-D",
-            (x, qw[0, 0], sc, zr, gs, pm, n, None),
-            RuntimeError,
-            "qweight must be 3-D",
-        ),
+    qw, sc, zr, gs, pm = p.qweight, p.scales, p.zeros, p.group_starts, p.perm
+    return p, [
+        ("x int", x.int(), {}, None, TypeError, "x must be float32"),
+        ("qweight dtype", x, dict(qweight=qw.float()), None, TypeError, "qweight must be int32"),
+        ("qweight 1-D", x, dict(qweight=qw[0, 0]), None, RuntimeError, "qweight must be 3-D"),
         (
             "out_features",
-            (x, qw, sc, zr, gs, pm, 300, None),
+            x,
+            dict(out_features=300),
+            None,
             RuntimeError,
             "qweight.size(0) must be 5",
         ),
-        (
-            "scales dtype",
-            (x, qw, sc.half(), zr, gs, pm, n, None),
-            TypeError,
-            "scales must be float32",
-        ),
-        ("zeros dtype", (x, qw, sc, zr.int(), gs, pm, n, None), TypeError, "zeros must be uint8"),
+        ("scales dtype", x, dict(scales=sc.half()), None, TypeError, "scales must be float32"),
+        ("zeros dtype", x, dict(zeros=zr.int()), None, TypeError, "zeros must be uint8"),
         (
             "group_starts len",
-            (x, qw, sc, zr, gs[:-1], pm, n, None),
+            x,
+            dict(group_starts=gs[:-1]),
+            None,
             RuntimeError,
             "group_starts.size(0) must be 3",
         ),
-        (
-            "perm len",
-            (x, qw, sc, zr, gs, pm[:-1], n, None),
-            RuntimeError,
-            "perm.size(0) must be 64",
-        ),
+        ("perm len", x, dict(perm=pm[:-1]), None, RuntimeError, "perm.size(0) must be 64"),
         (
             "K mismatch",
-            (torch.randn(2, 63), qw, sc, None, gs, None, n, None),
+            torch.randn(2, 63),
+            dict(zeros=None, perm=None),
+            None,
             RuntimeError,
             "x.size(-1) must be K = 64",
         ),
-        (
-            "bias len",
-            (x, qw, sc, zr, gs, pm, n, torch.zeros(69)),
-            RuntimeError,
-            "bias.size(0) must be 70",
-        ),
+        ("bias len", x, {}, torch.zeros(69), RuntimeError, "bias.size(0) must be 70"),
         (
             "device",
-            (x, qw, sc.to("meta"), zr, gs, pm, n, None),
+            x,
+            dict(scales=sc.to("meta")),
+            None,
             RuntimeError,
             "scales must be on the same device as x",
         ),
     ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
-def test_bad_input(backend, case):
-    import re
+_BAD_WEIGHT, _BAD_CASES = _bad_cases()
 
-    name, args, exc, msg = case
-    impl = {"cpu": ops._int4_gemm_compiled, "reference": ops._int4_gemm_reference}[backend]
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("case", _BAD_CASES, ids=lambda c: c[0])
+def test_bad_input(backend, case):
+    name, x, changes, bias, exc, msg = case
+    w = dataclasses.replace(_BAD_WEIGHT, **changes)
     with pytest.raises(exc, match="int4_gemm: .*" + re.escape(msg)):
-        impl(*args)
+        _impl(backend)(x, w, bias)
 
 
 def test_bad_layout_values():
     p = int4_layout.pack(make_quantized(64, 70, 32, sym=False, act_order=True))
-    qw, sc, zr, gs, pm, n = p.tensors()
     x = torch.randn(2, 64)
-    bad_perm = pm.clone()
+    bad_perm = p.perm.clone()
     bad_perm[3] = 64
     with pytest.raises(RuntimeError, match=r"perm values must lie in \[-1, 64\)"):
-        torch.ops.bitpress.int4_gemm(x, qw, sc, zr, gs, bad_perm, n)
-    bad_gs = gs.clone()
+        torch.ops.bitpress.int4_gemm(x, **{**p.op_kwargs(), "perm": bad_perm})
+    bad_gs = p.group_starts.clone()
     bad_gs[-1] = 3
     with pytest.raises(RuntimeError, match="group_starts must run from 0 to Kp/8 = 8"):
-        torch.ops.bitpress.int4_gemm(x, qw, sc, zr, bad_gs, pm, n)
+        torch.ops.bitpress.int4_gemm(x, **{**p.op_kwargs(), "group_starts": bad_gs})
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,4 +1,4 @@
-"""int4_gemm on CUDA (csrc/cuda/int4_gemm.cu, csrc/torch/int4_gemm_cuda.cpp).
+"""int4_gemm on CUDA (csrc/int4/int4_gemm_sm80.cu, csrc/int4/int4_gemm_cuda_torch.cpp).
 
 Without a GPU: the machine code of every shipped kernel variant for sm_80 and sm_90a (tensor-core
 mma, ldmatrix, cp.async, no local memory, register budget), and the registration of the CUDA
@@ -11,6 +11,7 @@ and 3-D x, CUDA graph capture, and bad input.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -18,8 +19,11 @@ import pytest
 import torch
 from int4_data import make_quantized
 
-from bitpress import _ext, ops, reference
-from bitpress.formats import int4_layout
+from bitpress import ops, reference
+from bitpress._core import backends
+from bitpress._core import ext as _ext
+from bitpress.int4 import layout as int4_layout
+from bitpress.int4.layout import Int4MmaTiles
 from bitpress.testing import cuobjdump, extension_resource_usage, extension_sass, rel_err
 
 # Relative error against float64. fp16: the scale rounded to fp16 once per group (2^-11), the
@@ -116,11 +120,11 @@ def test_cuda_implementation_registered():
 
 def _weight(K, N, gs=128, sym=True, act=False, seed=0):
     qw = make_quantized(K, N, gs, sym, act, seed=seed)
-    return int4_layout.pack(qw, layout="mma").to("cuda")
+    return int4_layout.pack(qw, layout=Int4MmaTiles).to("cuda")
 
 
 def _ref64(x, p, bias=None):
-    return reference.int4_gemm(x.double(), *p.tensors(), None if bias is None else bias.double())
+    return reference.int4_gemm(x.double(), p, None if bias is None else bias.double())
 
 
 def _run(x, p, bias=None):
@@ -208,7 +212,7 @@ def test_empty_shapes():
     x = torch.randn(0, 128, device="cuda", dtype=torch.float16)
     assert _run(x, p).shape == (0, 64)
     qw = make_quantized(128, 1, 128)
-    p1 = int4_layout.pack(qw, layout="mma").to("cuda")
+    p1 = int4_layout.pack(qw, layout=Int4MmaTiles).to("cuda")
     out = _run(torch.randn(2, 128, device="cuda", dtype=torch.float16), p1)
     assert out.shape == (2, 1) and not out.isnan().any()
 
@@ -218,13 +222,14 @@ import torch, sys
 sys.path.insert(0, {tests!r})
 from int4_data import make_quantized
 from bitpress import ops, reference
-from bitpress.formats import int4_layout
+from bitpress.int4 import layout as int4_layout
+from bitpress.int4.layout import Int4MmaTiles
 from bitpress.testing import rel_err
-p = int4_layout.pack(make_quantized(512, 200, 64, False, True), layout="mma").to("cuda")
+p = int4_layout.pack(make_quantized(512, 200, 64, False, True), layout=Int4MmaTiles).to("cuda")
 for M in (1, 65, 300):
     x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
     out = ops.int4_gemm(x, p, backend="cuda")
-    ref = reference.int4_gemm(x.double(), *p.tensors())
+    ref = reference.int4_gemm(x.double(), p)
     assert rel_err(out.double(), ref) < 1e-2, (M, rel_err(out.double(), ref))
 print("ok")
 """
@@ -276,22 +281,34 @@ def test_bad_input():
     p = _weight(256, 70, 64, sym=False, act=True)
     x = torch.randn(2, 256, device="cuda", dtype=torch.float16)
     op = torch.ops.bitpress.int4_gemm
-    args = list(p.tensors())
+    kw = p.op_kwargs()
     cpu_layout = int4_layout.pack(make_quantized(256, 70, 64, False, True)).to("cuda")
-    with pytest.raises(RuntimeError, match="layout='mma'"):
-        op(x, *cpu_layout.tensors())
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
+            "int4_gemm: this backend reads Int4MmaTiles weights, got Int4CpuTiles: convert the "
+            "weight with weight.to(device, layout=Int4MmaTiles)"
+        ),
+    ):
+        op(x, **cpu_layout.op_kwargs())
+    with pytest.raises(RuntimeError, match=re.escape("reads Int4MmaTiles weights")):
+        ops.int4_gemm(x, cpu_layout, backend="cuda")
     with pytest.raises(TypeError, match="scales must be float32"):
-        op(x, args[0], args[1].half(), *args[2:])
+        op(x, **{**kw, "scales": kw["scales"].half()})
     with pytest.raises(RuntimeError, match="zeros must have the shape of scales"):
-        op(x, args[0], args[1], args[2][:, :64], *args[3:])
-    with pytest.raises(RuntimeError, match="same device"):
-        op(x, args[0], args[1], args[2], args[3], args[4].cpu(), args[5])
+        op(x, **{**kw, "zeros": kw["zeros"][:, :64]})
+    with pytest.raises(RuntimeError, match="perm must be on the same device"):
+        op(x, **{**kw, "perm": kw["perm"].cpu()})
     with pytest.raises(RuntimeError, match=r"perm.size\(0\)"):
-        op(x, args[0], args[1], args[2], args[3], args[4][:16], args[5])
+        op(x, **{**kw, "perm": kw["perm"][:16]})
     with pytest.raises(RuntimeError, match=r"qweight.size\(1\)"):
-        op(x, *args[:5], 200)
+        op(x, **{**kw, "out_features": 200})
     with pytest.raises(RuntimeError, match=r"bias.size\(0\)"):
-        op(x, *args, torch.zeros(3, device="cuda", dtype=torch.float16))
+        op(x, **kw, bias=torch.zeros(3, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError, match=r"layout must be 0 \(Int4CpuTiles\) or 1"):
+        op(x, **{**kw, "layout": 2})
     q_noperm = _weight(256, 70, 64)
     with pytest.raises(RuntimeError, match=r"x.size\(-1\) must be K = 256"):
-        op(torch.randn(2, 128, device="cuda", dtype=torch.float16), *q_noperm.tensors())
+        op(torch.randn(2, 128, device="cuda", dtype=torch.float16), **q_noperm.op_kwargs())
+    # The backend choice: on this device the default is the cuda backend.
+    assert backends.select("int4_gemm", x.device, dtype=x.dtype)[0] == "cuda"

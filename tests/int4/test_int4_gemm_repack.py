@@ -12,9 +12,12 @@ import pytest
 import torch
 from int4_data import make_quantized
 
-from bitpress import _ext, ops
-from bitpress.formats import int4_layout
-from bitpress.formats.packing import pack_int4_along_k
+from bitpress import ops
+from bitpress._core import backends
+from bitpress._core import ext as _ext
+from bitpress.int4 import layout as int4_layout
+from bitpress.int4.layout import Int4MmaTiles
+from bitpress.int4.packing import pack_int4_along_k
 from bitpress.testing import cuobjdump, extension_resource_usage, extension_sass
 
 NS = [1, 7, 64, 65, 130, 4095]
@@ -42,15 +45,23 @@ def _mv(t, device):
     return None if t is None else t.to(device)
 
 
+OP = "int4_gemm_repack"  # the op of the backend_device fixture (tests/conftest.py)
+
+
 @pytest.mark.parametrize("N", NS)
 @pytest.mark.parametrize("K,group_size,act_order", KS)
-def test_cpu_matches_reference(K, group_size, act_order, N):
-    _, qweight, perm = _gptq(K, N, group_size, act_order)
-    out = ops.int4_gemm_repack(qweight, perm, backend="cpu")
-    ref = ops.int4_gemm_repack(qweight, perm, backend="reference")
+def test_matches_reference(backend_device, K, group_size, act_order, N):
+    """Every backend on every device it runs on, bit for bit against the plain-torch
+    definition (int4_layout.mma_qweight, the reference backend)."""
+    backend, device = backend_device
+    qw, qweight, perm = _gptq(K, N, group_size, act_order)
+    out = ops.int4_gemm_repack(qweight.to(device), _mv(perm, device), backend=backend)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     Kp = K if perm is None else perm.numel()
+    assert out.device == device
     assert out.dtype == torch.int32 and out.shape == (Kp // 16, -(-N // 64) * 128)
-    assert torch.equal(out, ref)
+    assert torch.equal(out.cpu(), int4_layout.mma_qweight(qw.q, perm))
 
 
 def test_cpu_matches_reference_act_order_large():
@@ -65,7 +76,7 @@ def test_cpu_matches_reference_act_order_large():
 @pytest.mark.parametrize("K,group_size,act_order", KS[:2])
 def test_equals_pack_mma_and_round_trips(K, group_size, act_order, N):
     qw, qweight, _ = _gptq(K, N, group_size, act_order)
-    packed = int4_layout.pack(qw, layout="mma")
+    packed = int4_layout.pack(qw, layout=Int4MmaTiles)
     out = ops.int4_gemm_repack(qweight, packed.perm)
     assert torch.equal(out, packed.qweight)
     # The op's qweight in an Int4PackedWeight unpacks to the GPTQ tensors exactly.
@@ -147,10 +158,7 @@ def _bad_cases():
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_bad_input(backend, case):
     _, args, exc, msg = case
-    impl = {
-        "cpu": ops._int4_gemm_repack_compiled,
-        "reference": ops._int4_gemm_repack_reference,
-    }[backend]
+    impl = backends.implementations("int4_gemm_repack")[backend]
     with pytest.raises(exc, match="int4_gemm_repack: .*" + re.escape(msg)):
         impl(*args)
 

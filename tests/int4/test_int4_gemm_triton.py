@@ -23,7 +23,8 @@ from int4_data import make_quantized
 from test_int4_gemm import TOLERANCE, ref64
 
 from bitpress import ops
-from bitpress.formats import int4_layout
+from bitpress.int4 import layout as int4_layout
+from bitpress.int4.layout import Int4CpuTiles, Int4Layout, Int4MmaTiles
 from bitpress.testing import compile_triton, cuobjdump, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -76,7 +77,9 @@ def _interp_expected(x, qw, packed, bias, path):
 def _run(x, packed, bias=None, **kw):
     from bitpress.triton_kernels import int4_gemm as tk
 
-    return tk.int4_gemm(x, *packed.tensors(), bias, **kw)
+    weight = packed.op_kwargs()
+    assert weight.pop("layout") == Int4Layout.MMA_TILES
+    return tk.int4_gemm(x, **weight, bias=bias, **kw)
 
 
 # ------------------------------------------------------------------------------------------
@@ -91,7 +94,7 @@ def _run(x, packed, bias=None, **kw):
 def test_matches_reference(case, path, dtype):
     M, K, N, gs, sym, act = case
     qw = make_quantized(K, N, gs, sym, act)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     if act or K % 16:
         assert p.perm is not None
     x = torch.randn(M, K).to(dtype)
@@ -118,7 +121,7 @@ def test_op_bias_3d_strided_x(path, dtype, bias_dtype):
     M = 6 if path == "gemv" else 34
     K, N = 136, 70
     qw = make_quantized(K, N, 32, sym=False, act_order=True)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     buf = torch.randn(2, M // 2, 2 * K).to(dtype)
     x = buf[..., ::2]
     assert not x.is_contiguous()
@@ -139,7 +142,7 @@ def test_gemv_split_k(split_k):
     S = 40 > the number of K blocks leaves some K ranges empty (their partials must be 0)."""
     M, K, N = 5, 512, 65
     qw = make_quantized(K, N, 128, sym=False)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     x = torch.randn(M, K, dtype=torch.float16)
     bias = torch.randn(N, dtype=torch.float16)
     out = _run(x, p, bias, path="gemv", split_k=split_k, config={"BLOCK_N": 64, "BLOCK_K": 32})
@@ -159,7 +162,7 @@ def test_gemv_split_k(split_k):
 def test_block_configs(path, config):
     M, K, N = (7 if path == "gemv" else 40), 256, 130
     qw = make_quantized(K, N, 64, sym=False, act_order=True)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     x = torch.randn(M, K)
     out = _run(x, p, path=path, config=config)
     assert rel_err(out, ref64(x, p)) <= TOLERANCE[torch.float32]
@@ -172,7 +175,7 @@ def test_default_path_by_m():
     from bitpress.triton_kernels.int4_gemm import GEMV_MAX_M
 
     qw = make_quantized(128, 33, 32, sym=True)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     for M in (GEMV_MAX_M, GEMV_MAX_M + 1):
         x = torch.randn(M, 128)
         out = ops.int4_gemm(x, p, backend="triton")
@@ -184,14 +187,20 @@ def test_default_path_by_m():
 @pytest.mark.interpreter
 def test_rejects_cpu_tile_layout():
     p = int4_layout.pack(make_quantized(64, 8, 32))
-    assert p.layout == "cpu"
-    with pytest.raises(RuntimeError, match="mma layout"):
+    assert type(p) is Int4CpuTiles
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
+            "int4_gemm: this backend reads Int4MmaTiles weights, got Int4CpuTiles: convert the "
+            "weight with weight.to(device, layout=Int4MmaTiles)"
+        ),
+    ):
         ops.int4_gemm(torch.randn(2, 64), p, backend="triton")
 
 
 @pytest.mark.interpreter
 def test_rejects_block_k_not_dividing_group():
-    p = int4_layout.pack(make_quantized(96, 8, 32), layout="mma")
+    p = int4_layout.pack(make_quantized(96, 8, 32), layout=Int4MmaTiles)
     with pytest.raises(ValueError, match="BLOCK_K"):
         _run(torch.randn(2, 96), p, config={"BLOCK_N": 64, "BLOCK_K": 64})
 
@@ -199,10 +208,15 @@ def test_rejects_block_k_not_dividing_group():
 @pytest.mark.interpreter
 def test_opcheck_triton_op():
     qw = make_quantized(64, 24, 32, sym=False, act_order=True)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     x = torch.randn(3, 64, dtype=torch.float16)
     bias = torch.randn(24, dtype=torch.float16)
-    torch.library.opcheck(torch.ops.bitpress.int4_gemm_triton.default, (x, *p.tensors(), bias))
+    op = torch.ops.bitpress.int4_gemm_triton.default
+    torch.library.opcheck(op, (x,), {**p.op_kwargs(), "bias": bias})
+    kw = p.op_kwargs()
+    args = [kw[a.name] for a in op._schema.arguments[1:-1]]
+    assert args[-1] == int(Int4Layout.MMA_TILES)
+    torch.library.opcheck(op, (x, *args, bias))
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,7 +324,7 @@ def test_gemv_compiles(arch, direct):
 def test_gpu_llama_shapes(M, dtype, gs, sym, act):
     K = N = 4096
     qw = make_quantized(K, N, gs, sym, act)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     x = torch.randn(M, K, dtype=dtype)
     bias = torch.randn(N, dtype=dtype)
     want = ref64(x, p, bias)
@@ -325,7 +339,7 @@ def test_gpu_llama_shapes(M, dtype, gs, sym, act):
 def test_gpu_forced_paths_odd_shapes(path, dtype):
     M, K, N = 17, 1104, 333  # K: act-order groups of 34-35 rows padded to 48
     qw = make_quantized(K, N, 32, sym=False, act_order=True)
-    p = int4_layout.pack(qw, layout="mma")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
     x = torch.randn(M, K, dtype=dtype)
     out = _run(x.cuda(), p.to("cuda"), path=path)
     assert rel_err(out.cpu(), ref64(x, p)) <= TOLERANCE[dtype]
@@ -335,7 +349,7 @@ def test_gpu_forced_paths_odd_shapes(path, dtype):
 def test_gpu_cuda_graph_replay():
     """No host syncs: after autotuning (warm-up), the op captures into a CUDA graph."""
     qw = make_quantized(4096, 1024, 128, sym=False)
-    p = int4_layout.pack(qw, layout="mma").to("cuda")
+    p = int4_layout.pack(qw, layout=Int4MmaTiles).to("cuda")
     x = torch.randn(4, 4096, dtype=torch.float16, device="cuda")
     ops.int4_gemm(x, p, backend="triton")
     torch.cuda.synchronize()

@@ -9,7 +9,8 @@ from int4_data import make_quantized
 from torch import nn
 
 import bitpress
-from bitpress.nn import Int4Linear
+from bitpress.int4 import Int4Linear
+from bitpress.int4.layout import Int4CpuTiles, Int4Layout, Int4MmaTiles
 from bitpress.testing import rel_err, sqnr_db
 
 
@@ -68,27 +69,51 @@ def test_gptq_tensors_round_trip():
             sym=False,
             checkpoint_format=fmt,
         )
-        assert torch.equal(m2.qweight, m.qweight) and torch.equal(m2.qzeros, m.qzeros)
+        # The same GPTQ tensors (state_dict and to_gptq) and the same packed weight.
+        back = m2.to_gptq(fmt)
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(back[name], t[name]), (fmt, name)
+        for name, buf in m.named_buffers():
+            other = dict(m2.named_buffers())[name]
+            assert (buf is None and other is None) or torch.equal(buf, other), (fmt, name)
 
 
 def test_repr_and_errors():
     m = Int4Linear.from_quantized(make_quantized(64, 16, 32, sym=False, act_order=True))
     r = repr(m)
     assert "in_features=64" in r and "out_features=16" in r and "group_size=32" in r
-    assert "act_order=True" in r and "sym=False" in r
-    with pytest.raises(ValueError, match="in_features must be a multiple of 8"):
+    # An act-order weight carries a row permutation; the layout is named by its type.
+    assert "row_perm=True" in r and "sym=False" in r and "layout=Int4CpuTiles" in r
+    with pytest.raises(
+        ValueError, match="Int4Linear: in_features must be a positive multiple of 8"
+    ):
         Int4Linear(60, 8)
+    with pytest.raises(ValueError, match="Int4Linear: in_features must be a positive multiple"):
+        Int4Linear(4, 8)
     with pytest.raises(ValueError, match="x.shape\\[-1\\] must be in_features = 64"):
         m(torch.randn(2, 63, dtype=torch.float16))
 
 
-def test_to_dtype_and_device_rebuilds_layout():
-    m = Int4Linear.from_quantized(make_quantized(64, 16, 32))
+def test_to_dtype_keeps_one_packed_weight():
+    """A dtype change converts the saved scales and the bias, not the kernel layout (float32
+    scales, int32 words): the packed buffers are the same tensors, and the output is unchanged."""
+    m = Int4Linear.from_quantized(make_quantized(64, 16, 32), torch.randn(16).half())
     x = torch.randn(2, 64)
     y = m(x)
-    assert m._packed
+    before = {name: buf for name, buf in m.named_buffers() if name.startswith("packed_")}
+    # Symmetric, no act-order: no zeros, no perm (None buffers).
+    assert set(before) == {"packed_qweight", "packed_scales", "packed_group_starts"}
     m = m.to(torch.float32)
-    assert not m._packed and m.scales.dtype == torch.float32
+    assert m.dtype == torch.float32 and m.bias.dtype == torch.float32
+    assert m.state_dict()["scales"].dtype == torch.float32
+    for name, buf in m.named_buffers():
+        if name.startswith("packed_"):
+            assert buf is before[name], name  # not rebuilt, not copied
+    assert m.packed_scales.dtype == torch.float32 and m.packed_qweight.dtype == torch.int32
+    torch.testing.assert_close(m(x), y, rtol=2e-5, atol=1e-6)
+    m = m.half()
+    assert m.dtype == torch.float16 and m.bias.dtype == torch.float16
+    assert m.state_dict()["scales"].dtype == torch.float16
     torch.testing.assert_close(m(x), y, rtol=2e-5, atol=1e-6)
 
 
@@ -130,7 +155,13 @@ def test_quantize_filter_and_config_errors():
 
 def test_kernel_layout_follows_the_device():
     m = Int4Linear.from_linear(nn.Linear(64, 32), group_size=32)
-    assert m.packed(torch.device("cpu")).layout == "cpu"
+    w = m.packed(torch.device("cpu"))
+    assert type(w) is Int4CpuTiles and w.layout == Int4Layout.CPU_TILES
+    assert w.qweight is m.packed_qweight  # the module's own weight, not a copy
+    assert type(m.weight_packed) is Int4CpuTiles
+    # Another device's layout is a converted copy, which the module does not keep.
+    gpu = m.weight_packed.to("cpu", layout=Int4MmaTiles)
+    assert type(gpu) is Int4MmaTiles and type(m.weight_packed) is Int4CpuTiles
 
 
 @pytest.mark.gpu
@@ -139,7 +170,12 @@ def test_cuda_forward_uses_the_mma_layout(dtype):
     """On CUDA the module repacks into the GPU mma layout once and runs the default backend."""
     lin = nn.Linear(512, 300, bias=True)
     m = Int4Linear.from_linear(lin, group_size=128, sym=False, dtype=dtype).cuda()
-    assert m.packed(torch.device("cuda")).layout == "mma"
+    assert type(m.weight_packed) is Int4MmaTiles and m.weight_packed.layout == Int4Layout.MMA_TILES
+    assert m.packed_qweight.device.type == "cuda" and m.device.type == "cuda"
+    assert m.packed(torch.device("cuda")).qweight is m.packed_qweight
+    # Back on the CPU: the CPU tile layout, the same weight.
+    back = m.cpu()
+    assert type(back.weight_packed) is Int4CpuTiles
     for M in (1, 16, 200):
         x = torch.randn(M, 512, dtype=dtype, device="cuda")
         ref = x.double() @ m.dequantize(torch.float64).t() + m.bias.double()

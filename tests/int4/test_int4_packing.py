@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitpress.formats.packing import (
+from bitpress.int4.packing import (
     pack_int4_along_k,
     pack_int4_along_n,
     unpack_int4_along_k,

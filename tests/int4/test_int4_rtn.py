@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitpress.formats.gptq import gptq_to_quantized, quantized_to_gptq
-from bitpress.quantize.rtn import rtn_quantize
+from bitpress.int4.format_gptq import gptq_to_quantized, quantized_to_gptq
+from bitpress.int4.rtn import rtn_quantize
 from bitpress.testing import sqnr_db
 
 # SQNR (dB) of RTN INT4 on N(0, 1) weights [256, 512], measured: 20.5 / 19.8 / 19.1 / 17.9

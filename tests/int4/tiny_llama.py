@@ -7,8 +7,8 @@ import copy
 
 import torch
 
-from bitpress.nn import Int4Linear
-from bitpress.quantize.rtn import rtn_quantize
+from bitpress.int4 import Int4Linear
+from bitpress.int4.rtn import rtn_quantize
 
 GS = 32
 

@@ -9,8 +9,11 @@ import re
 
 import pytest
 import torch
+from backend_matrix import backend_device_params
 
-from bitpress import _ext, ops, reference
+from bitpress import ops
+from bitpress._core import ext as _ext
+from bitpress.speculative import reference
 from bitpress.testing import compile_triton, cuobjdump, extension_resource_usage, extension_sass
 
 # Random123 kat_vectors, philox4x32 10 rounds: (counter c0..c3, key k0 k1) -> 4 words.
@@ -312,25 +315,39 @@ def greedy_chain(logits, d, n):
     return out, acc
 
 
+# The backend_device fixture (tests/conftest.py) runs every backend registered for OP on every
+# device it can use: cpu and reference on CPU tensors, triton under the interpreter, cuda and
+# triton on a GPU (``gpu``). Bad input is checked on the backends that run on CPU tensors.
+OP = "spec_verify"
 BACKENDS = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("reference", id="reference"),
-    pytest.param("triton", id="triton-interpreter", marks=pytest.mark.interpreter),
+    pytest.param(p.values[0].backend, id=p.id, marks=p.marks)
+    for p in backend_device_params(OP)
+    if p.values[0].device.type == "cpu"
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _interpreted(backend, device):
+    return backend == "triton" and device.type == "cpu"
+
+
+def _on(device, args):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_greedy_is_the_argmax_chain(backend, dtype):
+def test_greedy_is_the_argmax_chain(backend_device, dtype):
+    backend, device = backend_device
     g = torch.Generator().manual_seed(5)
-    B, K, V = (64, 4, 33) if backend != "triton" else (12, 3, 33)
+    B, K, V = (12, 3, 33) if _interpreted(backend, device) else (64, 4, 33)
     logits = torch.randint(-3, 4, (B, K + 1, V), generator=g).to(dtype)  # many ties
     am = logits.float().argmax(-1)
     d = torch.where(torch.rand(B, K, generator=g) < 0.8, am[:, :K], (am[:, :K] + 1) % V)
     n = torch.randint(0, K + 1, (B,), generator=g)
     n[0], n[1] = 0, K
     d[1] = am[1, :K]  # a row that accepts everything and emits the bonus argmax
-    tokens, acc, emitted = ops.spec_verify(logits, d, n, backend=backend)
+    out = ops.spec_verify(*_on(device, (logits, d, n)), backend=backend)
+    assert all(t.device == device for t in out)
+    tokens, acc, emitted = (t.cpu() for t in out)
     want, want_acc = greedy_chain(logits, d, n)
     assert torch.equal(tokens, want) and torch.equal(acc, want_acc)
     assert torch.equal(emitted, want_acc + 1)
@@ -373,24 +390,26 @@ IDENTITY_CASES = [  # B, K, V, dtype, draft_probs, filters
 
 
 @pytest.mark.parametrize("case", IDENTITY_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_cpu_and_reference_identical(case):
-    args = _random_inputs(*case, seed=IDENTITY_CASES.index(case))
-    cpu = ops.spec_verify(*args, backend="cpu")
-    ref = ops.spec_verify(*args, backend="reference")
-    for a, b in zip(cpu, ref, strict=True):
-        assert torch.equal(a, b)
-    assert cpu[1].float().mean() > 0.25  # the rows reach positions past the first
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("case", IDENTITY_CASES[:5], ids=lambda c: "-".join(map(str, c)))
-def test_triton_interpreter_identical(case):
+def test_identical_to_reference(backend_device, case):
+    """Every backend on every device, token for token against the reference on CPU tensors.
+    The interpreter runs smaller batches and vocabularies (and skips the last case)."""
+    backend, device = backend_device
     B, K, V, dtype, probs, filters = case
-    args = _random_inputs(12 if filters else 24, K, min(V, 1024), dtype, probs, filters, seed=B)
-    tri = ops.spec_verify(*args, backend="triton")
-    cpu = ops.spec_verify(*args, backend="cpu")
-    for a, b in zip(tri, cpu, strict=True):
-        assert torch.equal(a, b)
+    if _interpreted(backend, device):
+        if case not in IDENTITY_CASES[:5]:
+            pytest.skip("interpreter: the largest case is covered by the compiled backends")
+        args = _random_inputs(12 if filters else 24, K, min(V, 1024), dtype, probs, filters, seed=B)
+    else:
+        args = _random_inputs(*case, seed=IDENTITY_CASES.index(case))
+    got = ops.spec_verify(*_on(device, args), backend=backend)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    want = reference.spec_verify(*args)
+    for a, b in zip(got, want, strict=True):
+        assert a.device == device and a.dtype == b.dtype
+        assert torch.equal(a.cpu(), b)
+    if not _interpreted(backend, device):
+        assert want[1].float().mean() > 0.25  # the rows reach positions past the first
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -484,13 +503,15 @@ def test_every_cpu_path_identical(isa):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_output_contract_ragged(backend):
-    B, K, V = (40, 5, 50) if backend != "triton" else (8, 5, 50)
+def test_output_contract_ragged(backend_device):
+    backend, device = backend_device
+    B, K, V = (8, 5, 50) if _interpreted(backend, device) else (40, 5, 50)
     args = _random_inputs(B, K, V, torch.float32, True, False, seed=3)
     d, n = args[1], args[2]
     n[:3] = torch.tensor([0, K, 1])
-    tokens, acc, emitted = ops.spec_verify(*args, backend=backend)
+    out = ops.spec_verify(*_on(device, args), backend=backend)
+    assert all(t.device == device for t in out)
+    tokens, acc, emitted = (t.cpu() for t in out)
     assert tokens.dtype == acc.dtype == emitted.dtype == torch.int64
     assert tokens.shape == (B, K + 1) and acc.shape == emitted.shape == (B,)
     assert (acc >= 0).all() and (acc <= n).all() and torch.equal(emitted, acc + 1)
