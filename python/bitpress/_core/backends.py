@@ -33,6 +33,7 @@ import importlib.util
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -103,20 +104,32 @@ def _have_triton() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Device:
+class Device(NamedTuple):
     """The facts of a device that capabilities test: its type and, on CUDA, its compute
-    capability (major, minor)."""
+    capability (major, minor). A tuple: it keys the cache of choices cheaply."""
 
     type: str
     cc: tuple[int, int] | None = None
 
     @staticmethod
     def of(device: torch.device | str) -> Device:
-        dev = torch.device(device)
+        hit = _DEVICES.get(device)
+        if hit is not None:
+            return hit
+        dev = device if isinstance(device, torch.device) else torch.device(device)
         if dev.type == "cuda" and torch.cuda.is_available():
-            return Device("cuda", tuple(torch.cuda.get_device_capability(dev)))
-        return Device(dev.type)
+            return _cuda_device(dev.index if dev.index is not None else torch.cuda.current_device())
+        out = _DEVICES[device] = Device(dev.type)
+        return out
+
+
+# Non-CUDA devices by their torch.device (or string): a call's device costs one dict lookup.
+_DEVICES: dict = {}
+
+
+@functools.cache
+def _cuda_device(index: int) -> Device:
+    return Device("cuda", tuple(torch.cuda.get_device_capability(index)))
 
 
 def cuda_image_fits(cc: tuple[int, int], archs: list[str]) -> bool:
@@ -280,22 +293,39 @@ def select(
 ) -> tuple[str, Callable]:
     """The (backend, implementation) that runs ``op`` for a call on ``device`` whose main input
     has ``dtype``. ``backend`` overrides the forced and default choice for this call."""
-    impls = _IMPLS.get(op, {})
-    dev = Device.of(device)
     name = _validate(backend) or forced_backend()
+    dev = Device.of(device)
+    # The choice depends only on these (the registrations are made at import; the capabilities
+    # read the environment only through TRITON_INTERPRET): cache it, a call costs ~1 us then.
+    # TRITON_INTERPRET matters only where Triton may serve a CPU tensor: a forced triton.
+    key = (op, dev, name, dtype, triton_interpret() if name == "triton" else None)
+    hit = _SELECTED.get(key)
+    # Valid while the implementation chosen is still the one registered (tests swap them).
+    if hit is not None and _IMPLS.get(op, {}).get(hit[0]) is hit[1]:
+        return hit[0], hit[1].fn
+    chosen, impl = _select(op, dev, name, dtype)
+    _SELECTED[key] = (chosen, impl)
+    return chosen, impl.fn
+
+
+_SELECTED: dict[tuple, tuple[str, Implementation]] = {}
+
+
+def _select(op: str, dev: Device, name: str | None, dtype) -> tuple[str, Implementation]:
+    impls = _IMPLS.get(op, {})
     if name is not None:
         why = refusal(op, name, dev, dtype)
         if why is not None:
             exc = NotImplementedError if name not in impls else RuntimeError
             raise exc(f"bitpress.{op}: backend {name!r} cannot serve this call: {why}")
-        return name, impls[name].fn
+        return name, impls[name]
     reasons = []
     for name in _DEFAULT_ORDER.get(dev.type, ("reference",)):
         if name not in impls:
             continue
         why = impls[name].capability.refusal(dev, dtype)
         if why is None:
-            return name, impls[name].fn
+            return name, impls[name]
         reasons.append(f"{name}: {why}")
     raise RuntimeError(
         f"bitpress.{op}: no backend can serve a call on {dev.type}"

@@ -338,7 +338,7 @@ def _int4_gemm_fake(x, qweight, scales, zeros, group_starts, perm, out_features,
 @backends.register("int4_gemm", "cpu")
 @backends.register("int4_gemm", "cuda", _CUDA_SM80)
 def _int4_gemm_compiled(x, weight, bias):
-    return torch.ops.bitpress.int4_gemm(x, **weight.op_kwargs(), bias=bias)
+    return torch.ops.bitpress.int4_gemm(x, *weight.op_args(), bias)
 
 
 @torch.library.custom_op("bitpress::int4_gemm_triton", mutates_args=())
@@ -365,8 +365,37 @@ torch.library.register_fake("bitpress::int4_gemm_triton")(_int4_gemm_fake)
 
 # Autograd: the weight is frozen (quantized), x and bias get gradients, as QLoRA-style adapter
 # training on a quantized base needs: dx = dy · W (W [N, K] dequantized), dbias = sum of dy.
-# The backward dequantizes W from the kernel layout with plain torch ops (O(K N) memory traffic
-# per call, no caching: the module keeps one copy of its weight).
+# bitpress::int4_gemm has its autograd in C++ (csrc/int4/int4_gemm_autograd_torch.cpp: free when
+# no gradient is needed), which calls int4_gemm_backward below for dx; the Python-defined
+# int4_gemm_triton registers the same formulas here. The backward dequantizes W from the kernel
+# layout with plain torch ops (O(K N) memory traffic per call, no caching: the module keeps one
+# copy of its weight).
+
+
+@torch.library.custom_op("bitpress::int4_gemm_backward", mutates_args=())
+def _int4_gemm_backward_op(
+    grad: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_starts: torch.Tensor,
+    perm: torch.Tensor | None,
+    in_features: int,
+    out_features: int,
+    layout: int,
+    x_dtype: torch.dtype,
+) -> torch.Tensor:
+    """dx [..., K] = dy [..., N] · W [N, K], rounded to ``x_dtype``."""
+    weight = LAYOUTS[layout](
+        qweight, scales, zeros, group_starts, perm, in_features, out_features, torch.float32
+    )
+    w = reference.dequantize_packed(weight, torch.float32).to(grad.device)  # [N, K]
+    return (grad.to(torch.float32) @ w).to(x_dtype)
+
+
+@_int4_gemm_backward_op.register_fake
+def _(grad, qweight, scales, zeros, group_starts, perm, in_features, out_features, layout, x_dtype):
+    return grad.new_empty((*grad.shape[:-1], in_features), dtype=x_dtype)
 
 
 def _int4_gemm_setup_context(ctx, inputs, output):
@@ -384,24 +413,23 @@ def _int4_gemm_setup_context(ctx, inputs, output):
 def _int4_gemm_backward(ctx, grad):
     qweight, scales, zeros, group_starts, perm = ctx.saved_tensors
     K, N, layout, x_dtype, has_bias = ctx.meta
-    weight = LAYOUTS[layout](qweight, scales, zeros, group_starts, perm, K, N, torch.float32)
-    w = reference.dequantize_packed(weight, torch.float32).to(grad.device)  # [N, K]
-    grad_x = (grad.to(torch.float32) @ w).to(x_dtype) if ctx.needs_input_grad[0] else None
-    grad_bias = None
-    if has_bias and ctx.needs_input_grad[8]:
-        grad_bias = grad.reshape(-1, N).sum(0)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.bitpress.int4_gemm_backward(
+            grad, qweight, scales, zeros, group_starts, perm, K, N, layout, x_dtype
+        )
+    grad_bias = grad.reshape(-1, N).sum(0) if has_bias and ctx.needs_input_grad[8] else None
     return grad_x, None, None, None, None, None, None, None, grad_bias
 
 
-for _name in ("bitpress::int4_gemm", "bitpress::int4_gemm_triton"):
-    torch.library.register_autograd(
-        _name, _int4_gemm_backward, setup_context=_int4_gemm_setup_context
-    )
+torch.library.register_autograd(
+    "bitpress::int4_gemm_triton", _int4_gemm_backward, setup_context=_int4_gemm_setup_context
+)
 
 
 @backends.register("int4_gemm", "triton", _TRITON_SM80)
 def _int4_gemm_triton_backend(x, weight, bias):
-    return torch.ops.bitpress.int4_gemm_triton(x, **weight.op_kwargs(), bias=bias)
+    return torch.ops.bitpress.int4_gemm_triton(x, *weight.op_args(), bias)
 
 
 def _check_int4_gemm_values(x, weight):

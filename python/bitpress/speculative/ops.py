@@ -62,8 +62,8 @@ def spec_verify(
          \quad S_j = \sum_{v\ \mathrm{kept}} e_j(v)
 
       (that is, softmax(logit / T); the scale log2(e)/T is rounded once to float32 and 2^d is the
-      canonical ``exp2_neg`` of ``bitpress/speculative/spec_verify.h``, so that every backend computes the
-      same bits)
+      canonical ``exp2_neg`` of ``bitpress/speculative/spec_verify.h``, so that every backend
+      computes the same bits)
       over the tokens kept by ``top_k`` and ``top_p`` (all when they are off), 0 elsewhere.
       ``d[j]`` is accepted iff :math:`u_0 \, q_j(d_j) < p_j(d_j)`, i.e. with probability
       :math:`\min(1, p/q)`; ``q`` is ``draft_probs[b, j]``, or one-hot at ``d[j]`` when
@@ -76,7 +76,8 @@ def spec_verify(
       with zero weight is never returned.
 
     ``u0``, ``u1`` are words 0 and 1 of Philox4x32-10 at key ``(seed lo, seed hi)`` and counter
-    ``(offset lo, offset hi, j, 0)``, as ``(bits >> 8) * 2^-24`` (csrc/include/bitpress/common/philox.h).
+    ``(offset lo, offset hi, j, 0)``, as ``(bits >> 8) * 2^-24``
+    (csrc/include/bitpress/common/philox.h).
 
     Parameters
     ----------
