@@ -27,7 +27,7 @@ class Int4GemmFunction : public torch::autograd::Function<Int4GemmFunction> {
                 "(gradients flow to x and bias only)");
     ctx->save_for_backward(
         {qweight, scales, zeros.value_or(at::Tensor()), group_starts, perm.value_or(at::Tensor())});
-    ctx->saved_data["K"] = x.size(-1);
+    ctx->saved_data["K"] = x.dim() ? x.size(-1) : 0;  // a 0-D x is reported by the op's check
     ctx->saved_data["N"] = out_features;
     ctx->saved_data["layout"] = layout;
     ctx->saved_data["x_dtype"] = x.scalar_type();

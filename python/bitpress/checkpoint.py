@@ -31,7 +31,8 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +105,9 @@ def read_quantization_config(path: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _checkpoint_files(path: Path) -> tuple[list[str], dict | None, Path]:
+    """(the safetensors files of the checkpoint, the index's weight_map or None, the index
+    path), every shard name confined to the directory."""
     index = path / SAFE_WEIGHTS_INDEX_NAME
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
@@ -132,40 +133,93 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                     f"{index}: shard {f!r} (holding e.g. "
                     f"{next(k for k, v in weight_map.items() if v == f)!r}) does not exist"
                 )
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            others = sorted(p.name for p in path.glob("*.bin")) + sorted(
-                p.name for p in path.glob("*.pt")
-            )
-            raise FileNotFoundError(
-                f"{path}: no *.safetensors file"
-                + (f" ({', '.join(others)} found: only safetensors is supported)" if others else "")
-            )
-        weight_map = None
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+        return files, weight_map, index
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in path.glob("*.bin")) + sorted(
+            p.name for p in path.glob("*.pt")
+        )
+        raise FileNotFoundError(
+            f"{path}: no *.safetensors file"
+            + (f" ({', '.join(others)} found: only safetensors is supported)" if others else "")
+        )
+    return files, None, index
+
+
+class _SafetensorsFiles(Mapping):
+    """The tensors of a checkpoint's safetensors files by name, read on access.
+
+    Opening reads the headers only (every file is checked: a corrupt or truncated one is named
+    here); a tensor is a view of the memory-mapped file (safetensors' ``safe_open``): file pages,
+    which the kernel may drop, not anonymous memory. Whoever keeps a tensor past loading must
+    copy it. Use as a context manager: the handles are closed at exit.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        files, weight_map, index = _checkpoint_files(path)
+        self._handles: dict[str, Any] = {}
+        self._file_of: dict[str, str] = {}
         try:
-            shard = load_file(path / f)
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{path / f}: not a readable safetensors file ({e})") from e
-        for k, v in shard.items():
-            if k in tensors:
-                raise ValueError(f"{path}: tensor {k!r} appears in more than one shard ({f})")
-            if weight_map is not None and weight_map.get(k) != f:
-                raise ValueError(
-                    f"{index}: tensor {k!r} found in {f!r} but the weight_map says "
-                    f"{weight_map.get(k)!r}"
-                )
-            tensors[k] = v
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
+            for f in files:
+                try:
+                    handle = safe_open(path / f, framework="pt")
+                    keys = list(handle.keys())
+                except Exception as e:  # safetensors raises its own error types
+                    raise ValueError(f"{path / f}: not a readable safetensors file ({e})") from e
+                self._handles[f] = handle
+                for k in keys:
+                    if k in self._file_of:
+                        raise ValueError(
+                            f"{path}: tensor {k!r} appears in more than one shard ({f})"
+                        )
+                    if weight_map is not None and weight_map.get(k) != f:
+                        raise ValueError(
+                            f"{index}: tensor {k!r} found in {f!r} but the weight_map says "
+                            f"{weight_map.get(k)!r}"
+                        )
+                    self._file_of[k] = f
+            if weight_map is not None:
+                missing = sorted(set(weight_map) - set(self._file_of))
+                if missing:
+                    raise ValueError(
+                        f"{index}: tensors listed in weight_map are missing from their shards: "
+                        f"{missing[:5]}"
+                    )
+        except BaseException:
+            self.close()
+            raise
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        f = self._file_of[key]
+        try:
+            return self._handles[f].get_tensor(key)
+        except Exception as e:
             raise ValueError(
-                f"{index}: tensors listed in weight_map are missing from their shards: "
-                f"{missing[:5]}"
-            )
-    return tensors
+                f"{self.path / f}: not a readable safetensors file (tensor {key!r}: {e})"
+            ) from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._file_of
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def __enter__(self) -> _SafetensorsFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _parse_size(size: int | str) -> int:
@@ -229,8 +283,15 @@ def from_pretrained(
     *,
     dtype: torch.dtype = torch.float16,
     device: torch.device | str = "cpu",
+    progress: bool | None = None,
 ):
     """Load a GPTQ-quantized transformers checkpoint directory.
+
+    The model is built on the meta device and the safetensors files are memory-mapped: each
+    quantized layer is read and packed into the kernel layout of ``device`` in turn, and the
+    plain parameters are copied once, in ``dtype``, onto ``device``. Memory grows by about what
+    the loaded model keeps (~1x the checkpoint on the CPU: the int4 words as stored, float32
+    scales), never by a dense copy of the model; the first forward needs no repacking.
 
     Parameters
     ----------
@@ -241,7 +302,10 @@ def from_pretrained(
         dtype of the non-quantized parameters and of the Int4Linear scales / bias (float16 is
         what GPTQ checkpoints store: loading it keeps every tensor bit for bit).
     device : torch.device or str
-        Where the model is placed.
+        Where the model is placed (each tensor is loaded there directly).
+    progress : bool, optional
+        Show a progress bar (tqdm, on stderr) over the quantized layers. ``None`` (default): when
+        stderr is a terminal and the checkpoint has at least 64 quantized layers.
 
     Returns
     -------
@@ -253,7 +317,8 @@ def from_pretrained(
     ------
     ValueError
         Unsupported quantization config (names the field), missing / mis-shaped / wrong-dtype /
-        unexpected tensor (names the tensor and the expected shape).
+        unexpected tensor (names the tensor and the expected shape), unreadable safetensors file
+        (names the file).
     FileNotFoundError
         No config.json, no safetensors file, or a shard named by the index is missing.
     """
@@ -267,15 +332,26 @@ def from_pretrained(
     if hasattr(config, "quantization_config"):
         # transformers would otherwise look for its own GPTQ backend (optimum) for this config.
         del config.quantization_config
-    tensors = _load_tensors(path)
+    device = torch.device(device)
+    with _SafetensorsFiles(path) as tensors:
+        model = _load(model_config=config, tensors=tensors, qc=qc, dtype=dtype, device=device,
+                      progress=progress)  # fmt: skip
+    model.config.quantization_config = qc
+    model.eval()
+    return model.to(device)
+
+
+def _load(model_config, tensors: Mapping, qc: dict, dtype, device, progress):
+    import transformers
 
     with _parameters_on_meta():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=dtype)
 
     fmt = checkpoint_formats()[qc["quant_method"]]
     modules = dict(model.named_modules())
     used: set[str] = set()
-    for name in fmt.module_names(tensors):
+    names = fmt.module_names(tensors)
+    for name in _progress(names, progress):
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(
@@ -283,27 +359,24 @@ def from_pretrained(
                 f"{type(model).__name__}"
                 + ("" if linear is None else f" (it is a {type(linear).__name__})")
             )
-        _set_module(model, name, fmt.load(name, linear, tensors, qc, dtype))
+        _set_module(model, name, fmt.load(name, linear, tensors, qc, dtype, device=device))
         used.update(f"{name}.{s}" for s in fmt.suffixes)
 
     # Everything else: plain parameters and persistent buffers, still on meta / default values.
-    expected = {
-        k: v
-        for k, v in model.state_dict(keep_vars=True).items()
-        if not _in_quantized_module(model, k)
-    }
     state = {}
-    for k, ref in expected.items():
-        t = tensors.get(k)
-        if t is None:
+    for k, ref in _plain_state(model).items():
+        if k not in tensors:
             continue
+        t = tensors[k]
         if list(t.shape) != list(ref.shape):
             raise ValueError(
                 f"checkpoint: tensor {k!r} has shape {list(t.shape)}, expected {list(ref.shape)}"
             )
         if ref.dtype.is_floating_point != t.dtype.is_floating_point:
             raise ValueError(f"checkpoint: tensor {k!r} has dtype {t.dtype}, expected {ref.dtype}")
-        state[k] = t.to(dtype if t.dtype.is_floating_point else ref.dtype)
+        # A copy even in the file's dtype: ``t`` is a view of the memory-mapped file.
+        target = dtype if t.dtype.is_floating_point else ref.dtype
+        state[k] = t.to(device=device, dtype=target, copy=True)
         used.add(k)
     unexpected = sorted(k for k in tensors if k not in used and not _IGNORED_TENSORS.search(k))
     if unexpected:
@@ -313,20 +386,51 @@ def from_pretrained(
             f"does not read)"
         )
     model.load_state_dict(state, strict=False, assign=True)
+    del state
 
     if _tie_word_embeddings(model):
         # transformers' own rule: tie a tensor the checkpoint lacks to its present partner;
         # when both are present and differ, keep both (and it warns).
-        still_meta = {
-            k for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"
-        }
+        still_meta = {k for k, v in _plain_state(model).items() if v.device.type == "meta"}
         model.tie_weights(missing_keys=still_meta)
-    for k, v in model.state_dict(keep_vars=True).items():
+    for k, v in _plain_state(model).items():
         if v.device.type == "meta":
             raise ValueError(f"checkpoint: missing tensor {k!r} (expected shape {list(v.shape)})")
-    model.config.quantization_config = qc
-    model.eval()
-    return model.to(device)
+    return model
+
+
+# Quantized layers from which a progress bar is shown by default (on a terminal): ~9 decoder
+# layers of a Llama, i.e. any model whose load takes more than a moment.
+_PROGRESS_MIN_LAYERS = 64
+
+
+def _progress(names: list[str], progress: bool | None):
+    if progress is None:
+        progress = len(names) >= _PROGRESS_MIN_LAYERS and sys.stderr.isatty()
+    if not progress:
+        return names
+    from tqdm.auto import tqdm
+
+    return tqdm(names, desc="bitpress: loading", unit="layer", dynamic_ncols=True)
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict(keep_vars=True)`` without the modules of a checkpoint format (which
+    read and write their tensors themselves; their state_dict converts the packed weight back to
+    the checkpoint layout, which loading must not pay for)."""
+    quantized = tuple(f.module_type for f in checkpoint_formats().values())
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, quantized):
+            return
+        module._save_to_state_dict(out, prefix, keep_vars=True)
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}{name}.")
+
+    visit(model, "")
+    return out
 
 
 def _in_quantized_module(model: nn.Module, key: str) -> bool:

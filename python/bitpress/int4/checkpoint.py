@@ -13,13 +13,14 @@ stored minus one), missing ``desc_act`` means False. GPTQModel's ``format`` key 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from bitpress._core.registry import CheckpointFormat, register_checkpoint_format
-from bitpress.int4.format_gptq import CHECKPOINT_FORMATS, gptq_to_quantized
+from bitpress.int4.format_gptq import CHECKPOINT_FORMATS
 from bitpress.int4.modules import Int4Linear
 from bitpress.int4.quantized import check_group_size
 
@@ -59,7 +60,7 @@ def parse_gptq_config(qc: dict[str, Any], source: str = "quantization_config") -
     return dict(bits=4, group_size=gs, desc_act=desc_act, sym=sym, checkpoint_format=fmt)
 
 
-def _expect(tensors: dict, name: str, shape: list[int], what: str) -> torch.Tensor:
+def _expect(tensors: Mapping, name: str, shape: list[int], what: str) -> torch.Tensor:
     t = tensors.get(name)
     if t is None:
         raise ValueError(f"checkpoint: missing tensor {name!r} (expected shape {shape}, {what})")
@@ -70,8 +71,12 @@ def _expect(tensors: dict, name: str, shape: list[int], what: str) -> torch.Tens
     return t
 
 
-def load_gptq_module(name: str, linear: nn.Linear, tensors: dict, qc: dict, dtype) -> Int4Linear:
-    """The Int4Linear that replaces ``linear``, from the checkpoint tensors ``<name>.*``."""
+def load_gptq_module(
+    name: str, linear: nn.Linear, tensors: Mapping, qc: dict, dtype, device=None
+) -> Int4Linear:
+    """The Int4Linear that replaces ``linear``, from the checkpoint tensors ``<name>.*``, packed
+    into the kernel layout of ``device`` (default: the CPU). ``tensors`` may be views of
+    memory-mapped files: the module keeps none of them."""
     K, N = linear.in_features, linear.out_features
     gs = qc["group_size"]
     if K % 8:
@@ -102,21 +107,23 @@ def load_gptq_module(name: str, linear: nn.Linear, tensors: dict, qc: dict, dtyp
                 f"checkpoint: tensor '{name}.{suffix}' has dtype {got}, expected {want}"
             )
     try:
-        qw = gptq_to_quantized(
+        return Int4Linear.from_gptq(
             qweight,
             qzeros,
             scales,
             g_idx,
+            bias,
             group_size=gs,
             sym=qc["sym"],
             checkpoint_format=qc["checkpoint_format"],
+            dtype=dtype,
+            device=device or "cpu",
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint: {name}: {e}") from e
-    return Int4Linear.from_quantized(qw, bias=bias, dtype=dtype)
 
 
-def gptq_module_names(tensors: dict) -> list[str]:
+def gptq_module_names(tensors: Mapping) -> list[str]:
     """The quantized modules of a checkpoint: those with a ``<name>.qweight``."""
     return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
 

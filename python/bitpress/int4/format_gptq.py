@@ -107,6 +107,41 @@ def gptq_to_quantized(
     too. No nibble is ever read as 16, and no error is raised, because a nibble of 15 is also
     the legitimate v1 encoding of a real zero of 0.
     """
+    zeros, g = read_gptq(
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+        group_size=group_size,
+        sym=sym,
+        checkpoint_format=checkpoint_format,
+        bits=bits,
+    )
+    return QuantizedWeight(
+        q=unpack_int4_along_k(qweight),
+        scales=scales,
+        zeros=zeros,
+        g_idx=g,
+        group_size=group_size,
+        sym=sym,
+    )
+
+
+def read_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    *,
+    group_size: int,
+    sym: bool = True,
+    checkpoint_format: str = "gptq",
+    bits: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every check of :func:`gptq_to_quantized`, and the two tensors it decodes besides ``q``:
+    ``(zeros [G, N] uint8 real zero points, g_idx [K] int32)``. ``qweight`` stays packed, for
+    loaders that repack the words into a kernel layout without one byte per weight
+    (``Int4Linear.from_gptq``)."""
     if bits != 4:
         raise ValueError(f"bits must be 4 (only INT4 GPTQ is supported), got {bits}")
     _check_format(checkpoint_format)
@@ -171,15 +206,7 @@ def gptq_to_quantized(
                 f"got [{int(g_idx.min())}, {int(g_idx.max())}]"
             )
         g = g_idx.to(torch.int32)
-
-    return QuantizedWeight(
-        q=unpack_int4_along_k(qweight),
-        scales=scales,
-        zeros=zeros,
-        g_idx=g,
-        group_size=group_size,
-        sym=sym,
-    )
+    return zeros, g
 
 
 def quantized_to_gptq(
