@@ -74,6 +74,7 @@ Status gemm_bf16(GemmKernel k, const GemmBf16Args& g) {
   }
   switch (k) {
     case GemmKernel::kAmx:
+      gemm_amx_thread_begin();
       gemm_bf16_amx(g);
       break;
     case GemmKernel::kAvx512Bf16:
@@ -83,6 +84,7 @@ Status gemm_bf16(GemmKernel k, const GemmBf16Args& g) {
       gemm_bf16_avx2(g);
       break;
     case GemmKernel::kAmxEmulated:
+      gemm_amx_thread_begin();
       gemm_bf16_amx_emulated(g);
       break;
     case GemmKernel::kAvx512Bf16Emulated:

@@ -257,6 +257,13 @@ void gemm_bf16_amx_emulated(const GemmBf16Args& args) { amx_gemm<EmuOps>(args, t
 BITPRESS_TARGET_AMX static void tile_release() { _tile_release(); }
 #endif
 
+void gemm_amx_thread_begin() {
+#if defined(__x86_64__)
+  t_real.key = -1;
+#endif
+  t_emu_cfg.key = -1;
+}
+
 void gemm_amx_release_thread() {
 #if defined(__x86_64__)
   if (t_real.key >= 0 && amx_usable()) {

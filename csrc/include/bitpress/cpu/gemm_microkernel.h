@@ -21,7 +21,8 @@
 //   16
 //               float32; 2 x 2 C tiles (32 rows x 32 columns) per step over K in steps of 32, then
 //               1 x 2 and narrower tails. Needs K % 32 == 0 and N % 16 == 0. The tile configuration
-//               is per thread (ldtilecfg when this thread's current shape differs), and the Linux
+//               is per thread (ldtilecfg when this thread's current shape differs, see
+//               gemm_amx_thread_begin() for code that shares the thread's tiles), and the Linux
 //               permission for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM) is requested
 //               once per process by cpu_features.cpp (amx_usable()).
 //   kAvx512Bf16 vdpbf16ps: register blocks of up to 6 rows x 64 columns (24 zmm accumulators),
@@ -78,12 +79,21 @@ Status gemm_bf16_check(GemmKernel k, const GemmBf16Args& args);
 // cannot run k.
 Status gemm_bf16(GemmKernel k, const GemmBf16Args& args);
 
-// The variants themselves (no checks; gemm_bf16 dispatches to them).
+// The variants themselves (no checks; gemm_bf16 dispatches to them). gemm_bf16_amx trusts the
+// thread's cached tile configuration: call gemm_amx_thread_begin() first on each thread, after any
+// other code may have run there.
 void gemm_bf16_amx(const GemmBf16Args& args);
 void gemm_bf16_amx_emulated(const GemmBf16Args& args);
 void gemm_bf16_avx512(const GemmBf16Args& args);
 void gemm_bf16_avx512_emulated(const GemmBf16Args& args);
 void gemm_bf16_avx2(const GemmBf16Args& args);
+
+// Forgets this thread's cached tile configuration, so that the next kAmx call loads its own. Other
+// code on the thread (oneDNN's AMX kernels behind F.linear, another library) configures and
+// releases the tiles too: after a foreign tilerelease a tile load raises #UD (SIGILL), after a
+// foreign ldtilecfg the shapes are wrong. gemm_bf16() calls it on every kAmx call; loops that call
+// gemm_bf16_amx() directly call it once per thread before their first call (per task or pool body).
+void gemm_amx_thread_begin();
 
 // Releases this thread's AMX tile state (tilerelease) so that the kernel's next call configures
 // again; threads that used kAmx may call it before going idle for long (the tile data state
