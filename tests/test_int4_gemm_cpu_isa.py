@@ -42,7 +42,7 @@ def ref64(x, packed):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M", [1, 5, 7, 16, 17, 33, 64, 130])
+@pytest.mark.parametrize("M", [1, 3, 5, 7, 16, 17, 33, 64, 130])
 @pytest.mark.parametrize(
     "K,N,gs,sym,act",
     [

@@ -17,7 +17,7 @@
 //   out          [M, N]  float32 / float16 / bfloat16, unit stride along N
 //
 // Kernels (chosen by active_cpu_isa() and the x dtype):
-//   * kAmx, x in bf16/fp16, M >= 5, every group start a multiple of 4 octets (group sizes multiple
+//   * kAmx, x in bf16/fp16, M >= 3, every group start a multiple of 4 octets (group sizes multiple
 //     of 32): the panels of (128 + q) bf16 pairs below go to the AMX tiles of the shared GEMM
 //     microkernel (bitpress/cpu/gemm_microkernel.h, tdpbf16ps, 32 x 64 blocks); each group's
 //     float32 partial sums are folded in as on the AVX-512 path. Other shapes on kAmx run the
