@@ -2,6 +2,7 @@
 #pragma once
 
 #include "bitpress/cpu.h"
+#include "bitpress/cpu/gemm_microkernel.h"
 #include "bitpress/dtype.h"
 #include "bitpress/int4.h"
 #include "bitpress/int4_dequantize.h"
