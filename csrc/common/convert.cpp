@@ -94,7 +94,7 @@ BITPRESS_TARGET_AVX512 void bf16_avx512(const float* x, void* y, int64_t n) {
 ConvertFn converter(DType out, CpuIsa isa) {
   if (out == DType::kFloat32) return copy_f32;
 #if defined(__x86_64__)
-  if (isa == CpuIsa::kAvx512) {
+  if (isa >= CpuIsa::kAvx512) {  // kAmx: the AVX-512 code
     if (out == DType::kFloat16) return f16_avx512;
     return bf16_avx512;
   }

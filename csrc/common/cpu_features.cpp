@@ -1,7 +1,16 @@
 // CPU feature detection and the process-wide ISA choice of the CPU kernels.
+#include <stdlib.h>
+#include <string.h>
+
 #include <atomic>
+#include <mutex>
 
 #include "bitpress/common/cpu.h"
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -66,8 +75,33 @@ bool supports(const CpuFeatures& f, CpuIsa isa) {
       return f.avx2 && f.fma && f.f16c;
     case CpuIsa::kAvx512:
       return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+    case CpuIsa::kAmx:
+      return supports(f, CpuIsa::kAvx512) && f.avx512_bf16 && amx_usable();
   }
   return false;
+}
+
+// Linux keeps the 8 KiB AMX tile data state out of a process's signal frames and context switches
+// until the process asks for it (Documentation/arch/x86/xstate.rst); a tile instruction without the
+// permission faults (SIGILL).
+bool request_amx_permission() {
+#if defined(BITPRESS_X86) && defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  unsigned long mask = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &mask) != 0) return false;
+  return mask & (1ul << kXfeatureXtiledata);
+#else
+  return false;
+#endif
+}
+
+CpuIsa detected_best() {
+  const CpuFeatures& f = cpu_features();
+  if (supports(f, CpuIsa::kAmx)) return CpuIsa::kAmx;
+  if (supports(f, CpuIsa::kAvx512)) return CpuIsa::kAvx512;
+  if (supports(f, CpuIsa::kAvx2)) return CpuIsa::kAvx2;
+  return CpuIsa::kScalar;
 }
 
 std::atomic<int> g_forced{-1};
@@ -87,16 +121,39 @@ const char* cpu_isa_name(CpuIsa isa) {
       return "avx2";
     case CpuIsa::kAvx512:
       return "avx512";
+    case CpuIsa::kAmx:
+      return "amx";
   }
   return "unknown";
 }
 
+bool cpu_isa_from_name(const char* name, CpuIsa* isa) {
+  if (!name) return false;
+  for (int i = 0; i <= int(CpuIsa::kAmx); ++i) {
+    if (strcmp(name, cpu_isa_name(CpuIsa(i))) == 0) {
+      *isa = CpuIsa(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+bool amx_usable() {
+  static std::once_flag once;
+  static bool ok = false;
+  std::call_once(once, [] {
+    const CpuFeatures& f = cpu_features();
+    ok = f.amx_tile && f.amx_bf16 && request_amx_permission();
+  });
+  return ok;
+}
+
 CpuIsa best_cpu_isa() {
   static const CpuIsa best = [] {
-    const CpuFeatures& f = cpu_features();
-    if (supports(f, CpuIsa::kAvx512)) return CpuIsa::kAvx512;
-    if (supports(f, CpuIsa::kAvx2)) return CpuIsa::kAvx2;
-    return CpuIsa::kScalar;
+    CpuIsa b = detected_best();
+    CpuIsa cap;
+    if (cpu_isa_from_name(getenv("BITPRESS_CPU_ISA"), &cap) && int(cap) < int(b)) b = cap;
+    return b;
   }();
   return best;
 }
@@ -107,7 +164,7 @@ CpuIsa active_cpu_isa() {
 }
 
 Status set_cpu_isa(CpuIsa isa) {
-  if (int(isa) < 0 || int(isa) > int(CpuIsa::kAvx512) || !supports(cpu_features(), isa)) {
+  if (int(isa) < 0 || int(isa) > int(best_cpu_isa()) || !supports(cpu_features(), isa)) {
     return Status::kInvalidArgument;
   }
   g_forced.store(int(isa), std::memory_order_relaxed);

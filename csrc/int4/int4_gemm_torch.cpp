@@ -1,7 +1,5 @@
 // Torch glue of int4_gemm on the CPU: checks, then the CPU kernel (CPU tile layout). The CUDA
 // implementation (GPU mma layout) is csrc/int4/int4_gemm_cuda_torch.cpp.
-#include <ATen/ops/empty.h>
-
 #include <vector>
 
 #include "bitpress/int4/int4_gemm.h"
@@ -60,8 +58,6 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
   out_shape.back() = N;
   at::Tensor out = new_output(out_shape, x.options());
   if (M == 0 || N == 0) return out;
-  const size_t ws_bytes = int4_gemm_cpu_workspace_size(M, Kp, G);
-  const at::Tensor ws = at::empty({int64_t(ws_bytes)}, x.options().dtype(at::kByte));
 
   Int4GemmParams p;
   p.x = x2.data_ptr();
@@ -84,8 +80,10 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
   p.out = out.data_ptr();
   p.out_dtype = p.x_dtype;
   p.out_row_stride = N;
-  p.workspace = ws.data_ptr();
-  p.workspace_bytes = ws_bytes;
+  // No workspace: the kernel uses the calling thread's reusable buffer (no allocation and, after
+  // the first call of this size, no page faults per call).
+  p.workspace = nullptr;
+  p.workspace_bytes = 0;
   check_status(int4_gemm_cpu(p, torch_thread_pool()), kOp);
   return out;
 }

@@ -803,7 +803,7 @@ BITPRESS_TARGET_AVX512 void rows_avx512(const SpecVerifyParams& p, int64_t b0, i
 
 RowsFn pick(CpuIsa isa) {
 #if defined(__x86_64__)
-  if (isa == CpuIsa::kAvx512) return rows_avx512;
+  if (isa >= CpuIsa::kAvx512) return rows_avx512;  // kAmx: the AVX-512 code
   if (isa == CpuIsa::kAvx2) return rows_avx2;
 #endif
   (void)isa;

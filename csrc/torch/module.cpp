@@ -58,7 +58,8 @@ PyObject* py_best_cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(bitpress::cpu_isa_name(bitpress::best_cpu_isa()));
 }
 
-// set_cpu_isa(name or None): force a CPU kernel path ("scalar", "avx2", "avx512"); None resets.
+// set_cpu_isa(name or None): force a CPU kernel path ("scalar", "avx2", "avx512", "amx"); None
+// resets.
 PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   if (arg == Py_None) {
     bitpress::reset_cpu_isa();
@@ -66,19 +67,18 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   }
   const char* name = PyUnicode_AsUTF8(arg);
   if (!name) return nullptr;
-  for (int i = 0; i <= int(bitpress::CpuIsa::kAvx512); ++i) {
-    const auto isa = bitpress::CpuIsa(i);
-    if (std::string(name) == bitpress::cpu_isa_name(isa)) {
-      if (bitpress::set_cpu_isa(isa) != bitpress::Status::kSuccess) {
-        PyErr_Format(PyExc_ValueError, "set_cpu_isa: this CPU cannot run the '%s' path (best: %s)",
-                     name, bitpress::cpu_isa_name(bitpress::best_cpu_isa()));
-        return nullptr;
-      }
-      Py_RETURN_NONE;
+  bitpress::CpuIsa isa;
+  if (bitpress::cpu_isa_from_name(name, &isa)) {
+    if (bitpress::set_cpu_isa(isa) != bitpress::Status::kSuccess) {
+      PyErr_Format(PyExc_ValueError, "set_cpu_isa: this CPU cannot run the '%s' path (best: %s)",
+                   name, bitpress::cpu_isa_name(bitpress::best_cpu_isa()));
+      return nullptr;
     }
+    Py_RETURN_NONE;
   }
   PyErr_Format(PyExc_ValueError,
-               "set_cpu_isa: isa must be 'scalar', 'avx2', 'avx512' or None, got '%s'", name);
+               "set_cpu_isa: isa must be 'scalar', 'avx2', 'avx512', 'amx' or None, got '%s'",
+               name);
   return nullptr;
 }
 

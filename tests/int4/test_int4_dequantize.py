@@ -95,9 +95,9 @@ def test_non_contiguous_inputs(backend_device):
     torch.testing.assert_close(out.cpu(), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "amx"])
 def test_every_cpu_path(isa):
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "amx"]
     if order.index(isa) > order.index(_ext.C.best_cpu_isa()):
         pytest.skip(f"this CPU cannot run the {isa} path")
     d = make_int4(136, 129, 32, torch.bfloat16, zeros=True, act_order=True)

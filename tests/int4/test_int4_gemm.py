@@ -22,7 +22,7 @@ from bitpress.testing import rel_err
 # cancelling: bounded by 2^-24 * K-ish * (sum |terms| / |y|) -- 2e-5 covers K = 4096.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = ["scalar", "avx2", "avx512", "amx"]
 
 
 def _isa_ok(isa):

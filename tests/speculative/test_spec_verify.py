@@ -435,7 +435,7 @@ def test_peaked_targets_identical(dtype, probs):
     seeds = torch.randint(-(2**62), 2**62, (B,), generator=g)
     args = (logits, d, n, q, temp, None, None, seeds, torch.arange(B))
     want = ops.spec_verify(*args, backend="reference")
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "amx"]
     for isa in order[: order.index(_ext.C.best_cpu_isa()) + 1]:
         _ext.C.set_cpu_isa(isa)
         try:
@@ -486,9 +486,9 @@ def test_accept_decisions_at_the_boundary():
     assert 0.2 < frac < 0.8, frac  # both sides of the boundary
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "amx"])
 def test_every_cpu_path_identical(isa):
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "amx"]
     if order.index(isa) > order.index(_ext.C.best_cpu_isa()):
         pytest.skip(f"this CPU cannot run the {isa} path")
     for i, case in enumerate(IDENTITY_CASES[1:4]):

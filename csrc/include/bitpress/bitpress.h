@@ -8,6 +8,7 @@
 #include "bitpress/common/philox.h"
 #include "bitpress/common/status.h"
 #include "bitpress/common/version.h"
+#include "bitpress/cpu/gemm_microkernel.h"
 #include "bitpress/cuda/primitives.cuh"
 #include "bitpress/int4/int4.h"
 #include "bitpress/int4/int4_dequantize.h"

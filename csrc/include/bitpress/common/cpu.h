@@ -21,13 +21,26 @@ const CpuFeatures& cpu_features();
 //   kScalar : portable C++ (compiler auto-vectorization only)
 //   kAvx2   : AVX2 + FMA + F16C
 //   kAvx512 : AVX-512 F/BW/VL/DQ (+ VNNI/BF16 where a kernel uses them, checked per kernel)
-enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+//   kAmx    : kAvx512 + AVX512_BF16 + AMX-TILE/AMX-BF16, with the Linux permission for the tile
+//             data state granted (amx_usable()): the bf16 GEMMs run on tdpbf16ps tiles
+//             (bitpress/cpu/gemm_microkernel.h); everything else runs its kAvx512 code.
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
-const char* cpu_isa_name(CpuIsa isa);
-CpuIsa best_cpu_isa();    // the best path this CPU supports
+const char* cpu_isa_name(CpuIsa isa);  // "scalar", "avx2", "avx512", "amx"
+// Parses a name of cpu_isa_name; false if unknown.
+bool cpu_isa_from_name(const char* name, CpuIsa* isa);
+// The best path this CPU supports, capped by the environment variable BITPRESS_CPU_ISA (a name
+// above; read once per process, as oneDNN reads ONEDNN_MAX_CPU_ISA): BITPRESS_CPU_ISA=avx512 on an
+// AMX machine runs the AVX512-BF16 kernels everywhere. An unknown name is ignored.
+CpuIsa best_cpu_isa();
 CpuIsa active_cpu_isa();  // the path kernels use now: best, unless forced lower
-// Force a path (tests, benchmarks). kInvalidArgument if this CPU cannot run it.
+// Force a path (tests, benchmarks). kInvalidArgument if it is above best_cpu_isa().
 Status set_cpu_isa(CpuIsa isa);
+
+// AMX tiles usable by this process: the CPU has AMX-TILE and AMX-BF16, the OS enables the tile
+// state (XCR0), and Linux granted the permission (arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA), requested once per process on the first call). False elsewhere.
+bool amx_usable();
 // Undo set_cpu_isa.
 void reset_cpu_isa();
 

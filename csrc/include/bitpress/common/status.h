@@ -8,6 +8,7 @@ enum class Status : int {
   kInvalidArgument = 1,  // a pointer, size, stride or dtype the kernel cannot take
   kUnsupported = 2,      // valid input this build or this CPU/GPU has no kernel for
   kCudaError = 3,        // a CUDA launch failed; cudaGetLastError() has the details
+  kOutOfMemory = 4,      // a kernel's per-thread reusable buffer could not grow (CPU)
 };
 
 inline const char* status_string(Status s) {
@@ -20,6 +21,8 @@ inline const char* status_string(Status s) {
       return "unsupported";
     case Status::kCudaError:
       return "CUDA error";
+    case Status::kOutOfMemory:
+      return "out of memory";
   }
   return "unknown status";
 }

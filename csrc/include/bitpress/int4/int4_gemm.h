@@ -17,6 +17,11 @@
 //   out          [M, N]  float32 / float16 / bfloat16, unit stride along N
 //
 // Kernels (chosen by active_cpu_isa() and the x dtype):
+//   * kAmx, x in bf16/fp16, M >= 3, every group start a multiple of 4 octets (group sizes multiple
+//     of 32): the panels of (128 + q) bf16 pairs below go to the AMX tiles of the shared GEMM
+//     microkernel (bitpress/cpu/gemm_microkernel.h, tdpbf16ps, 32 x 64 blocks); each group's
+//     float32 partial sums are folded in as on the AVX-512 path. Other shapes on kAmx run the
+//     AVX-512 code.
 //   * AVX-512 + AVX512_BF16, x in bf16/fp16: vdpbf16ps on (128 + q) bf16 pairs; fp16 x is split
 //     into two bf16 terms hi + lo (exact for fp16). The 128 offset and the zero points are removed
 //     per group with the group sum of x.
@@ -52,7 +57,10 @@ struct Int4GemmParams {
   void* out = nullptr;
   DType out_dtype = DType::kBFloat16;
   int64_t out_row_stride = 0;
-  void* workspace = nullptr;  // int4_gemm_cpu_workspace_size() bytes, 64-byte aligned
+  // int4_gemm_cpu_workspace_size() bytes, 64-byte aligned; or null: the calling thread's own
+  // reusable buffer (thread_local in the library, grown when a call needs more, kept for the next
+  // calls: no allocation and no page faults per call in steady state; freed at thread exit).
+  void* workspace = nullptr;
   size_t workspace_bytes = 0;
 };
 
@@ -62,9 +70,12 @@ size_t int4_gemm_cpu_workspace_size(int64_t M, int64_t Kp, int64_t G);
 // Checks sizes, pointers and group_starts (monotonic, ending at Kp/8) and perm values.
 Status int4_gemm_check(const Int4GemmParams& p);
 
-// The one allocation the CPU kernels make: the bf16 panel path (AVX512_BF16, M >= 5) takes up to
-// 256 KiB of fp32 accumulators per pool body call from the heap (a stack fallback of one tile x 16
-// rows when that fails), since their size depends on how the pool splits the tasks.
+// Per-thread buffers (thread_local, grown when needed and reused across calls, so that steady-state
+// calls neither allocate nor fault pages): the workspace when p.workspace is null (the calling
+// thread's), and the panel paths' float32 accumulators (up to 256 KiB per pool thread; the AVX-512
+// panel path falls back to one tile x 16 rows on the stack when that buffer cannot grow, the AMX
+// path returns kOutOfMemory). The AMX tile configuration is per thread too (ldtilecfg once per
+// thread and shape).
 Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
 
 // ---------------------------------------------------------------------------------------------
