@@ -12,7 +12,8 @@ export MAX_JOBS ?= $(JOBS)
 
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: all venv build demo test test-py test-cpp bench lint format info clean
+.PHONY: all venv build demo test test-py test-cpp bench lint format info clean gpu-check \
+	gpu-check-plan test-older-torch
 
 all: build
 
@@ -48,23 +49,53 @@ test-cpp: $(VENV)/.deps
 test-py: build
 	$(PY) -m pytest -q tests
 
-test: build lint test-cpp test-py
+# The build against an older torch (test-older-torch, below; ~3-4 min) is part of the suite;
+# BITPRESS_SKIP_OLDER_TORCH=1 leaves it out.
+test: build lint test-cpp test-py $(if $(BITPRESS_SKIP_OLDER_TORCH),,test-older-torch)
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only -q -s
 
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check python triton_kernels tests bench setup.py
-	$(VENV)/bin/ruff format --check python triton_kernels tests bench setup.py
+	$(VENV)/bin/ruff check python triton_kernels tests bench scripts setup.py
+	$(VENV)/bin/ruff format --check python triton_kernels tests bench scripts setup.py
 	find csrc tests/cpp -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu' | xargs $(VENV)/bin/clang-format --dry-run --Werror
 
 format: $(VENV)/.deps
-	$(VENV)/bin/ruff format python triton_kernels tests bench setup.py
-	$(VENV)/bin/ruff check --fix python triton_kernels tests bench setup.py
+	$(VENV)/bin/ruff format python triton_kernels tests bench scripts setup.py
+	$(VENV)/bin/ruff check --fix python triton_kernels tests bench scripts setup.py
 	find csrc tests/cpp -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu' | xargs $(VENV)/bin/clang-format -i
 
 info: build
 	$(PY) -m bitpress info
+
+# GPU first-run kit (bench/NOTES_gpu_check.md): on a lent GPU machine, with its preinstalled
+# python3, torch and triton (no venv, no registry): build for that GPU's arch, selftest, gpu tests,
+# compute-sanitizer memcheck/racecheck, GPU benches; one report in $(GPU_CHECK_OUT)/report.md.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= build/gpu-check
+GPU_JOBS ?= $(shell nproc)
+gpu-check:
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(GPU_PYTHON) scripts/gpu_check.py --jobs $(GPU_JOBS)
+
+# Its plan, without a GPU (what would run, with which TORCH_CUDA_ARCH_LIST and budgets).
+gpu-check-plan:
+	$(GPU_PYTHON) scripts/gpu_check.py --dry-run --fake-capability 9.0 --out build/gpu-check-plan
+
+# A CPU-only build of bitpress against an older torch (the GPU machines run torch 2.11; this
+# registry's oldest usable build is 2.13.0, CPU), in its own venv, out of tree, then `python -m
+# bitpress selftest` and the sanitizer cases on the CPU: scripts/gpu_check.py --cpu.
+OLDER_TORCH ?= 2.13.0
+OLDER_VENV := build/venv-torch$(OLDER_TORCH)
+$(OLDER_VENV)/.deps:
+	$(PYTHON) -m venv $(OLDER_VENV)
+	$(OLDER_VENV)/bin/python -m pip install --quiet torch==$(OLDER_TORCH) numpy==2.4.6 \
+	  setuptools wheel ninja==1.13.2 safetensors==0.8.0
+	touch $@
+
+test-older-torch: $(OLDER_VENV)/.deps
+	$(OLDER_VENV)/bin/python scripts/gpu_check.py --cpu --out build/older-torch \
+	  --build-dir build/older-torch/setup --jobs $(JOBS)
 
 clean:
 	rm -rf build python/bitpress/*.so *.egg-info python/*.egg-info
