@@ -3,10 +3,13 @@
 Environment:
   BITPRESS_CUDA=0|1       0: CPU-only build. 1: CUDA required (error if no toolkit/CUDA torch).
                           Unset: CUDA when torch is a CUDA build and nvcc is found.
-  TORCH_CUDA_ARCH_LIST    CUDA archs; default "8.0;9.0a" (Ampere mma.sync, Hopper wgmma).
+  TORCH_CUDA_ARCH_LIST    CUDA archs; default "8.0+PTX;9.0a" (Ampere mma.sync, Hopper wgmma).
                           Each .cu is compiled only for the listed archs it is written for:
                           `<op>_sm80.cu` for every listed arch >= 8.0, `<op>_sm90a.cu` only for
-                          9.0a (skipped when 9.0a is not listed); see csrc/README.md.
+                          9.0a (skipped when 9.0a is not listed); see csrc/README.md. "+PTX"
+                          also ships that arch's PTX (compute_80 by default), which the driver
+                          JIT-compiles on GPUs no cubin fits (Blackwell sm_100 / sm_120): without
+                          it every launch there fails with "no kernel image".
   CUDA_HOME               CUDA toolkit; default /usr/local/cuda when it exists.
   MAX_JOBS                parallel compile jobs (ninja).
 """
@@ -26,7 +29,9 @@ import torch  # noqa: E402
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+# 8.0+PTX: sm_80 and sm_90a cubins, and compute_80 PTX for newer GPUs (forward compatibility;
+# the sm_90a cubin runs on Hopper, arch-specific PTX such as compute_90a would run nowhere else).
+DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
 
 
 def want_cuda() -> bool:
@@ -69,8 +74,15 @@ def parse_archs(arch_list: str) -> list[tuple[int, str, bool]]:
     return out
 
 
-def sm_names(arch_list: str) -> str:
-    return ",".join(f"sm_{num}{sfx}" for num, sfx, _ in parse_archs(arch_list))
+def shipped_images(gencode: list[str]) -> list[str]:
+    """The images a list of -gencode flags embeds: cubins ``sm_XY[a]`` and PTX ``compute_XY[a]``,
+    in flag order (what bitpress._C.cuda_archs() reports; cuobjdump --list-elf / --list-ptx)."""
+    out = []
+    for flag in gencode:
+        code = flag.split("code=")[-1]
+        if code not in out:
+            out.append(code)
+    return out
 
 
 def source_archs(path: str, archs: list[tuple[int, str, bool]]) -> list[tuple[int, str, bool]]:
@@ -149,7 +161,13 @@ def extension():
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     archs = parse_archs(arch_list)
-    defines = ["-DBITPRESS_WITH_CUDA", f'-DBITPRESS_CUDA_ARCHS="{sm_names(arch_list)}"']
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for cu in sorted(glob.glob(os.path.join("csrc", "*", "*.cu"))):
+        gencode = tuple(gencode_flags(source_archs(cu, archs)))
+        if gencode:  # e.g. an _sm90a.cu when 9.0a is not listed: not built
+            groups.setdefault(gencode, []).append(cu)
+    shipped = shipped_images([f for g in groups for f in g])
+    defines = ["-DBITPRESS_WITH_CUDA", f'-DBITPRESS_CUDA_ARCHS="{",".join(shipped)}"']
     nvcc = [
         "-O3",
         "-std=c++20",
@@ -158,11 +176,6 @@ def extension():
         "-Xfatbin=-compress-all",
     ]
     sources = [s for s in sources if not s.endswith("_cuda_stubs.cpp")]
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for cu in sorted(glob.glob(os.path.join("csrc", "*", "*.cu"))):
-        gencode = tuple(gencode_flags(source_archs(cu, archs)))
-        if gencode:  # e.g. an _sm90a.cu when 9.0a is not listed: not built
-            groups.setdefault(gencode, []).append(cu)
     ext = cpp_extension.CUDAExtension(
         "bitpress._C",
         sources,
@@ -174,12 +187,15 @@ def extension():
     return ext
 
 
-setup(
-    packages=[
-        *find_packages("python"),  # bitpress and its feature packages
-        "bitpress.triton_kernels",
-    ],
-    package_dir={"bitpress": "python/bitpress", "bitpress.triton_kernels": "triton_kernels"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+# Guarded so that tests can import the arch helpers above; `python setup.py ...` and pip's
+# setuptools backend run this file as __main__.
+if __name__ == "__main__":
+    setup(
+        packages=[
+            *find_packages("python"),  # bitpress and its feature packages
+            "bitpress.triton_kernels",
+        ],
+        package_dir={"bitpress": "python/bitpress", "bitpress.triton_kernels": "triton_kernels"},
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

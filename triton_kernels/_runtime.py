@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import inspect
 import sys
 
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -31,11 +34,45 @@ def _interpreted_of(fn) -> InterpretedFunction:
     return InterpretedFunction(fn)
 
 
+def _is_compiled(fn) -> bool:
+    # InterpretedFunction is not a JITFunction subclass today; test both ways to stay safe.
+    return isinstance(fn, JITFunction) and not isinstance(fn, InterpretedFunction)
+
+
+@functools.cache
+def _compiled_autotuner(tuner: Autotuner) -> Autotuner:
+    # The same autotuner (configs, key, pruning, hooks) around the compiled JITFunction, with its
+    # own empty cache of tuned configs.
+    out = copy.copy(tuner)
+    out.fn = jit_function(tuner.fn)
+    out.cache = {}
+    knobs = getattr(getattr(triton, "knobs", None), "autotuning", None)
+    out.cache_results = bool(getattr(knobs, "cache", False))
+    return out
+
+
 def for_device(kernel, device: torch.device):
-    """The kernel to launch for tensors on ``device``: interpreted on the CPU, compiled on CUDA."""
-    if device.type == "cpu" and not isinstance(kernel, InterpretedFunction):
-        return _interpreted_of(kernel.fn)
-    return kernel
+    """The kernel to launch for tensors on ``device``: interpreted on the CPU, compiled on CUDA.
+
+    ``@triton.jit`` decides at decoration time: a kernel module first imported while
+    TRITON_INTERPRET=1 was set holds InterpretedFunctions (and autotuners around them), which
+    would run a CUDA launch as Python on the host. On CUDA such a kernel is replaced by the
+    JITFunction of the same function, an autotuner by a copy around that JITFunction.
+    """
+    if device.type == "cpu":
+        if isinstance(kernel, Autotuner):  # no benchmarking under the interpreter
+            kernel = kernel.fn
+        return kernel if isinstance(kernel, InterpretedFunction) else _interpreted_of(kernel.fn)
+    if isinstance(kernel, Autotuner):
+        return kernel if _is_compiled(kernel.fn) else _compiled_autotuner(kernel)
+    return kernel if _is_compiled(kernel) else jit_function(kernel)
+
+
+def _module_of(kernel) -> str:
+    fn = kernel
+    while not inspect.isfunction(fn):
+        fn = fn.fn
+    return fn.__module__
 
 
 @contextlib.contextmanager
@@ -59,12 +96,21 @@ def interpretable(device: torch.device, module: str):
         for mod in (tl, tl_standard, tl_random, sys.modules[module]):
             for name, f in list(vars(mod).items()):
                 if (
-                    isinstance(f, JITFunction)
+                    _is_compiled(f)
                     and "combine" not in name
                     and not name.startswith("_elementwise")
                 ):
                     saved.append((mod, name, f))
                     setattr(mod, name, _interpreted_of(f.fn))
+    elif _TL_INTERPRETED:
+        # triton itself was imported under TRITON_INTERPRET=1: its @jit library functions
+        # (tl.sum, tl.cdiv, tl.rand ...) are InterpretedFunctions, which a compiled kernel cannot
+        # call; for the duration of a CUDA launch they are their JITFunctions.
+        for mod in (tl, tl_standard, tl_random, sys.modules[module]):
+            for name, f in list(vars(mod).items()):
+                if isinstance(f, InterpretedFunction):
+                    saved.append((mod, name, f))
+                    setattr(mod, name, _jit_of(f.fn))
     try:
         yield
     finally:
@@ -73,11 +119,16 @@ def interpretable(device: torch.device, module: str):
 
 
 def launch(kernel, grid, device: torch.device, *args, **kwargs):
-    """Launch ``kernel[grid](*args, **kwargs)`` for tensors on ``device``: compiled on CUDA,
-    under the Triton interpreter on the CPU (see :func:`interpretable`)."""
+    """Launch ``kernel[grid](*args, **kwargs)`` for tensors on ``device``: compiled on CUDA (an
+    autotuner tunes there), under the Triton interpreter on the CPU (see :func:`interpretable`).
+    Every launch of a bitpress Triton kernel goes through here."""
     fn = for_device(kernel, device)
-    with interpretable(device, kernel.fn.__module__):
+    with interpretable(device, _module_of(kernel)):
         return fn[grid](*args, **kwargs)
+
+
+# Whether triton.language's own @jit functions were decorated under the interpreter.
+_TL_INTERPRETED = isinstance(getattr(triton.language.standard, "cdiv", None), InterpretedFunction)
 
 
 def keep_compilable(namespace: dict, names) -> None:

@@ -146,16 +146,25 @@ def _group_tile(
 
 
 @triton.jit
-def _load_x(x_ptr, perm_ptr, offs_m, mask_m, k, stride_xm, stride_xk, HAS_PERM: tl.constexpr):
-    # x[m, perm[k]] for m in offs_m, k in k (packed rows); 0 for padding rows (perm = -1).
+def _load_x(x_ptr, perm_ptr, offs_m, mask_m, k, K, stride_xm, stride_xk, HAS_PERM: tl.constexpr):
+    # x[m, perm[k]] for m in offs_m, k in k (packed rows); 0 for padding rows (perm = -1). A perm
+    # value outside [-1, K) is never read (it would address past the row of x) and gives NaN:
+    # the CUDA backend's contract (its gather writes NaN into x_perm), so every output row is
+    # NaN. Checking the values would need a host sync.
     if HAS_PERM:
         src = tl.load(perm_ptr + k)
-        mask = mask_m[:, None] & (src >= 0)[None, :]
+        inside = (src >= 0) & (src < K)
+        mask = mask_m[:, None] & inside[None, :]
     else:
         src = k
         mask = mask_m[:, None]
     ptrs = x_ptr + offs_m[:, None] * stride_xm + src.to(tl.int64)[None, :] * stride_xk
-    return tl.load(ptrs, mask=mask, other=0.0)
+    xv = tl.load(ptrs, mask=mask, other=0.0)
+    if HAS_PERM:
+        bad = ~inside & (src != -1)
+        # Selected in float32 (exact for every x dtype): the interpreter has no bf16 constants.
+        xv = tl.where(bad[None, :], float("nan"), xv.to(tl.float32)).to(xv.dtype)
+    return xv
 
 
 @triton.jit
@@ -168,6 +177,7 @@ def int4_gemv_kernel(
     bias_ptr,
     out_ptr,
     M,
+    K,
     N,
     KT,
     tiles_per_group,
@@ -226,7 +236,7 @@ def int4_gemv_kernel(
             BLOCK_N,
         )
         xt = _load_x(
-            x_ptr, perm_ptr, offs_m, mask_m, kt0 * 16 + rows, stride_xm, stride_xk, HAS_PERM
+            x_ptr, perm_ptr, offs_m, mask_m, kt0 * 16 + rows, K, stride_xm, stride_xk, HAS_PERM
         ).to(tl.float32)
         # The tile lies in one group: sum_k x (q - z) first, one scale multiply per column.
         part = tl.sum(xt[:, :, None] * q.to(tl.float32)[None, :, :], axis=1)
@@ -263,8 +273,13 @@ def int4_gemm_reduce_kernel(
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     ptrs = ws_ptr + offs_m[:, None] * stride_wm + offs_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(ptrs + s * stride_ws, mask=mask, other=0.0)
+    for _ in range(0, S):
+        # The pointers advance by stride_ws (64-bit address arithmetic) rather than adding an
+        # int32 s * stride_ws: S * M * Np passes 2^31 long before the workspace runs out of
+        # memory (S = 32 partials of M = 16 rows need only Np > 4M columns), and the 32-bit
+        # product would wrap and read before the workspace.
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += stride_ws
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -281,6 +296,7 @@ def int4_gemm_kernel(
     bias_ptr,
     out_ptr,
     M,
+    K,
     N,
     KT,
     tiles_per_group,
@@ -333,7 +349,7 @@ def int4_gemm_kernel(
         )
         w = (q.to(tl.float32) * s[None, :]).to(x_ty)
         xt = _load_x(
-            x_ptr, perm_ptr, offs_m, mask_m, kt0 * 16 + rows, stride_xm, stride_xk, HAS_PERM
+            x_ptr, perm_ptr, offs_m, mask_m, kt0 * 16 + rows, K, stride_xm, stride_xk, HAS_PERM
         )
         if DOT_F32:
             acc = tl.dot(xt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -507,7 +523,8 @@ def int4_gemm(
     x : Tensor [..., K], float32 / float16 / bfloat16, any strides
     qweight : int32 [Kp/16, Nt*128];  scales : float32 [G, Np];  zeros : uint8 [G, Np] or None
     group_starts : int32 [G+1] (unused: groups are uniform, group_rows = Kp / G)
-    perm : int32 [Kp] or None (None: K == Kp, identity; -1: padding row)
+    perm : int32 [Kp] or None (None: K == Kp, identity; -1: padding row; a value outside
+        [-1, K) makes every output row NaN, as on the CUDA backend)
     out_features : N;  bias : [N] any float dtype, or None
     path : "gemv" / "gemm" to force a kernel (tests); default: "gemv" iff M <= GEMV_MAX_M.
     split_k : the number of K ranges of the GEMV (tests); default :func:`_split_k`.
@@ -564,11 +581,13 @@ def int4_gemm(
     )
 
     def run(tuned, plain, grid, *args, **kw):
+        # Through launch(): compiled kernels and autotuners on CUDA even when this module was
+        # imported under TRITON_INTERPRET=1, the interpreter on the CPU.
         if config is None:
-            return tuned[grid](*args, **kw)
+            return launch(tuned, grid, x.device, *args, **kw)
         if on_cpu:
             return launch(plain, grid, x.device, *args, **kw, **config)
-        return plain[grid](*args, **kw, **config, **meta)
+        return launch(plain, grid, x.device, *args, **kw, **config, **meta)
 
     if path == "gemm":
         m_bucket = min(triton.next_power_of_2(M), _M_BUCKET_CAP)
@@ -583,6 +602,7 @@ def int4_gemm(
             *tensors,
             out,
             M,
+            K,
             N,
             KT,
             group_rows // 16,
@@ -613,6 +633,7 @@ def int4_gemm(
         *tensors,
         ws,
         M,
+        K,
         N,
         KT,
         group_rows // 16,

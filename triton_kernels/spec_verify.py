@@ -9,9 +9,10 @@ top_k / top_p rows take extra passes for their binary searches (32 counting pass
 sums), like the C++ kernels.
 
 Randomness is ``tl.philox``: Philox4x32-10 with key (seed lo, seed hi), the generator and stream
-layout of csrc/include/bitpress/common/philox.h (the tests check the words against the C++ and torch
-implementations). The float math spells out spec::exp_neg of csrc/include/bitpress/speculative/spec_verify.h
-operation by operation; launches pass ``enable_fp_fusion=False`` so that the compiled kernel keeps
+layout of csrc/include/bitpress/common/philox.h (the tests check the words against the C++ and
+torch implementations). The float math spells out spec::exp_neg of
+csrc/include/bitpress/speculative/spec_verify.h operation by operation; launches pass
+``enable_fp_fusion=False`` so that the compiled kernel keeps
 every multiply and add rounded on its own, as the CPU kernel and the reference do.
 """
 

@@ -6,6 +6,7 @@
 // so both produce the same bits.
 #include <cuda_runtime.h>
 
+#include "bitpress/cuda/primitives.cuh"
 #include "bitpress/int4/int4.h"
 #include "bitpress/int4/int4_dequantize.h"
 
@@ -71,7 +72,7 @@ Status launch(const Int4DequantizeParams& p, cudaStream_t stream) {
   const unsigned rows = unsigned(p.K / 8);
   const dim3 grid(unsigned((p.N + kThreads - 1) / kThreads), rows < 65535u ? rows : 65535u);
   int4_dequantize_kernel<S, O><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return cuda_launch_status();
 }
 
 template <DType S>

@@ -13,6 +13,7 @@
 // [-1, K) reads nothing and gives the zeros of a padding row.
 #include <cuda_runtime.h>
 
+#include "bitpress/cuda/primitives.cuh"
 #include "bitpress/int4/int4_gemm.h"
 #include "bitpress/int4/int4_mma_layout.h"
 
@@ -76,7 +77,7 @@ Status int4_gemm_repack_cuda(const Int4RepackParams& p, void* stream) {
   if (s != Status::kSuccess || KT == 0 || Nt == 0) return s;
   const dim3 grid(unsigned(Nt), unsigned(KT < 65535 ? KT : 65535));
   int4_gemm_repack_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return cuda_launch_status();
 }
 
 }  // namespace bitpress

@@ -67,12 +67,6 @@ struct GemmArgs {
   int splits;
 };
 
-// cvt.rn: the same bits as float_to_half_bits / float_to_bf16_bits, in one instruction.
-template <DType T>
-__device__ __forceinline__ uint16_t round_to(float v) {
-  return uint16_t(int4_mma_scale_bits<T>(v));
-}
-
 // ----- the GEMM -----
 
 template <DType T, int MT>
@@ -267,8 +261,8 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& a) {
         const int64_t m = m0 + 16 * mi + row, n = nt_warp * kInt4MmaTileN + col;
         if (m >= a.M || n >= a.N) continue;
         if (a.splits == 1) {
-          const float bias = a.bias != nullptr ? load_as_float(a.bias, a.bias_dtype, n) : 0.f;
-          a.out[m * a.out_row_stride + n] = round_to<T>(acc[mi][j][i] + bias);
+          a.out[m * a.out_row_stride + n] =
+              int4_gemm_epilogue<T>(acc[mi][j][i], a.bias, a.bias_dtype, n);
         } else {
           a.partials[(int64_t(split) * a.M + m) * a.Np + n] = acc[mi][j][i];
         }
@@ -303,12 +297,12 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t m = i / N, n = i - m * N;
     float v = 0.f;
     for (int s = 0; s < splits; ++s) v += partials[(s * M + m) * Np + n];
-    if (bias != nullptr) v += load_as_float(bias, bias_dtype, n);
-    out[m * out_row_stride + n] = round_to<T>(v);
+    out[m * out_row_stride + n] = int4_gemm_epilogue<T>(v, bias, bias_dtype, n);
   }
 }
 
-// Act-order: x_perm[m, k] = x[m, perm[k]] (0 for -1, NaN for a perm value outside [-1, K)).
+// Act-order: x_perm[m, k] = x[m, perm[k]] (0 for -1, NaN for a perm value outside [-1, K);
+// int4_gemm_gather_value).
 // Consecutive threads take consecutive k: coalesced writes, gathered reads of a row of x that
 // stays in L1/L2.
 __global__ void __launch_bounds__(kThreads)
@@ -318,13 +312,7 @@ __global__ void __launch_bounds__(kThreads)
   if (k >= Kp) return;
   const int32_t src = perm[k];
   for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
-    uint16_t v = 0;
-    if (src >= 0 && src < K) {
-      v = x[m * x_row_stride + src];
-    } else if (src != -1) {
-      v = nan_bits;
-    }
-    xp[m * Kp + k] = v;
+    xp[m * Kp + k] = int4_gemm_gather_value(x + m * x_row_stride, K, src, nan_bits);
   }
 }
 
@@ -395,10 +383,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ----- host side -----
 
-Status launched() {
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
-}
-
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <DType T, int MT>
@@ -411,18 +395,19 @@ Status launch_gemm(const GemmArgs& a, int64_t n_blocks, int64_t m_blocks, cudaSt
   // (CUDA graphs) after a warm-up issues nothing but the launches.
   static std::atomic<uint64_t> opted_in{0};
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return Status::kCudaError;
+  if (cuda_call_status(cudaGetDevice(&device)) != Status::kSuccess) return Status::kCudaError;
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if (bit == 0 || (opted_in.load(std::memory_order_relaxed) & bit) == 0) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             Cfg::kSmemBytes) != cudaSuccess) {
-      return Status::kCudaError;
-    }
+    // A failure (e.g. a device whose per-block opt-in limit is below kSmemBytes) is cleared
+    // and returned: left pending, an unrelated later launch check would raise it.
+    const Status s = cuda_call_status(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+    if (s != Status::kSuccess) return s;
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   const dim3 grid(unsigned(n_blocks), unsigned(m_blocks), unsigned(a.splits));
   kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(a);
-  return launched();
+  return cuda_launch_status();
 }
 
 template <DType T>
@@ -500,10 +485,13 @@ Status int4_gemm_cuda(const Int4GemmCudaParams& p, void* stream) {
     ws += (size_t(p.M) * size_t(p.Kp) * 2 + 255) / 256 * 256;
     const unsigned rows = unsigned(p.M < 65535 ? p.M : 65535);
     const dim3 grid(unsigned((p.Kp + kThreads - 1) / kThreads), rows);
-    int4_gemm_gather_kernel<<<grid, kThreads, 0, st>>>(
-        a.x, p.x_row_stride, p.M, p.K, p.perm, p.Kp,
-        p.x_dtype == DType::kFloat16 ? uint16_t(0x7E00) : uint16_t(0x7FC0), xp);
-    if (launched() != Status::kSuccess) return Status::kCudaError;
+    int4_gemm_gather_kernel<<<grid, kThreads, 0, st>>>(a.x, p.x_row_stride, p.M, p.K, p.perm, p.Kp,
+                                                       p.x_dtype == DType::kFloat16
+                                                           ? int4_mma_nan_bits<DType::kFloat16>()
+                                                           : int4_mma_nan_bits<DType::kBFloat16>(),
+                                                       xp);
+    const Status gs = cuda_launch_status();
+    if (gs != Status::kSuccess) return gs;
     a.x = xp;
     a.x_row_stride = p.Kp;
   }
@@ -534,14 +522,11 @@ Status int4_gemm_cuda(const Int4GemmCudaParams& p, void* stream) {
   const int64_t total = p.M * p.N;
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   const unsigned grid = unsigned(blocks < 65535 ? blocks : 65535);
-  if (p.x_dtype == DType::kFloat16) {
-    int4_gemm_reduce_kernel<DType::kFloat16><<<grid, kThreads, 0, st>>>(
-        a.partials, S, p.M, p.N, a.Np, p.bias, p.bias_dtype, a.out, p.out_row_stride);
-  } else {
-    int4_gemm_reduce_kernel<DType::kBFloat16><<<grid, kThreads, 0, st>>>(
-        a.partials, S, p.M, p.N, a.Np, p.bias, p.bias_dtype, a.out, p.out_row_stride);
-  }
-  return launched();
+  auto* reduce = p.x_dtype == DType::kFloat16 ? int4_gemm_reduce_kernel<DType::kFloat16>
+                                              : int4_gemm_reduce_kernel<DType::kBFloat16>;
+  reduce<<<grid, kThreads, 0, st>>>(a.partials, S, p.M, p.N, a.Np, p.bias, p.bias_dtype, a.out,
+                                    p.out_row_stride);
+  return cuda_launch_status();
 }
 
 namespace {
@@ -554,10 +539,13 @@ Status launch_dequantize(const Int4GemmDequantizeCudaParams& p, cudaStream_t st)
   const int64_t blocks = (words + kThreads - 1) / kThreads;
   int4_gemm_dequantize_kernel<O>
       <<<unsigned(blocks < 1048576 ? blocks : 1048576), kThreads, 0, st>>>(p, Nt, KT / p.G);
-  if (launched() != Status::kSuccess || p.perm == nullptr || p.K == 0) return launched();
+  // One read of the launch error: a second cudaGetLastError would return success after a failed
+  // launch, and the glue would multiply by a W that no kernel wrote.
+  const Status s = cuda_launch_status();
+  if (s != Status::kSuccess || p.perm == nullptr || p.K == 0) return s;
   int4_gemm_dequantize_poison_kernel<O>
       <<<unsigned((p.Kp + kThreads - 1) / kThreads), kThreads, 0, st>>>(p);
-  return launched();
+  return cuda_launch_status();
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 // __fadd_rn: no FMA contraction), so only the summation order differs from the CPU kernel.
 #include <cuda_runtime.h>
 
+#include "bitpress/cuda/primitives.cuh"
 #include "bitpress/speculative/spec_verify.h"
 
 namespace bitpress {
@@ -385,17 +386,17 @@ Status spec_verify_cuda(const SpecVerifyParams& p, void* stream) {
   switch (p.logits_dtype) {
     case DType::kFloat32:
       spec_verify_kernel<DType::kFloat32><<<grid, kThreads, 0, st>>>(p);
-      break;
+      return cuda_launch_status();
     case DType::kFloat16:
       spec_verify_kernel<DType::kFloat16><<<grid, kThreads, 0, st>>>(p);
-      break;
+      return cuda_launch_status();
     case DType::kBFloat16:
       spec_verify_kernel<DType::kBFloat16><<<grid, kThreads, 0, st>>>(p);
+      return cuda_launch_status();
+    default:
       break;
-    default:  // rejected by spec_verify_check
-      return Status::kInvalidArgument;
   }
-  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+  return Status::kInvalidArgument;  // rejected by spec_verify_check
 }
 
 }  // namespace bitpress

@@ -9,11 +9,16 @@
 //      fragment tables (written out here independently of the helpers), dequantization with the
 //      host helpers, the k-warp reduction, split-K partials and the C fragment -> (m, n) stores;
 //      compared with x * dequant(W) in double. Ragged M, N and K (partial tiles, stages, blocks);
+//      groups that straddle stages and splits (3, 5, 16 k-tiles per group); the act-order gather
+//      (int4_gemm_gather_kernel: x_perm from x, perm with padding rows, NaN for a bad perm
+//      value) and the epilogue (bias of each dtype added in fp32, one rounding to fp16 / bf16,
+//      after the split-K reduction or in the kernel);
 //   4. argument checks of int4_gemm_cuda (no device needed).
 #include <bitpress/bitpress.h>
 #include <bitpress/int4/int4_mma_dequant.h>
 #include <bitpress/int4/int4_mma_layout.h>
 
+#include <algorithm>
 #include <bitpress/cuda/primitives.cuh>
 #include <cmath>
 #include <cstdint>
@@ -293,9 +298,12 @@ void emulate_mma(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], float (
 }
 
 struct Problem {
-  int64_t M, K, N, G;  // K = Kp (a multiple of 16; x is already x_perm)
+  int64_t M, K, N, G;  // K = Kp (a multiple of 16)
   int splits;
   bool zeros;
+  int pad = -1;   // act-order: x has Kp - pad columns, perm has pad padding rows; -1: no perm
+  int bias = -1;  // the bias dtype (a DType value), -1: no bias
+  bool bad_perm = false;  // one perm value = K (outside [-1, K)): every output must be NaN
 };
 
 template <DType T>
@@ -306,9 +314,36 @@ void test_kernel_emulation(const Problem& pr, std::mt19937& rng) {
   const int S = pr.splits;
   const int64_t stages = (KT + 7) / 8;
   std::uniform_real_distribution<float> u(-1.f, 1.f);
-  // Inputs: x [M, Kp] half bits, q [Kp, Np] (0 past N), scales / zeros [G, Np].
+  // Inputs: x [M, K] half bits (row stride K + 5 with act-order), q [Kp, Np] (0 past N),
+  // scales / zeros [G, Np], perm [Kp], bias [N].
+  const bool act = pr.pad >= 0;
+  const int64_t K = act ? Kp - pr.pad : Kp, xs_stride = act ? K + 5 : Kp;
+  std::vector<uint16_t> xs(M * xs_stride);
+  for (auto& v : xs) v = uint16_t(int4_mma_float_to_half<T>(u(rng)));
+  std::vector<int32_t> perm(Kp);
+  for (int64_t k = 0; k < Kp; ++k) perm[k] = k < K ? int32_t(k) : -1;
+  if (act) std::shuffle(perm.begin(), perm.end(), rng);
+  if (pr.bad_perm) perm[Kp / 3] = int32_t(K);
+  // x_perm: the gather kernel's loop body (int4_gemm_gather_kernel) for every (m, k).
   std::vector<uint16_t> x(M * Kp);
-  for (auto& v : x) v = uint16_t(int4_mma_float_to_half<T>(u(rng)));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < Kp; ++k)
+      x[m * Kp + k] =
+          act ? int4_gemm_gather_value(&xs[m * xs_stride], K, perm[k], int4_mma_nan_bits<T>())
+              : xs[m * Kp + k];
+  const DType bias_dtype = pr.bias >= 0 ? DType(pr.bias) : DType::kFloat32;
+  std::vector<uint8_t> bias_raw(N * 4);
+  for (int64_t n = 0; n < N; ++n) {
+    const float b = 4.f * u(rng);
+    if (bias_dtype == DType::kFloat32) {
+      std::memcpy(&bias_raw[4 * n], &b, 4);
+    } else {
+      const uint16_t h =
+          uint16_t(bias_dtype == DType::kFloat16 ? float_to_half_bits(b) : float_to_bf16_bits(b));
+      std::memcpy(&bias_raw[2 * n], &h, 2);
+    }
+  }
+  const void* bias = pr.bias >= 0 ? bias_raw.data() : nullptr;
   std::vector<uint8_t> q(Kp * Np, 0), zeros(G * Np, 0);
   std::vector<float> scales(G * Np, 0.f);
   for (int64_t k = 0; k < Kp; ++k)
@@ -327,19 +362,23 @@ void test_kernel_emulation(const Problem& pr, std::mt19937& rng) {
       qw[int4_mma_word_index(k / 16, n / 64, lane, w, Nt)] |= uint32_t(q[k * Np + n])
                                                               << (4 * int4_mma_nibble_of_value(v));
     }
-  // Reference: W = round((q - z) * s_h), y = x W in double.
+  // Reference: W = round((q - z) * s_h), y[m] = sum_k x[m, perm[k]] W[k] in double (padding
+  // rows contribute nothing), read from x itself, not from the emulated gather.
   std::vector<double> ref(M * N, 0.0);
   for (int64_t k = 0; k < Kp; ++k) {
     const int64_t g = (k / 16) / tpg;
+    if (perm[k] < 0) continue;
     for (int64_t n = 0; n < N; ++n) {
       const double sh = hf<T>(int4_mma_scale_bits<T>(scales[g * Np + n]));
       const double w = hf<T>(round_half<T>((int(q[k * Np + n]) - zeros[g * Np + n]) * sh));
-      for (int64_t m = 0; m < M; ++m) ref[m * N + n] += double(hf<T>(x[m * Kp + k])) * w;
+      for (int64_t m = 0; m < M; ++m)
+        ref[m * N + n] += double(hf<T>(xs[m * xs_stride + perm[k] % (K > 0 ? K : 1)])) * w;
     }
   }
 
   const float kPoison = std::nanf("");
   std::vector<float> partials(size_t(S) * M * Np, kPoison), out(M * N, kPoison);
+  std::vector<uint16_t> out_h(M * N, 0xFFFF);  // the rounded output (0xFFFF: NaN, unwritten)
   const int64_t n_blocks = (Nt + 1) / 2, m_blocks = (M + BM - 1) / BM;
   // One stage slot of shared memory.
   std::vector<uint16_t> sA(BM * 128);
@@ -490,6 +529,7 @@ void test_kernel_emulation(const Problem& pr, std::mt19937& rng) {
                   CHECK(std::isnan(dst), "element (%lld, %lld) stored twice", (long long)m,
                         (long long)n);
                   dst = ACC(w0, mi, j, l, i);
+                  if (S == 1) out_h[m * N + n] = int4_gemm_epilogue<T>(dst, bias, bias_dtype, n);
                 }
         }
       }
@@ -499,7 +539,15 @@ void test_kernel_emulation(const Problem& pr, std::mt19937& rng) {
         float v = 0.f;
         for (int s = 0; s < S; ++s) v += partials[(s * M + m) * Np + n];
         out[m * N + n] = v;
+        out_h[m * N + n] = int4_gemm_epilogue<T>(v, bias, bias_dtype, n);
       }
+  }
+  if (pr.bad_perm) {  // x_perm's column Kp / 3 is NaN: so is every output
+    int finite = 0;
+    for (int64_t i = 0; i < M * N; ++i) finite += !std::isnan(hf<T>(out_h[i]));
+    CHECK(finite == 0, "%s bad perm value: %d finite outputs of %lld", tname<T>(), finite,
+          (long long)(M * N));
+    return;
   }
   double num = 0, den = 0;
   int bad = 0;
@@ -510,10 +558,27 @@ void test_kernel_emulation(const Problem& pr, std::mt19937& rng) {
   }
   const double rel = std::sqrt(num / std::max(den, 1e-300));
   CHECK(bad == 0 && rel < 1e-6,
-        "%s emulated GEMM M=%lld K=%lld N=%lld G=%lld S=%d zeros=%d: "
+        "%s emulated GEMM M=%lld K=%lld N=%lld G=%lld S=%d zeros=%d pad=%d: "
         "%d unwritten, rel err %g",
-        tname<T>(), (long long)M, (long long)Kp, (long long)N, (long long)G, S, int(pr.zeros), bad,
-        rel);
+        tname<T>(), (long long)M, (long long)Kp, (long long)N, (long long)G, S, int(pr.zeros),
+        pr.pad, bad, rel);
+  // Epilogue: bias added to the fp32 sum, one round-to-nearest-even to T; against the double
+  // reference plus the bias, the rounded output is within T's rounding (2^-11 fp16, 2^-8 bf16).
+  int wrong_bits = 0;
+  double num_h = 0, den_h = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const float b = bias != nullptr ? load_as_float(bias, bias_dtype, n) : 0.f;
+      const float sum = bias != nullptr ? out[m * N + n] + b : out[m * N + n];
+      wrong_bits += out_h[m * N + n] != round_half<T>(double(sum));
+      const double e = double(hf<T>(out_h[m * N + n])) - (ref[m * N + n] + double(b));
+      num_h += e * e;
+      den_h += (ref[m * N + n] + double(b)) * (ref[m * N + n] + double(b));
+    }
+  const double rel_h = std::sqrt(num_h / std::max(den_h, 1e-300));
+  CHECK(wrong_bits == 0 && rel_h < (T == DType::kFloat16 ? 6e-4 : 5e-3),
+        "%s epilogue M=%lld N=%lld S=%d bias=%d: %d outputs not round(sum + bias), rel err %g",
+        tname<T>(), (long long)M, (long long)N, S, pr.bias, wrong_bits, rel_h);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -595,6 +660,16 @@ int main() {
       {20, 256, 130, 16, 2, true},  // MT = 2, groups of one k-tile (8 per stage), split-K
       {37, 384, 64, 3, 3, false},   // MT = 4, tpg 8 (one group per stage), 3 splits
       {70, 208, 257, 13, 1, true},  // two m-blocks, N % 64 = 1
+      // Groups straddling stages (8 k-tiles) and split boundaries: tiles per group 3, 5, 16.
+      {3, 16 * 3 * 7, 70, 7, 3, true, -1, int(DType::kFloat16)},       // tpg 3, KT 21, S 3
+      {17, 16 * 5 * 5, 64, 5, 2, true, -1, int(DType::kFloat32)},      // tpg 5, KT 25, MT 2
+      {40, 16 * 16 * 3, 130, 3, 1, false, -1, int(DType::kBFloat16)},  // tpg 16, MT 4
+      {1, 16 * 16 * 4, 64, 4, 4, true},  // tpg 16 (2 stages per group), 4 splits of 2 stages
+      // Act-order: x_perm gathered from x with padding rows; bias; split-K and direct.
+      {5, 16 * 5 * 4, 100, 4, 2, true, 13, int(DType::kBFloat16)},
+      {33, 16 * 3 * 8, 64, 8, 1, true, 5, int(DType::kFloat32)},
+      {2, 256, 65, 2, 1, true, 7, -1, true},                     // perm value K: NaN outputs
+      {2, 256, 65, 2, 3, false, 0, int(DType::kFloat16), true},  // the same through split-K
   };
   for (const Problem& pr : problems) {
     test_kernel_emulation<DType::kFloat16>(pr, rng);

@@ -10,8 +10,11 @@ and 3-D x, CUDA graph capture, and bad input.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +27,16 @@ from bitpress._core import backends
 from bitpress._core import ext as _ext
 from bitpress.int4 import layout as int4_layout
 from bitpress.int4.layout import Int4MmaTiles
-from bitpress.testing import cuobjdump, extension_resource_usage, extension_sass, rel_err
+from bitpress.testing import (
+    cuobjdump,
+    extension_path,
+    extension_resource_usage,
+    extension_sass,
+    rel_err,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CSRC = os.path.join(ROOT, "csrc")
 
 # Relative error against float64. fp16: the scale rounded to fp16 once per group (2^-11), the
 # product (q - z) * s rounded once (2^-11), the output rounded once; bf16 the same with 2^-8.
@@ -106,6 +118,268 @@ def test_helper_kernels_have_no_local_memory(arch):
             assert u.stack == 0 and u.local == 0, (fn, u)
         for fn, sass in extension_sass(name, arch).items():
             assert not any(i.startswith(("LDL", "STL")) for i in sass), fn
+
+
+# Pipeline depth per variant (TileConfig<MT>::kStages in csrc/int4/int4_gemm_sm80.cu).
+STAGES = {1: 4, 2: 4, 4: 3}
+
+
+@functools.cache
+def _sass_lines(arch: str) -> dict[str, list[str]]:
+    """{mangled function: its SASS instructions with operands, in address order}."""
+    text = subprocess.run(
+        [cuobjdump(), "--dump-sass", "--gpu-architecture", arch, extension_path()],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    funcs: dict[str, list[str]] = {}
+    cur = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+([^;]*);", line)
+        if m and cur is not None:
+            cur.append(" ".join(m.group(1).split()))
+    return funcs
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("mt", M_TILES)
+def test_gemm_pipeline_waits(arch, dtype, mt):
+    """The cp.async pipeline as compiled: kStages - 1 commit groups (LDGDEPBAR) before the loop;
+    in the loop one wait for "at most kStages - 2 groups pending" (cp.async.wait_group ->
+    DEPBAR.LE SB0, kStages - 2: the stage about to be computed has landed, kStages - 2 stay in
+    flight), a barrier before the refill's cp.async (LDGSTS) and the first shared-memory read
+    (LDSM), one commit; then a full drain (DEPBAR.LE SB0, 0x0) before the reduction reuses the
+    stages' shared memory. A wait one group too shallow reads a stage still in flight, one too
+    deep serializes the loads; neither shows in a presence check."""
+    name = [k for k in _sass_lines(arch) if GEMM_KERNELS[dtype] in k and f"ILi{mt}E" in k]
+    assert len(name) == 1, name
+    sass = _sass_lines(arch)[name[0]]
+    st = STAGES[mt]
+    deps = [i for i in sass if "DEPBAR" in i]
+    assert deps == ["LDGDEPBAR"] * (st - 1) + [
+        f"DEPBAR.LE SB0, {st - 2:#x}",
+        "LDGDEPBAR",
+        "DEPBAR.LE SB0, 0x0",
+    ], deps
+    wait = sass.index(f"DEPBAR.LE SB0, {st - 2:#x}")
+
+    def first(prefix, start):
+        return next(i for i in range(start, len(sass)) if sass[i].startswith(prefix))
+
+    barrier = first("BAR.SYNC", wait)
+    assert barrier < first("LDGSTS", wait), "refill before every warp passed the wait"
+    assert barrier < first("LDSM", wait), "shared-memory reads before the barrier"
+    drain = sass.index("DEPBAR.LE SB0, 0x0")
+    assert first("BAR.SYNC", drain) < first("STS", drain), "reduction writes before the barrier"
+
+
+# ------------------------------------------------------------------------------------------
+# Launch checks (source level: every launch site of csrc; no GPU needed)
+# ------------------------------------------------------------------------------------------
+
+
+def _cuda_sources() -> list[str]:
+    out = []
+    for folder, _, files in os.walk(CSRC):
+        out += [os.path.join(folder, f) for f in files if f.endswith((".cu", ".cuh"))]
+    return sorted(out)
+
+
+def _statements(path: str) -> list[str]:
+    """The file's code split at ';', '{' and '}', comments and strings removed."""
+    with open(path) as f:
+        text = f.read()
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
+    return [" ".join(s.split()) for s in re.split(r"[;{}]", text) if s.strip()]
+
+
+def test_every_launch_is_checked_once():
+    """Issue 15 (1): `if (launched() != kSuccess || ...) return launched();` read
+    cudaGetLastError twice, and the second read returned success after a failed launch (the glue
+    then multiplied by a W no kernel wrote). Every kernel launch in csrc is followed directly by
+    one call of cuda_launch_status(), whose result is used (returned or kept), no statement calls
+    it twice, and cudaGetLastError is called nowhere but in the two helpers."""
+    launches = 0
+    for path in _cuda_sources():
+        stmts = _statements(path)
+        rel = os.path.relpath(path, ROOT)
+        for i, st in enumerate(stmts):
+            assert st.count("cuda_launch_status()") <= 1, (rel, st)
+            if "cudaGetLastError" in st and not path.endswith("primitives.cuh"):
+                raise AssertionError(f"{rel}: cudaGetLastError outside the helpers: {st}")
+            if "<<<" not in st:
+                continue
+            launches += 1
+            nxt = stmts[i + 1] if i + 1 < len(stmts) else ""
+            assert re.fullmatch(
+                r"(return cuda_launch_status\(\)|const Status \w+ = cuda_launch_status\(\))", nxt
+            ), f"{rel}: launch `{st[:80]}` is followed by `{nxt}`"
+    assert launches >= 9, launches  # gemm x3 variants, gather, reduce, dequant x2, repack, ...
+
+
+def test_failed_cuda_calls_are_cleared():
+    """Issue 15 (6): a failed cudaFuncSetAttribute (or cudaGetDevice) left its error pending, and
+    an unrelated later launch check raised it. Every CUDA runtime call whose result the GEMM
+    dispatch tests goes through cuda_call_status, which clears the error it returns."""
+    with open(os.path.join(CSRC, "include", "bitpress", "cuda", "primitives.cuh")) as f:
+        prim = f.read()
+    body = prim[prim.index("inline Status cuda_call_status") :]
+    body = body[: body.index("\n}\n")]
+    assert "cudaGetLastError()" in body, body
+    for path in _cuda_sources():
+        if path.endswith("primitives.cuh"):
+            continue
+        rel = os.path.relpath(path, ROOT)
+        for st in _statements(path):
+            for call in re.findall(r"\b(cuda[A-Z]\w*)\s*\(", st):
+                if call in ("cudaGetLastError",):
+                    continue
+                # A runtime call's status is tested only through cuda_call_status.
+                if re.search(rf"{call}\s*\([^)]*\)\s*(!=|==)\s*cudaSuccess", st):
+                    raise AssertionError(f"{rel}: `{st}` leaves a failed {call} pending")
+    src = open(os.path.join(CSRC, "int4", "int4_gemm_sm80.cu")).read()
+    assert re.search(r"cuda_call_status\(\s*cudaFuncSetAttribute\(", src)
+    assert re.search(r"cuda_call_status\(\s*cudaGetDevice\(", src)
+
+
+_LAUNCH_PROGRAM = r"""
+#include <cstdio>
+#include "bitpress/cuda/primitives.cuh"
+__global__ void empty_kernel() {}
+int main() {
+  using bitpress::Status;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) { std::printf("no device\n"); return 2; }
+  empty_kernel<<<1, 2048>>>();  // more threads than a block may have: a non-sticky launch error
+  const Status first = bitpress::cuda_launch_status();
+  const Status again = bitpress::cuda_launch_status();  // the old `launched()` twice
+  empty_kernel<<<1, 32>>>();
+  const Status good = bitpress::cuda_launch_status();
+  const Status attr = bitpress::cuda_call_status(cudaFuncSetAttribute(
+      empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 1 << 30));  // too much: fails
+  const cudaError_t pending = cudaGetLastError();  // cleared by cuda_call_status
+  std::printf("%d %d %d %d %d\n", int(first), int(again), int(good), int(attr), int(pending));
+  return 0;
+}
+"""
+
+
+@pytest.mark.gpu
+def test_launch_status_helpers_on_gpu(tmp_path):
+    """On a GPU: a failed launch is reported once (kCudaError) and a second read says success --
+    why the dispatch must keep the first; cuda_call_status clears the error of a failed
+    cudaFuncSetAttribute, so nothing is left pending."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.access(nvcc, os.X_OK):
+        pytest.skip("nvcc is missing")
+    src = tmp_path / "launch.cu"
+    src.write_text(_LAUNCH_PROGRAM)
+    exe = tmp_path / "launch"
+    major, minor = torch.cuda.get_device_capability()
+    subprocess.run(
+        [
+            nvcc,
+            "-std=c++17",
+            f"-arch=sm_{major}{minor}",
+            "-I",
+            os.path.join(CSRC, "include"),
+            str(src),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    res = subprocess.run([str(exe)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    first, again, good, attr, pending = (int(v) for v in res.stdout.split())
+    assert (first, again, good, attr, pending) == (3, 0, 0, 3, 0), res.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# Shipped images: cubins and PTX (forward compatibility), per CUDA source
+# ------------------------------------------------------------------------------------------
+
+
+def _load_setup():
+    spec = importlib.util.spec_from_file_location("bitpress_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # setup() runs only as __main__
+    return mod
+
+
+@functools.cache
+def _images() -> dict[str, set[str]]:
+    """{CUDA source stem: {'sm_80', 'compute_80', ...}} from cuobjdump --list-elf / --list-ptx
+    (a PTX file listed as `<stem>.sm_80.ptx` is compute_80 PTX)."""
+    out: dict[str, set[str]] = {}
+    for flag, kind in (("--list-elf", "cubin"), ("--list-ptx", "ptx")):
+        text = subprocess.run(
+            [cuobjdump(), flag, extension_path()], capture_output=True, text=True, check=True
+        ).stdout
+        for stem, arch in re.findall(rf"(\w+?)\.sm_(\d+a?)\.{kind}", text):
+            out.setdefault(stem, set()).add(f"sm_{arch}" if kind == "cubin" else f"compute_{arch}")
+    return out
+
+
+@needs_cuda_build
+def test_shipped_cubins_and_ptx():
+    """Issue 15 (2): sm_80 and sm_90a cubins and compute_80 PTX for every _sm80.cu source (the
+    driver JIT-compiles the PTX on Blackwell, sm_100 / sm_120, where no cubin fits); an
+    _sm90a.cu source gets its sm_90a cubin only (no sm_80 image, no PTX); cuda_archs() lists
+    exactly what was shipped; backend selection sees an image for Blackwell and none for an arch
+    below 8.0."""
+    images = _images()
+    stems = [os.path.basename(p)[:-3] for p in _cuda_sources() if p.endswith(".cu")]
+    assert stems and set(images) == set(stems), (sorted(images), stems)
+    for stem in stems:
+        if stem.endswith("_sm90a"):
+            assert images[stem] == {"sm_90a"}, (stem, images[stem])
+        else:
+            assert images[stem] == {"sm_80", "sm_90a", "compute_80"}, (stem, images[stem])
+    shipped = set().union(*images.values())
+    assert set(_ext.cuda_archs()) == shipped, (_ext.cuda_archs(), shipped)
+    for cc in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0)]:
+        assert backends.cuda_image_fits(cc, _ext.cuda_archs()), cc
+    assert not backends.cuda_image_fits((7, 5), _ext.cuda_archs())
+
+
+def test_blackwell_without_ptx_falls_back(monkeypatch):
+    """Backend selection: without PTX a Blackwell device has no image and int4_gemm's cuda
+    backend refuses it (the default order then takes triton); with compute_80 PTX it serves."""
+    dev = backends.Device("cuda", (12, 0))
+    monkeypatch.setattr(backends.ext, "with_cuda", lambda: True)
+    monkeypatch.setattr(backends.ext, "cuda_archs", lambda: ["sm_80", "sm_90a"])
+    why = backends.refusal("int4_gemm", "cuda", dev)
+    assert why is not None and "no CUDA image for sm_120" in why, why
+    monkeypatch.setattr(backends.ext, "cuda_archs", lambda: ["sm_80", "compute_80", "sm_90a"])
+    assert backends.refusal("int4_gemm", "cuda", dev) is None
+
+
+def test_setup_arch_groups():
+    """setup.py's per-source archs: the default list ships compute_80 PTX with the _sm80 sources,
+    never an sm_80 image or PTX with an _sm90a source, and reports what it ships."""
+    setup = _load_setup()
+    archs = setup.parse_archs(setup.DEFAULT_CUDA_ARCHS)
+    sm80 = setup.gencode_flags(setup.source_archs("csrc/x/op_sm80.cu", archs))
+    sm90a = setup.gencode_flags(setup.source_archs("csrc/x/op_sm90a.cu", archs))
+    assert setup.shipped_images(sm80) == ["sm_80", "compute_80", "sm_90a"], sm80
+    assert sm90a == ["-gencode=arch=compute_90a,code=sm_90a"], sm90a
+    assert setup.shipped_images(sm80 + sm90a) == ["sm_80", "compute_80", "sm_90a"]
+    # A 9.0a-only list: the _sm80 sources build for 9.0a alone; "+PTX" on 9.0a is compute_90a.
+    only90 = setup.parse_archs("9.0a+PTX")
+    assert setup.shipped_images(
+        setup.gencode_flags(setup.source_archs("csrc/x/op_sm80.cu", only90))
+    ) == ["sm_90a", "compute_90a"]
+    assert setup.source_archs("csrc/x/op_sm90a.cu", setup.parse_archs("8.0+PTX")) == []
 
 
 @needs_cuda_build

@@ -15,7 +15,11 @@ which the AOT tests check only as instructions (mma/wgmma with bf16 operands, cv
 from __future__ import annotations
 
 import collections
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -206,6 +210,134 @@ def test_rejects_block_k_not_dividing_group():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "path,split_k", [("gemv", 1), ("gemv", 3), ("gemm", None)], ids=["gemv", "gemv-splitk", "gemm"]
+)
+@pytest.mark.parametrize("bad", [136, 1136, -5], ids=["K", "K+1000", "-5"])
+def test_perm_value_outside_range_gives_nan(path, split_k, bad):
+    """A perm value outside [-1, K) is never read (K addressed past the row of x: row m's element
+    K is row m+1's first one) and makes every output row NaN: the CUDA backend's contract (its
+    gather writes NaN into x_perm). Device values are not checked (a host sync)."""
+    M = 5 if path == "gemv" else 20
+    K, N = 136, 70
+    qw = make_quantized(K, N, 32, sym=False, act_order=True)
+    p = int4_layout.pack(qw, layout=Int4MmaTiles)
+    kw = p.op_kwargs()
+    assert kw.pop("layout") == Int4Layout.MMA_TILES
+    perm = kw["perm"].clone()
+    valid = (perm >= 0).nonzero().flatten()
+    perm[valid[3]] = bad
+    x = torch.randn(M, K, dtype=torch.float16)
+    from bitpress.triton_kernels import int4_gemm as tk
+
+    out = tk.int4_gemm(x, **{**kw, "perm": perm}, path=path, split_k=split_k)
+    assert out.isnan().all(), out.isnan().float().mean()
+    # The untouched perm still gives the reference (padding rows, perm = -1, read as 0).
+    ok = tk.int4_gemm(x, **kw, path=path, split_k=split_k)
+    assert rel_err(ok, ref64(x, p)) <= TOLERANCE[torch.float16]
+
+
+_INTERPRETED_IMPORT_SCRIPT = r"""
+import json, sys
+import torch
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from bitpress.triton_kernels import _runtime, int4_dequantize, int4_gemm, spec_verify
+
+cuda, cpu = torch.device("cuda"), torch.device("cpu")
+# Precondition: @triton.jit decided at decoration time (this process imported them under
+# TRITON_INTERPRET=1).
+assert type(int4_gemm.int4_gemm_kernel) is InterpretedFunction
+assert type(int4_gemm.int4_gemm_autotuned.fn) is InterpretedFunction
+for k in (int4_gemm.int4_gemm_kernel, int4_gemm.int4_gemv_kernel,
+          int4_gemm.int4_gemm_reduce_kernel, spec_verify.spec_verify_kernel,
+          int4_dequantize.int4_dequantize_kernel):
+    f = _runtime.for_device(k, cuda)
+    assert type(f) is JITFunction, (k, type(f))
+    assert f.fn is k.fn
+    assert type(_runtime.for_device(k, cpu)) is InterpretedFunction
+for t in (int4_gemm.int4_gemm_autotuned, int4_gemm.int4_gemv_autotuned):
+    a = _runtime.for_device(t, cuda)
+    assert isinstance(a, Autotuner) and type(a.fn) is JITFunction, type(a.fn)
+    assert a.configs is t.configs and a.keys == t.keys and a.cache == {}
+    assert a.early_config_prune is t.early_config_prune
+    assert _runtime.for_device(t, cuda) is a  # one compiled autotuner (one tuning cache)
+if sys.argv[1] == "compile":
+    # The JITFunction compiles for sm_80 inside a CUDA launch's context: tl.cdiv / tl.sum and the
+    # module's helpers were InterpretedFunctions in this process.
+    from bitpress.testing import _compile
+    sig = json.loads(sys.argv[2])
+    cx = {"HAS_ZEROS": True, "HAS_PERM": True, "HAS_BIAS": True, "DIRECT": False,
+          "BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 32}
+    with _runtime.interpretable(cuda, int4_gemm.__name__):
+        c = _compile(_runtime.for_device(int4_gemm.int4_gemv_kernel, cuda), sig, cx, 80, 4, 3)
+    assert ".target sm_80" in c.asm["ptx"]
+    assert type(int4_gemm.int4_gemm_kernel) is InterpretedFunction  # restored
+if sys.argv[1] == "gpu":
+    sys.path.insert(0, sys.argv[2])
+    from int4_data import make_quantized
+    from bitpress import ops, reference
+    from bitpress.int4 import layout
+    from bitpress.int4.layout import Int4MmaTiles
+    from bitpress.testing import rel_err
+    p = layout.pack(make_quantized(512, 130, 64, False, True), layout=Int4MmaTiles).to("cuda")
+    for M in (3, 40):  # GEMV (split-K + reduce) and GEMM, autotuned
+        x = torch.randn(M, 512, device="cuda", dtype=torch.float16)
+        out = ops.int4_gemm(x, p, backend="triton")
+        assert out.is_cuda
+        assert rel_err(out.double(), reference.int4_gemm(x.double(), p)) < 2e-3
+print("ok")
+"""
+
+
+def _run_interpreted_import(*args):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    args = [json.dumps(a) if isinstance(a, dict) else a for a in args]
+    res = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED_IMPORT_SCRIPT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_cuda_launch_after_interpreted_import_is_compiled():
+    """Kernel modules first imported under TRITON_INTERPRET=1 hold InterpretedFunctions (triton
+    decides at decoration time); CUDA launches and autotuners still get compiled JITFunctions."""
+    _run_interpreted_import("types")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cuobjdump() is None, reason="cuobjdump is missing")
+def test_cuda_kernel_after_interpreted_import_compiles():
+    sig = _signature("fp16", True)
+    _run_interpreted_import("compile", sig)
+
+
+def test_reduce_offsets_are_64_bit():
+    """The split-K reduce reads partial s at s * stride_ws: that product must be 64-bit (S * M *
+    Np passes 2^31 long before memory does). In the sm_80 PTX of the S loop no 32-bit register is
+    a loop-carried sum of a register stride (the strength-reduced s * stride_ws) -- the 32-bit
+    product wrapped -- and the offset is carried in a 64-bit register instead."""
+    from bitpress.triton_kernels.int4_gemm import int4_gemm_reduce_kernel
+
+    sig = {"ws_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": "*fp16"}
+    sig.update(dict.fromkeys(["M", "N", "S", "stride_ws", "stride_wm", "stride_om"], "i32"))
+    cx = {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}
+    asm = compile_triton(int4_gemm_reduce_kernel, sig, cx, 80, 4, 3)
+    loops = re.findall(r"^(\$L__BB\d+_\d+):.*?\n(.*?)bra(?:\.uni)?\s+\1;", asm.ptx, re.S | re.M)
+    assert loops, asm.ptx
+    for _, body in loops:
+        carried32 = re.findall(r"add\.s32\s+(%r\d+), \1, %r\d+;", body)
+        assert not carried32, carried32
+    assert any(re.search(r"add\.s64\s+(%rd\d+), \1, %rd\d+;", b) for _, b in loops)
+
+
+@pytest.mark.interpreter
 def test_opcheck_triton_op():
     qw = make_quantized(64, 24, 32, sym=False, act_order=True)
     p = int4_layout.pack(qw, layout=Int4MmaTiles)
@@ -234,6 +366,7 @@ def _signature(x: str, gemv: bool) -> dict[str, str]:
         "bias_ptr": f"*{x}",
         "out_ptr": "*fp32" if gemv else f"*{x}",
         "M": "i32",
+        "K": "i32",
         "N": "i32",
         "KT": "i32",
         "tiles_per_group": "i32",
@@ -343,6 +476,29 @@ def test_gpu_forced_paths_odd_shapes(path, dtype):
     x = torch.randn(M, K, dtype=dtype)
     out = _run(x.cuda(), p.to("cuda"), path=path)
     assert rel_err(out.cpu(), ref64(x, p)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_launch_after_interpreted_import():
+    """A process that imported the kernels under TRITON_INTERPRET=1 runs them compiled on CUDA
+    (autotuned GEMV and GEMM), with the reference result."""
+    _run_interpreted_import("gpu", os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_gpu_perm_value_outside_range_gives_nan(path):
+    """Compiled: a perm value >= K gives NaN rows on the Triton backend, like the CUDA backend."""
+    qw = make_quantized(256, 70, 32, sym=False, act_order=True)
+    p = int4_layout.pack(qw, layout=Int4MmaTiles).to("cuda")
+    kw = p.op_kwargs()
+    kw.pop("layout")
+    perm = kw["perm"].clone()
+    perm[(perm >= 0).nonzero().flatten()[5]] = 256
+    x = torch.randn(20, 256, dtype=torch.float16, device="cuda")
+    from bitpress.triton_kernels import int4_gemm as tk
+
+    assert tk.int4_gemm(x, **{**kw, "perm": perm}, path=path).isnan().all()
 
 
 @pytest.mark.gpu

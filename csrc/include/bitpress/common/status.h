@@ -7,7 +7,7 @@ enum class Status : int {
   kSuccess = 0,
   kInvalidArgument = 1,  // a pointer, size, stride or dtype the kernel cannot take
   kUnsupported = 2,      // valid input this build or this CPU/GPU has no kernel for
-  kCudaError = 3,        // a CUDA launch failed; cudaGetLastError() has the details
+  kCudaError = 3,        // a CUDA launch or call failed (the check read and cleared the error)
   kOutOfMemory = 4,      // a kernel's per-thread reusable buffer could not grow (CPU)
 };
 

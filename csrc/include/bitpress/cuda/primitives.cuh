@@ -11,6 +11,11 @@
 
 #include "bitpress/common/dtype.h"
 #include "bitpress/common/macros.h"
+#include "bitpress/common/status.h"
+
+#if defined(__CUDACC__)
+#include <cuda_runtime_api.h>
+#endif
 
 namespace bitpress {
 
@@ -32,6 +37,30 @@ BITPRESS_INLINE int swizzled_chunk_index(int row, int chunk, int row_chunks) {
 }
 
 #if defined(__CUDACC__)
+
+// ---------------------------------------------------------------------------------------------
+// Host-side status of CUDA calls
+// ---------------------------------------------------------------------------------------------
+
+// The status of the kernel launches issued since the last check. A launch that fails (bad
+// configuration, no kernel image for the device, too much shared memory) records a non-sticky
+// error that cudaGetLastError returns once and then clears: call this exactly once after each
+// launch and keep its result. Reading it a second time returns success and loses the failure
+// (the caller would then use an output no kernel wrote). tests/int4/test_int4_gemm_cuda.py checks
+// every launch site of csrc for that pattern.
+inline Status cuda_launch_status() {
+  return cudaGetLastError() == cudaSuccess ? Status::kSuccess : Status::kCudaError;
+}
+
+// The status of a CUDA runtime call (cudaFuncSetAttribute, cudaGetDevice, ...). A failed call
+// also records its error as the thread's last error; left there, the next unrelated check
+// (cuda_launch_status, torch's C10_CUDA_KERNEL_LAUNCH_CHECK) would report it. Clear it here: the
+// error is returned as this call's status instead.
+inline Status cuda_call_status(cudaError_t e) {
+  if (e == cudaSuccess) return Status::kSuccess;
+  (void)cudaGetLastError();
+  return Status::kCudaError;
+}
 
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers (device only)

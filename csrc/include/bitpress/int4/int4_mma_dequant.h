@@ -223,4 +223,26 @@ BITPRESS_INLINE void int4_gemm_split_range(int64_t T, int S, int s, int64_t* beg
   *end = T * (s + 1) / S;
 }
 
+// Act-order gather (int4_gemm_gather_kernel): element k of a row of x_perm is x[perm[k]]; 0 for a
+// padding row (perm = -1); NaN (nan_bits) for a value outside [-1, K), which the kernel cannot
+// reject without a host sync, so that every output of the row is NaN rather than a read past x.
+BITPRESS_INLINE uint16_t int4_gemm_gather_value(const uint16_t* x_row, int64_t K, int32_t src,
+                                                uint16_t nan_bits) {
+  if (src >= 0 && src < K) return x_row[src];
+  return src == -1 ? uint16_t(0) : nan_bits;
+}
+template <DType T>
+BITPRESS_INLINE uint16_t int4_mma_nan_bits() {
+  return T == DType::kFloat16 ? uint16_t(0x7E00) : uint16_t(0x7FC0);
+}
+
+// Epilogue (the GEMM kernel at S = 1, the split-K reduction otherwise): the fp32 sum plus the
+// bias (any dtype, added in fp32), rounded once to T (round to nearest even; cvt.rn on the GPU).
+template <DType T>
+BITPRESS_INLINE uint16_t int4_gemm_epilogue(float acc, const void* bias, DType bias_dtype,
+                                            int64_t n) {
+  const float v = bias != nullptr ? acc + load_as_float(bias, bias_dtype, n) : acc;
+  return uint16_t(int4_mma_scale_bits<T>(v));
+}
+
 }  // namespace bitpress
