@@ -231,6 +231,26 @@ def test_int4_gemm(backend, case):
         _expect("int4_gemm", arg, exc, _gemm_call(backend, x, kw, bias))
 
 
+@pytest.mark.parametrize("backend", _cpu_backends("int4_gemm"))
+@pytest.mark.parametrize("bad", [torch.float16, torch.uint8, torch.float32])
+def test_int4_gemm_act_dtype(backend, bad):
+    """act_dtype: None or torch.int8 (W4A8); anything else names act_dtype."""
+    for layout in GEMM_LAYOUTS[backend]:
+        if backend == "cpu" and layout is not Int4CpuTiles:
+            continue
+        w = _weights(layout)[1]
+        x = torch.randn(2, 64)
+        if backend == "reference":
+            call = lambda: ops.int4_gemm(x, w, act_dtype=bad, backend="reference")  # noqa: E731
+        elif backend == "fake":
+            op = torch.ops.bitpress.int4_gemm
+            call = lambda: _fake((x,), {**w.op_kwargs(), "act_dtype": bad}, op)  # noqa: E731
+        else:
+            op = getattr(torch.ops.bitpress, GEMM_OPS[backend])
+            call = lambda: op(x, **w.op_kwargs(), act_dtype=bad)  # noqa: E731
+        _expect("int4_gemm", "act_dtype", RuntimeError, call)
+
+
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_int4_gemm_wrong_layout(backend):
     """A backend given the other layout names the layout it reads and the conversion."""
