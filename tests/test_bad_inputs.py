@@ -7,6 +7,7 @@ exception type, and the message names the argument that is actually wrong
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import pytest
@@ -229,6 +230,26 @@ def test_int4_gemm(backend, case):
         if backend == "reference" and name == "layout code":
             continue  # the reference takes a weight object: its type is the layout
         _expect("int4_gemm", arg, exc, _gemm_call(backend, x, kw, bias))
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("int4_gemm"))
+@pytest.mark.parametrize("bad", [torch.float16, torch.uint8, torch.float32])
+def test_int4_gemm_act_dtype(backend, bad):
+    """act_dtype: None or torch.int8 (W4A8); anything else names act_dtype."""
+    for layout in GEMM_LAYOUTS[backend]:
+        if backend == "cpu" and layout is not Int4CpuTiles:
+            continue
+        w = _weights(layout)[1]
+        x = torch.randn(2, 64)
+        if backend == "reference":
+            call = functools.partial(ops.int4_gemm, x, w, act_dtype=bad, backend="reference")
+        elif backend == "fake":
+            op = torch.ops.bitpress.int4_gemm
+            call = functools.partial(_fake, (x,), {**w.op_kwargs(), "act_dtype": bad}, op)
+        else:
+            op = getattr(torch.ops.bitpress, GEMM_OPS[backend])
+            call = functools.partial(op, x, **w.op_kwargs(), act_dtype=bad)
+        _expect("int4_gemm", "act_dtype", RuntimeError, call)
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpreter)])

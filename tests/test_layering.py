@@ -352,5 +352,5 @@ def test_schema_arguments_are_the_weight_fields(op, layout):
     }
     schema = getattr(torch.ops.bitpress, op).default._schema
     names = [a.name for a in schema.arguments]
-    assert names == ["x", *kw, "bias"], (names, list(kw))
+    assert names == ["x", *kw, "bias", "act_dtype"], (names, list(kw))
     assert kw["layout"] == int(layout.layout)

@@ -2,6 +2,8 @@
 // autograd registration costs ~10 us per call through the Autograd dispatch key, as much as a
 // small GEMM). The weight is frozen (quantized): gradients flow to x and bias only,
 //   dx = dy · W  (W [N, K] dequantized),  dbias = sum of dy over the leading dimensions.
+// W4A8 (act_dtype = torch.int8) has the same backward: the activation quantization is treated as
+// the identity (straight-through estimator).
 // dx is computed by bitpress::int4_gemm_backward, defined in python/bitpress/int4/ops.py (it
 // dequantizes W from the kernel layout with plain torch ops: backward is rare at inference).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -21,7 +23,8 @@ class Int4GemmFunction : public torch::autograd::Function<Int4GemmFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& qweight,
                             const at::Tensor& scales, const OptT& zeros,
                             const at::Tensor& group_starts, const OptT& perm, int64_t out_features,
-                            int64_t layout, const OptT& bias) {
+                            int64_t layout, const OptT& bias,
+                            std::optional<at::ScalarType> act_dtype) {
     TORCH_CHECK(!scales.requires_grad() && !qweight.requires_grad(),
                 "int4_gemm: the quantized weight is frozen: scales must not require grad "
                 "(gradients flow to x and bias only)");
@@ -34,12 +37,13 @@ class Int4GemmFunction : public torch::autograd::Function<Int4GemmFunction> {
     ctx->saved_data["x_grad"] = x.requires_grad();
     ctx->saved_data["bias_grad"] = bias.has_value() && bias->defined() && bias->requires_grad();
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("bitpress::int4_gemm", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                              const at::Tensor&, const OptT&, int64_t, int64_t, const OptT&)>();
-    return op.call(x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bitpress::int4_gemm", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const OptT&, const at::Tensor&, const OptT&, int64_t,
+                                           int64_t, const OptT&, std::optional<at::ScalarType>)>();
+    return op.call(x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias,
+                   act_dtype);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -63,16 +67,17 @@ class Int4GemmFunction : public torch::autograd::Function<Int4GemmFunction> {
       grad_bias = grad.reshape({-1, N}).sum(0);
     }
     return {grad_x,       at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), grad_bias};
+            at::Tensor(), at::Tensor(), at::Tensor(), grad_bias,    at::Tensor()};
   }
 };
 
 at::Tensor int4_gemm_autograd(const at::Tensor& x, const at::Tensor& qweight,
                               const at::Tensor& scales, const OptT& zeros,
                               const at::Tensor& group_starts, const OptT& perm,
-                              int64_t out_features, int64_t layout, const OptT& bias) {
+                              int64_t out_features, int64_t layout, const OptT& bias,
+                              std::optional<at::ScalarType> act_dtype) {
   return Int4GemmFunction::apply(x, qweight, scales, zeros, group_starts, perm, out_features,
-                                 layout, bias);
+                                 layout, bias, act_dtype);
 }
 
 }  // namespace

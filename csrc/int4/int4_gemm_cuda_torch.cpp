@@ -86,8 +86,15 @@ at::Tensor int4_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& qweight,
                                const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                                const at::Tensor& group_starts,
                                const std::optional<at::Tensor>& perm, int64_t out_features,
-                               int64_t layout, const std::optional<at::Tensor>& bias) {
+                               int64_t layout, const std::optional<at::Tensor>& bias,
+                               std::optional<at::ScalarType> act_dtype) {
   using namespace glue;
+  TORCH_CHECK(!act_dtype || *act_dtype == at::kChar, kOp,
+              ": act_dtype must be None (exact activations) or torch.int8 (W4A8), got ",
+              act_dtype ? glue::dtype_name(*act_dtype) : "None");
+  TORCH_CHECK(!act_dtype, kOp,
+              ": act_dtype=torch.int8 (W4A8) is implemented on the CPU only; use act_dtype=None on "
+              "CUDA");
   const Int4GemmShapes shp = check_int4_gemm_args(Int4Layout::kMma, layout, x, qweight, scales,
                                                   zeros, group_starts, perm, out_features, bias);
   const int64_t K = shp.K, N = shp.N, Kp = shp.Kp, G = shp.G;

@@ -18,11 +18,16 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
                               const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                               const at::Tensor& group_starts, const std::optional<at::Tensor>& perm,
                               int64_t out_features, int64_t layout,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias,
+                              std::optional<at::ScalarType> act_dtype) {
   using namespace glue;
   const Int4GemmShapes shp = check_int4_gemm_args(Int4Layout::kCpuTiles, layout, x, qweight, scales,
                                                   zeros, group_starts, perm, out_features, bias);
   const int64_t K = shp.K, N = shp.N, Kp = shp.Kp, G = shp.G;
+  TORCH_CHECK(!act_dtype || *act_dtype == at::kChar, kOp,
+              ": act_dtype must be None (exact activations) or torch.int8 (W4A8), got ",
+              act_dtype ? glue::dtype_name(*act_dtype) : "None");
+  const bool w4a8 = act_dtype.has_value();
   const at::Tensor qw = qweight.contiguous(), sc = scales.contiguous();
   const at::Tensor gs = group_starts.contiguous();
   const at::Tensor zr = zeros ? zeros->contiguous() : at::Tensor();
@@ -84,7 +89,9 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
   // the first call of this size, no page faults per call).
   p.workspace = nullptr;
   p.workspace_bytes = 0;
-  check_status(int4_gemm_cpu(p, torch_thread_pool()), kOp);
+  check_status(
+      w4a8 ? int4_gemm_w4a8_cpu(p, torch_thread_pool()) : int4_gemm_cpu(p, torch_thread_pool()),
+      kOp);
   return out;
 }
 
@@ -99,10 +106,12 @@ TORCH_LIBRARY_FRAGMENT(bitpress, m) {
   //    zeros [Nt, G, 64], group_starts [G+1] in octets;
   //  * GPU mma layout (bitpress/int4/int4_mma_layout.h; CUDA kernel): qweight [Kp/16, Nt*128],
   //    scales and zeros [G, Np], group_starts [G+1] in 16-row k-tiles;
-  // perm [Kp] in both (source row of x, -1 = padding row; None = identity).
+  // perm [Kp] in both (source row of x, -1 = padding row; None = identity). act_dtype None: exact
+  // activations; torch.int8: W4A8 (x quantized per row to int8, CPU only; int4_gemm.h).
   m.def(
       "int4_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor group_starts, "
-      "Tensor? perm, int out_features, int layout, Tensor? bias=None) -> Tensor");
+      "Tensor? perm, int out_features, int layout, Tensor? bias=None, ScalarType? act_dtype=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bitpress, CPU, m) { m.impl("int4_gemm", &int4_gemm_cpu_impl); }

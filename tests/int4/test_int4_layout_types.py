@@ -46,7 +46,7 @@ def test_op_kwargs_are_the_schema_in_order(layout):
     assert kw["out_features"] == 70 and kw["layout"] == int(layout.layout)
     for op in ("int4_gemm", "int4_gemm_triton"):
         args = [a.name for a in getattr(torch.ops.bitpress, op).default._schema.arguments]
-        assert args == ["x", *kw, "bias"], (op, args)
+        assert args == ["x", *kw, "bias", "act_dtype"], (op, args)
 
 
 @pytest.mark.parametrize("src", [Int4CpuTiles, Int4MmaTiles], ids=lambda t: t.__name__)

@@ -36,6 +36,9 @@ class Int4Config:
         any other module.
     filter_fn : (name, module) -> bool, which Linear layers to quantize (default: all but lm_head).
     dtype : dtype of scales and bias (default: the layer's weight dtype, float16 for float32).
+    activations : "exact" (default: x multiplied as given, bf16/fp16/fp32) or "int8" (W4A8:
+        each Int4Linear quantizes x per token to int8 on the fly, ``act_dtype=torch.int8``;
+        faster on CPUs with AMX-INT8 / VNNI, less accurate: bench/NOTES.md, W4A8). CPU only.
     """
 
     group_size: int = 128
@@ -49,8 +52,13 @@ class Int4Config:
     calibration: Sequence[torch.Tensor] | None = None
     filter_fn: Callable[[str, nn.Module], bool] | None = None
     dtype: torch.dtype | None = None
+    activations: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.activations not in ("exact", "int8"):
+            raise ValueError(
+                f"Int4Config.activations must be 'exact' or 'int8', got {self.activations!r}"
+            )
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"Int4Config.method must be 'rtn' or 'gptq', got {self.method!r}")
         try:
@@ -97,8 +105,9 @@ def quantize_int4(model: nn.Module, config: Int4Config) -> nn.Module:
             "quantize_: left %d Linear layers unquantized: %s", len(skipped), ", ".join(skipped)
         )
 
+    act_dtype = torch.int8 if config.activations == "int8" else None
     if config.method == "gptq":
-        return gptq_quantize_model(
+        gptq_quantize_model(
             model,
             config.calibration,
             group_size=config.group_size,
@@ -110,10 +119,16 @@ def quantize_int4(model: nn.Module, config: Int4Config) -> nn.Module:
             act_group_aware=config.act_group_aware,
             filter_fn=lambda n, m: n in chosen,
         )
+        for name in chosen:
+            mod = model.get_submodule(name)
+            if isinstance(mod, Int4Linear):
+                mod.act_dtype = act_dtype
+        return model
     for name, lin in chosen.items():
         new = Int4Linear.from_linear(
             lin, group_size=config.group_size, sym=config.sym, dtype=config.dtype
         )
+        new.act_dtype = act_dtype
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

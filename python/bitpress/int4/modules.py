@@ -210,7 +210,13 @@ class Int4Linear(nn.Module):
     Build one with :meth:`from_linear` (round-to-nearest), :meth:`from_gptq` (checkpoint
     tensors) or :meth:`from_quantized` (any bitpress quantizer); ``bitpress.quantize_`` swaps every
     Linear of a model. ``Int4Linear(K, N)`` itself holds a zero weight.
+
+    ``act_dtype`` (attribute and keyword): None (default, exact activations) or ``torch.int8``
+    (W4A8: x quantized per row to int8 in ``int4_gemm``, see ``bitpress.ops.int4_gemm``). A
+    setting of the module, not of its weight: the state_dict is the same either way.
     """
+
+    act_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -222,8 +228,10 @@ class Int4Linear(nn.Module):
         sym: bool = True,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        act_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.act_dtype = _check_module_act_dtype(act_dtype)
         if not isinstance(out_features, int) or out_features < 1:
             raise ValueError(f"Int4Linear: out_features must be a positive int, got {out_features}")
         if not isinstance(in_features, int) or in_features < 8 or in_features % 8:
@@ -497,15 +505,28 @@ class Int4Linear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        if self.act_dtype is not None:
+            return ops.int4_gemm(x, self.weight_packed, bias, act_dtype=self.act_dtype)
         return ops.int4_gemm(x, self.weight_packed, bias)
 
     def extra_repr(self) -> str:
         perm = self.packed_perm
+        act = "" if self.act_dtype is None else f", act_dtype={self.act_dtype}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, group_size={self.group_size}, sym={self.sym}, "
             f"row_perm={perm is not None}, dtype={self.dtype}, layout={self._layout.__name__}"
+            f"{act}"
         )
+
+
+def _check_module_act_dtype(act_dtype):
+    if act_dtype is not None and act_dtype != torch.int8:
+        raise ValueError(
+            f"Int4Linear: act_dtype must be None (exact activations) or torch.int8 (W4A8), got "
+            f"{act_dtype!r}"
+        )
+    return act_dtype
 
 
 def _pack_quantized(qw: QuantizedWeight, layout: type[Int4PackedWeight]) -> Int4PackedWeight:

@@ -188,6 +188,7 @@ def int4_gemm(
     weight: Int4PackedWeight,
     bias: torch.Tensor | None = None,
     *,
+    act_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""INT4 weight-only linear layer: ``y = x · Wᵀ + bias``.
@@ -215,6 +216,16 @@ def int4_gemm(
         (``weight.op_kwargs()``), with ``layout`` the :class:`Int4Layout` code.
         ``weight.to(device, layout=...)`` converts exactly; the ``reference`` backend reads both.
     bias : Tensor, shape [N], optional
+    act_dtype : None or torch.int8, optional
+        None (default): the exact path below. ``torch.int8``: W4A8 (opt-in, ``cpu`` and
+        ``reference`` backends): each row of x is quantized on the fly to int8,
+        ``sx = amax|x[m]| / 127`` (float32; 1 for an all-zero row),
+        ``xq = round_half_even(x / sx)`` in float32, and
+        ``y[m, n] = sx[m] * sum_k xq[m, k] (q[k, n] - z[g(k), n]) s[g(k), n] + bias[n]``,
+        the int8 x int4 products summed exactly in int32 per group (AMX-INT8 ``tdpbssd``,
+        AVX512-VNNI ``vpdpbusd`` or scalar), the groups in float32. Faster on CPUs with AMX-INT8
+        or VNNI, at the cost of the activation rounding (bench/NOTES.md, W4A8 has its SQNR and
+        perplexity). Backward (dx) is the same as the exact path's (straight-through).
     backend : str, optional
         Force a backend for this call (see :mod:`bitpress.backends`).
 
@@ -239,8 +250,19 @@ def int4_gemm(
             f"{type(weight).__name__}",
             TypeError,
         )
+    _check_act_dtype(act_dtype)
     _, impl = backends.select("int4_gemm", x.device, backend, x.dtype)
-    return impl(x, weight, bias)
+    if act_dtype is None:
+        return impl(x, weight, bias)
+    return impl(x, weight, bias, act_dtype)
+
+
+def _check_act_dtype(act_dtype):
+    if act_dtype is not None and act_dtype != torch.int8:
+        _fail(
+            "int4_gemm",
+            f"act_dtype must be None (exact activations) or torch.int8 (W4A8), got {act_dtype!r}",
+        )
 
 
 def _check_int4_gemm(
@@ -328,7 +350,10 @@ def _check_int4_gemm(
 
 
 @torch.library.register_fake("bitpress::int4_gemm")
-def _int4_gemm_fake(x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias=None):
+def _int4_gemm_fake(
+    x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias=None, act_dtype=None
+):
+    _check_act_dtype(act_dtype)
     _, N = _check_int4_gemm(
         x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias
     )
@@ -337,8 +362,8 @@ def _int4_gemm_fake(x, qweight, scales, zeros, group_starts, perm, out_features,
 
 @backends.register("int4_gemm", "cpu")
 @backends.register("int4_gemm", "cuda", _CUDA_SM80)
-def _int4_gemm_compiled(x, weight, bias):
-    return torch.ops.bitpress.int4_gemm(x, *weight.op_args(), bias)
+def _int4_gemm_compiled(x, weight, bias, act_dtype=None):
+    return torch.ops.bitpress.int4_gemm(x, *weight.op_args(), bias, act_dtype)
 
 
 @torch.library.custom_op("bitpress::int4_gemm_triton", mutates_args=())
@@ -352,7 +377,16 @@ def _int4_gemm_triton(
     out_features: int,
     layout: int,
     bias: torch.Tensor | None = None,
+    act_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
+    _check_act_dtype(act_dtype)
+    if act_dtype is not None:
+        _fail(
+            "int4_gemm",
+            "act_dtype=torch.int8 (W4A8) is not implemented by the triton backend; use the cpu "
+            "backend or act_dtype=None",
+            NotImplementedError,
+        )
     _check_int4_gemm(
         x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias,
         backend=Int4Layout.MMA_TILES,
@@ -399,7 +433,7 @@ def _(grad, qweight, scales, zeros, group_starts, perm, in_features, out_feature
 
 
 def _int4_gemm_setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias = inputs
+    x, qweight, scales, zeros, group_starts, perm, out_features, layout, bias = inputs[:9]
     if scales.requires_grad:
         _fail(
             "int4_gemm",
@@ -419,7 +453,7 @@ def _int4_gemm_backward(ctx, grad):
             grad, qweight, scales, zeros, group_starts, perm, K, N, layout, x_dtype
         )
     grad_bias = grad.reshape(-1, N).sum(0) if has_bias and ctx.needs_input_grad[8] else None
-    return grad_x, None, None, None, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, None, None, None, grad_bias, None
 
 
 torch.library.register_autograd(
@@ -428,8 +462,8 @@ torch.library.register_autograd(
 
 
 @backends.register("int4_gemm", "triton", _TRITON_SM80)
-def _int4_gemm_triton_backend(x, weight, bias):
-    return torch.ops.bitpress.int4_gemm_triton(x, *weight.op_args(), bias)
+def _int4_gemm_triton_backend(x, weight, bias, act_dtype=None):
+    return torch.ops.bitpress.int4_gemm_triton(x, *weight.op_args(), bias, act_dtype)
 
 
 def _check_int4_gemm_values(x, weight):
@@ -475,10 +509,10 @@ def _check_int4_gemm_values(x, weight):
 
 
 @backends.register("int4_gemm", "reference")
-def _int4_gemm_reference(x, weight, bias):
+def _int4_gemm_reference(x, weight, bias, act_dtype=None):
     _check_int4_gemm(x, **weight.op_kwargs(), bias=bias)
     _check_int4_gemm_values(x, weight)
-    return reference.int4_gemm(x, weight, bias)
+    return reference.int4_gemm(x, weight, bias, act_dtype=act_dtype)
 
 
 def int4_gemm_repack(

@@ -39,11 +39,38 @@ def dequantize_packed(weight: Int4PackedWeight, dtype: torch.dtype) -> torch.Ten
     return unpack(weight).dequantize(dtype)
 
 
+def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W4A8's activation quantization: per row (last dim) symmetric int8 with a float32 scale.
+
+    sx = amax|x| / 127 in float32 (1 for an all-zero row), xq = round_half_even(x / sx) computed
+    in float32 (IEEE division, then torch.round), clamped to [-127, 127]. Returns (xq as float64,
+    sx [..., 1] float32).
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    sx = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    xq = torch.round(xf / sx).clamp(-127, 127)
+    return xq.double(), sx
+
+
 def int4_gemm(
-    x: torch.Tensor, weight: Int4PackedWeight, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: Int4PackedWeight,
+    bias: torch.Tensor | None = None,
+    act_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """y = x · Wᵀ + bias in float64, rounded once to x.dtype; W unpacked from its layout."""
+    """y = x · Wᵀ + bias in float64, rounded once to x.dtype; W unpacked from its layout.
+
+    act_dtype=torch.int8 (W4A8): x replaced by sx * xq (quantize_act_int8), the sum over k of
+    xq (q - z) s computed exactly in float64, times sx.
+    """
     w = dequantize_packed(weight, torch.float64).to(x.device)  # [N, K]
+    if act_dtype is not None:
+        xq, sx = quantize_act_int8(x)
+        y = (xq @ w.t()) * sx.double()
+        if bias is not None:
+            y = y + bias.double()
+        return y.to(x.dtype)
     y = x.double() @ w.t()
     if bias is not None:
         y = y + bias.double()

@@ -79,6 +79,36 @@ Status int4_gemm_check(const Int4GemmParams& p);
 Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
 
 // ---------------------------------------------------------------------------------------------
+// W4A8 (opt-in): x quantized per row to int8 on the fly, int8 x int4 products summed exactly in
+// int32 per group, then folded in float32 (csrc/int4/int4_gemm_w4a8_cpu.cpp has the formula):
+//   sx[m] = amax_k |x[m, k]| / 127 (float32; 1 when the row is all zeros),
+//   xq = round_half_even(x / sx) in float32, clamped to [-127, 127],
+//   y[m, n] = sx[m] sum_g s[g, n] (sum_{k in g} xq[m, k] q[k, n] - z[g, n] sum_{k in g} xq[m, k])
+//             + bias[n]
+// Same parameters as int4_gemm_cpu (any x dtype, any output dtype); p.workspace is not used (the
+// calling thread's reusable buffer holds xq). Non-finite x gives unspecified output.
+// ---------------------------------------------------------------------------------------------
+
+enum class Int4W4A8Kernel : int {
+  kAuto = -1,
+  kAmx = 0,          // tdpbssd (AMX-INT8); every group start a multiple of 8 octets (64 rows)
+  kVnni = 1,         // vpdpbusd (AVX512-VNNI): q unsigned, xq signed
+  kScalar = 2,       // portable
+  kAmxEmulated = 3,  // the AMX variant's loop nest with a scalar model of the tiles (tests)
+};
+
+const char* int4_w4a8_kernel_name(Int4W4A8Kernel k);
+bool int4_w4a8_kernel_available(Int4W4A8Kernel k);
+// kAmx on kAmx ISA with amx_int8 (M >= 2, groups of whole 64-row steps), else kVnni at ISA >=
+// kAvx512 with avx512_vnni, else kScalar. BITPRESS_CPU_ISA caps it like the bf16 path.
+Int4W4A8Kernel int4_w4a8_kernel_for(const Int4GemmParams& p);
+// kUnsupported when this CPU cannot run `kernel`; kInvalidArgument as int4_gemm_check, or for
+// kAmx / kAmxEmulated with a group start that is not a multiple of 8 octets. Every variant gives
+// the same output bit for bit (same int32 sums, same float32 fold order).
+Status int4_gemm_w4a8_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr,
+                          Int4W4A8Kernel kernel = Int4W4A8Kernel::kAuto);
+
+// ---------------------------------------------------------------------------------------------
 // Repack: GPTQ tensors -> the tile layout above (what python/bitpress/formats/int4_layout.py
 // does at load time), for runtimes that load checkpoints without Python.
 // ---------------------------------------------------------------------------------------------
