@@ -6,9 +6,17 @@ An :class:`OpSpec` names the op, its public function, its plain-PyTorch referenc
 feature's ``ops`` module calls :func:`register_op`. Backends register their implementations in
 :mod:`bitpress._core.backends`.
 
+An op joins the hostile-input suite (``tests/hostile``) with a :class:`HostileSpec`: its sizes,
+its tensor arguments (accepted dtypes, rank, which arguments their sizes are checked against,
+whether a stride-0 view or a non-finite value is valid) as plain data, and plain-torch functions
+that build valid arguments from drawn sizes, call a backend and compute the expected result. The
+suite turns the description into hypothesis strategies (hypothesis is a test dependency only).
+An op passes ``hostile=`` to its :class:`OpSpec`, or its feature registers it by name with
+:func:`register_hostile`; the suite fails for a registered op that has none.
+
 The same module holds the two other registries the upper layers dispatch on: ``quantize_``
 handlers by config type (torchao's ``register_quantize_module_handler``) and checkpoint formats
-by ``quant_method``.
+by ``quant_method`` (each format also names its hostile-checkpoint builder, ``tiny_model``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,73 @@ class Case:
     gpu_only: bool = False  # run on CUDA devices only (Llama-sized shapes)
 
 
+@dataclasses.dataclass(frozen=True)
+class Dim:
+    """A size of an op's hostile spec. Drawn from ``0..small`` (0, 1 and primes favoured), or
+    one of ``large``; the size is ``multiple`` times the drawn count, at least ``min``."""
+
+    name: str
+    small: int = 16
+    large: tuple[int, ...] = ()
+    multiple: int = 1
+    min: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorArg:
+    """A tensor argument of an op, as the hostile suite mutates it.
+
+    dtypes : the dtypes the op accepts (another one must raise TypeError naming the argument).
+    rank : its rank (another one must raise naming it); None: the rank varies (``x [..., K]``,
+        a weight field whose rank depends on the layout): only 0-D is drawn as a wrong rank, and
+        only the last dim is resized.
+    related : the arguments its sizes are checked against: a wrong size may be reported as any
+        of them (the message must name one).
+    expandable : a stride-0 (expanded) view of a valid value is valid (not for ``perm``, whose
+        rows must differ, nor ``group_starts``).
+    nonfinite : non-finite values its contract allows (``nan``, ``inf``, ``-inf``).
+    cast : the other accepted dtypes a valid value keeps its meaning in (int32 <-> int64).
+    """
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]
+    rank: int | None
+    related: tuple[str, ...] = ()
+    expandable: bool = True
+    nonfinite: tuple[float, ...] = ()
+    cast: tuple[torch.dtype, ...] = ()
+
+
+@dataclasses.dataclass
+class HostileSpec:
+    """How the hostile-input suite drives an op (module docstring; ``tests/hostile``).
+
+    dims, options : the sizes and the discrete choices (``{"dtype": (float32, ...), "sym":
+        (True, False)}``) a case draws.
+    args : every tensor argument, by the name the op's messages use.
+    make(sizes, options, gen, backend) -> dict : valid arguments by name (tensors and scalars) on
+        the CPU, in the layout ``backend`` reads.
+    call(backend, args) -> result : the backend's implementation on ``args`` (its own checks).
+    reference(args) -> result : the expected result (plain torch, float64 / float32).
+    tol(options) -> float : the relative-error bound (0: exact; tuples of outputs: exact).
+    bad_values(args, gen) -> [(argument, args)] : arguments whose values are out of range, each
+        naming the argument the error must name; checked only on ``value_checks`` backends.
+    work(sizes) -> int : elements of work of a case (the Triton interpreter runs small ones).
+    """
+
+    op: str
+    dims: tuple[Dim, ...]
+    args: tuple[TensorArg, ...]
+    make: Callable[[dict, dict, torch.Generator, str], dict]
+    call: Callable[[str, dict], object]
+    reference: Callable[[dict], object]
+    tol: Callable[[dict], float]
+    options: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    bad_values: Callable[[dict, torch.Generator], list] = lambda args, gen: []
+    value_checks: tuple[str, ...] = ("cpu", "reference")
+    work: Callable[[dict], int] = lambda sizes: 0
+
+
 @dataclasses.dataclass
 class OpSpec:
     name: str
@@ -42,6 +117,7 @@ class OpSpec:
     cases: Callable[[], list[Case]] = lambda: []  # selftest cases on every machine
     gpu_cases: Callable[[], list[Case]] = lambda: []  # added on a CUDA machine
     bench: str | None = None  # the benchmark file, relative to the repository root
+    hostile: Callable[[], HostileSpec] | None = None  # the hostile-input suite's description
 
 
 _OPS: dict[str, OpSpec] = {}
@@ -64,6 +140,20 @@ def op(name: str) -> OpSpec:
         return _OPS[name]
     except KeyError:
         raise KeyError(f"bitpress: no op named {name!r} (ops: {sorted(_OPS)})") from None
+
+
+def register_hostile(name: str) -> Callable[[Callable[[], HostileSpec]], Callable]:
+    """Decorator: ``fn() -> HostileSpec`` is the hostile spec of the registered op ``name`` (for
+    a feature whose ops module did not pass ``hostile=`` to its OpSpec)."""
+
+    def deco(fn: Callable[[], HostileSpec]) -> Callable[[], HostileSpec]:
+        spec = op(name)
+        if spec.hostile is not None:
+            raise RuntimeError(f"bitpress: op {name!r} has a hostile spec already")
+        spec.hostile = fn
+        return fn
+
+    return deco
 
 
 # quantize_ / sparsify_ handlers: config type -> handler(model, config) -> model.
@@ -98,8 +188,11 @@ class CheckpointFormat:
     suffixes : the tensor name suffixes of one module (``<name>.<suffix>``).
     parse(qc, source) -> dict : validates a quantization_config, returns it normalised.
     module_names(tensors) -> list : the quantized modules of a checkpoint.
-    load(name, linear, tensors, qc, dtype) -> module : the module that replaces ``linear``.
+    load(name, linear, tensors, qc, dtype, device) -> module : the module that replaces
+        ``linear``, built directly on ``device`` in the layout that device reads.
     save(modules, **options) -> (tensors, qc) : a checkpoint of ``modules`` {name: module}.
+    hostile() -> CheckpointHostile : how the hostile-checkpoint suite (``tests/hostile``)
+        builds and corrupts a checkpoint of this format (:func:`register_checkpoint_hostile`).
     """
 
     name: str
@@ -109,6 +202,24 @@ class CheckpointFormat:
     module_names: Callable
     load: Callable
     save: Callable
+    hostile: Callable[[], CheckpointHostile] | None = None
+
+
+@dataclasses.dataclass
+class CheckpointHostile:
+    """What the hostile-checkpoint suite needs of a format.
+
+    quantize(model) -> model : a small dense transformers model (float32) with its Linear layers
+        replaced by the format's modules, ready for ``save_pretrained``.
+    tensors : ``{suffix: (accepted dtypes, rank)}`` of the tensors of one quantized module.
+    required : the suffixes a module cannot load without.
+    save_options : the ``save_pretrained`` options to cover (``checkpoint_format`` ...).
+    """
+
+    quantize: Callable
+    tensors: dict[str, tuple[tuple[torch.dtype, ...], int]]
+    required: tuple[str, ...]
+    save_options: tuple[dict, ...] = ({},)
 
 
 _FORMATS: dict[str, CheckpointFormat] = {}
@@ -121,3 +232,20 @@ def register_checkpoint_format(fmt: CheckpointFormat) -> CheckpointFormat:
 
 def checkpoint_formats() -> dict[str, CheckpointFormat]:
     return dict(_FORMATS)
+
+
+def register_checkpoint_hostile(name: str) -> Callable[[Callable[[], CheckpointHostile]], Callable]:
+    """Decorator: ``fn() -> CheckpointHostile`` is the hostile description of the registered
+    checkpoint format ``name`` (for a format registered without ``hostile=``)."""
+
+    def deco(fn: Callable[[], CheckpointHostile]) -> Callable[[], CheckpointHostile]:
+        try:
+            fmt = _FORMATS[name]
+        except KeyError:
+            raise KeyError(f"bitpress: no checkpoint format named {name!r}") from None
+        if fmt.hostile is not None:
+            raise RuntimeError(f"bitpress: checkpoint format {name!r} has a hostile spec already")
+        fmt.hostile = fn
+        return fn
+
+    return deco

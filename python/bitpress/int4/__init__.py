@@ -10,10 +10,15 @@ Layers of this package, each importing only those before it:
    formats), :mod:`~bitpress.int4.rtn`, :mod:`~bitpress.int4.gptq` (quantizers),
    :mod:`~bitpress.int4.modules` (``Int4Linear``), :mod:`~bitpress.int4.config`
    (``Int4Config`` and its ``quantize_`` handler);
-4. :mod:`~bitpress.int4.checkpoint`: the GPTQ checkpoint format of ``bitpress.checkpoint``.
+4. :mod:`~bitpress.int4.checkpoint`: the GPTQ checkpoint format of ``bitpress.checkpoint``;
+   :mod:`~bitpress.int4.hostile`: what the hostile-input suite (``tests/hostile``) feeds the ops
+   and the format.
 """
 
-from bitpress.int4 import checkpoint  # noqa: F401  (registers the GPTQ checkpoint format)
+from bitpress.int4 import (
+    checkpoint,  # noqa: F401  (registers the GPTQ checkpoint format)
+    hostile,  # noqa: F401  (registers the ops' and format's hostile specs)
+)
 from bitpress.int4.config import Int4Config
 from bitpress.int4.layout import Int4CpuTiles, Int4Layout, Int4MmaTiles, Int4PackedWeight
 from bitpress.int4.modules import Int4Linear
