@@ -25,6 +25,7 @@ from bitpress.backends import available_backends, set_backend, use_backend
 from bitpress.checkpoint import from_pretrained, save_pretrained
 from bitpress.int4 import Int4Config, Int4Linear
 from bitpress.quantize import quantize_
+from bitpress.speculative.generator import generate
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "from_pretrained",
+    "generate",
     "ops",
     "quantize_",
     "reference",
