@@ -64,6 +64,7 @@ Triton 3.8); the compiled kernels never set it.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -538,8 +539,8 @@ def int4_gemm(
     del group_starts
     lead = x.shape[:-1]
     K, N = x.shape[-1], out_features
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
+    M = math.prod(lead)
+    x2 = x.reshape(M, K)  # not reshape(-1, K): M cannot be inferred when K = 0
     out = new_output((M, N), x.dtype, x.device)
     if M == 0 or N == 0:
         return out.reshape(*lead, N)

@@ -328,7 +328,10 @@ def from_pretrained(
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (a transformers config is required)")
     qc = read_quantization_config(path)
-    config = transformers.AutoConfig.from_pretrained(str(path))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers / huggingface_hub raise their own validation errors
+        raise ValueError(f"{path / CONFIG_NAME}: not a valid transformers config ({e})") from e
     if hasattr(config, "quantization_config"):
         # transformers would otherwise look for its own GPTQ backend (optimum) for this config.
         del config.quantization_config
@@ -344,8 +347,14 @@ def from_pretrained(
 def _load(model_config, tensors: Mapping, qc: dict, dtype, device, progress):
     import transformers
 
-    with _parameters_on_meta():
-        model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    try:
+        with _parameters_on_meta():
+            model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    except Exception as e:  # a field with an impossible value (negative sizes, ...)
+        raise ValueError(
+            f"{CONFIG_NAME}: transformers cannot build a model from this config ({e}); check its "
+            "fields (hidden_size, vocab_size, num_hidden_layers, ...)"
+        ) from e
 
     fmt = checkpoint_formats()[qc["quant_method"]]
     modules = dict(model.named_modules())

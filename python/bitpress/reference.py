@@ -1,7 +1,13 @@
-"""The plain-PyTorch reference of every op (``bitpress.reference.<op>``), re-exported from the
-feature packages (``bitpress.int4.reference``, ``bitpress.speculative.reference``)."""
+"""The plain-PyTorch reference of every op (``bitpress.reference.<op>``), filled from the op
+registry: each feature's ``reference`` module defines them (``bitpress.int4.reference``,
+``bitpress.speculative.reference``), and adding an op edits nothing here."""
 
-from bitpress.int4.reference import int4_dequantize, int4_gemm, int4_gemm_repack
-from bitpress.speculative.reference import spec_verify
+from bitpress import ops as _ops  # noqa: F401  (every op registers itself)
+from bitpress._core import registry
 
-__all__ = ["int4_dequantize", "int4_gemm", "int4_gemm_repack", "spec_verify"]
+globals().update({name: spec.reference for name, spec in registry.ops().items()})
+__all__ = sorted(registry.ops())
+
+
+def __dir__() -> list[str]:
+    return __all__

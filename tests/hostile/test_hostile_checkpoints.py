@@ -286,7 +286,7 @@ def test_corrupt_configs(fmt, data):
                 names = ["config.json"]
             else:
                 # A model that does not fit the tensors: reported as the tensor that has no
-                # place (mistyped transformers fields: test_known_config_bug).
+                # place (mistyped transformers fields: test_config_field_errors_name_the_file).
                 value = data.draw(st.sampled_from([-1, 0, 2, 3]), label="num_hidden_layers")
                 cfg["num_hidden_layers"] = value
                 cfg_file.write_text(json.dumps(cfg))
@@ -385,14 +385,9 @@ def test_corrupt_index(fmt, data):
     "field, value",
     [("hidden_size", "64"), ("vocab_size", None), ("num_hidden_layers", 1.5), ("vocab_size", -1)],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="from_pretrained passes transformers' config errors through: a mistyped model field "
-    "of config.json raises huggingface_hub StrictDataclassFieldValidationError (not a "
-    "ValueError, and the file is not named); vocab_size = -1 raises RuntimeError 'Trying to "
-    "create tensor with negative dimension -1' (neither field nor file named)",
-)
-def test_known_config_bug(field, value):
+def test_config_field_errors_name_the_file(field, value):
+    """Fixed (found by this suite): transformers' own config errors become a ValueError naming
+    config.json and the field."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ckpt"
         shutil.copytree(_base(FORMATS[0], 0, False), path)

@@ -150,23 +150,6 @@ KNOWN_BUGS = [
         "fp32 too); the reference (and IEEE) give +-inf where W[n, k] != 0, NaN only where it is "
         "0 (the kernel's zero-point factoring s*(sum x*q) - s*z*(sum x) turns inf into inf - inf)",
     ),
-    KnownBug(
-        "int4_gemm",
-        lambda backend, sz, opt, a: (
-            sz["K"] == 0 and not (backend == "reference" and opt["reference_layout"] == "mma")
-        ),
-        lambda: _int4_gemm_k0("cpu"),
-        "int4_gemm cpu backend, K = 0: RuntimeError 'cannot reshape tensor of 0 elements into "
-        "shape [-1, 0]' (csrc glue x.reshape({-1, K})) instead of zeros [M, N] (+ bias); the "
-        "triton backend fails the same way",
-    ),
-    KnownBug(
-        "int4_gemm",
-        lambda backend, sz, opt, a: False,  # covered by the entry above
-        lambda: _int4_gemm_k0("reference-fn"),
-        "bitpress.int4.layout.unpack of Int4CpuTiles with K = 0 (so reference.int4_gemm and "
-        "weight.to(layout=...)): 'cannot reshape tensor of 0 elements into shape [0, -1]'",
-    ),
 ]
 # The Triton interpreter runs slow Python per program: a quarter of the examples, small sizes.
 INTERPRETER_EXAMPLES = max(4, settings().max_examples // 4)
@@ -411,3 +394,10 @@ def test_every_op_has_a_hostile_spec(op):
 )
 def test_known_bug(bug):
     bug.reproduce()
+
+
+def test_int4_gemm_with_k_0_is_bias_or_zeros():
+    """Fixed (found by this suite): K = 0 gives zeros (+ bias) on the cpu backend, and the
+    reference unpacks a CPU-tile weight with K = 0."""
+    _int4_gemm_k0("cpu")
+    _int4_gemm_k0("reference-fn")

@@ -218,7 +218,7 @@ def unpack(p: Int4PackedWeight, group_size: int = -1, sym: bool = True) -> Quant
     q_perm = torch.empty(K8, 8, Nt * TILE_N, dtype=torch.uint8)
     for j in range(8):
         q_perm[:, j, :] = ((words >> (4 * NIBBLE_OF_ROW[j])) & 0xF).to(torch.uint8)
-    q_perm = q_perm.reshape(Kp, -1)[:, :N]
+    q_perm = q_perm.reshape(Kp, Nt * TILE_N)[:, :N]
     perm = torch.arange(K) if p.perm is None else p.perm.cpu().long()
     starts = p.group_starts.cpu().long() * 8
     g_of_packed = torch.bucketize(torch.arange(Kp), starts[1:], right=True)
