@@ -15,6 +15,7 @@
 
 #include "bitpress/common/cpu.h"
 #include "bitpress/cpu/gemm_microkernel.h"
+#include "cpu/bf16_emulation.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -189,22 +190,6 @@ struct EmuState {
 };
 thread_local EmuState t_emu;
 thread_local ConfigState t_emu_cfg;
-
-// bf16 bits -> float32 with DAZ (a denormal bf16 input counts as zero).
-inline float bf16_daz(uint16_t h) {
-  uint32_t u = (h & 0x7f80) ? uint32_t(h) << 16 : uint32_t(h & 0x8000) << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-// FTZ: a denormal float32 result becomes a zero of the same sign.
-inline float ftz(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7f800000) == 0) u &= 0x80000000;
-  memcpy(&f, &u, 4);
-  return f;
-}
 
 struct EmuOps {
   static void config(const TileConfig* c) {

@@ -10,6 +10,7 @@
 
 #include "bitpress/cpu/gemm_microkernel.h"
 #include "common/isa.h"
+#include "cpu/bf16_emulation.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -83,21 +84,6 @@ BlockFn block_fn(int64_t mb) {
   }
 }
 #endif
-
-// bf16 bits -> float32 with DAZ; FTZ on a float32 result (VDPBF16PS, Intel SDM).
-inline float bf16_daz(uint16_t h) {
-  uint32_t u = (h & 0x7f80) ? uint32_t(h) << 16 : uint32_t(h & 0x8000) << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-inline float ftz(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7f800000) == 0) u &= 0x80000000;
-  memcpy(&f, &u, 4);
-  return f;
-}
 
 // One vdpbf16ps lane: VDPBF16PS adds the odd products first, then the even ones (Intel SDM:
 // srcdest += src1.bf16[2j+1] * src2.bf16[1]; srcdest += src1.bf16[2j] * src2.bf16[0]), each

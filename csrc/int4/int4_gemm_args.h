@@ -3,6 +3,8 @@
 // bitpress.ops._check_int4_gemm (argument, expected, got).
 #pragma once
 
+#include <c10/util/accumulate.h>
+
 #include <optional>
 
 #include "bitpress/int4/int4_gemm.h"
@@ -115,6 +117,17 @@ inline Int4GemmShapes check_int4_gemm_args(Int4Layout reads, int64_t layout, con
     check_same_device(*bias, x, kOp, "bias", "x");
   }
   return s;
+}
+
+// x [..., K] as [M, K] rows, M from the leading dimensions (reshape({-1, K}) cannot infer M when
+// K = 0); returns M.
+inline int64_t int4_gemm_rows(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+// The result of an empty sum (K = 0): y = bias, or 0.
+inline at::Tensor int4_gemm_empty_sum(at::Tensor out, const std::optional<at::Tensor>& bias) {
+  return bias ? out.copy_(bias->expand_as(out)) : out.zero_();
 }
 
 }  // namespace bitpress::glue

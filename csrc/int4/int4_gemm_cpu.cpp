@@ -28,6 +28,7 @@
 #include "bitpress/int4/int4_gemm.h"
 #include "common/convert.h"
 #include "common/isa.h"
+#include "common/thread_buffer.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -43,30 +44,9 @@ constexpr int kMaxRowBlock = 8;
 constexpr int kPanelMinRows = 5;
 constexpr int kRowOfNibble[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
-inline size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
-
 // Rows of the workspace: M rounded up to whole AMX row tiles (16); the rows past M are zero.
 inline int64_t padded_rows(int64_t M) { return (M + 15) / 16 * 16; }
 
-// A buffer of one thread that grows when a call needs more and is reused by the next calls: no
-// allocation (and, once touched, no page faults) per call in steady state.
-class ThreadBuffer {
- public:
-  ~ThreadBuffer() { free(ptr_); }
-  void* get(size_t bytes) {
-    if (bytes > bytes_) {
-      free(ptr_);
-      bytes_ = align64(std::max(bytes, bytes_ + bytes_ / 4));
-      ptr_ = aligned_alloc(64, bytes_);
-      if (!ptr_) bytes_ = 0;
-    }
-    return ptr_;
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
 thread_local ThreadBuffer t_workspace;  // the calling thread's workspace (p.workspace == null)
 thread_local ThreadBuffer t_acc;        // a pool thread's panel accumulators
 

@@ -21,7 +21,6 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/accumulate.h>
 #include <cuda_runtime_api.h>
 
 #include <array>
@@ -105,20 +104,14 @@ at::Tensor int4_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& qweight,
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  // M from the leading dimensions (reshape({-1, K}) cannot infer M when K = 0).
-  const int64_t M = x.numel() == 0 ? c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1)
-                                   : x.numel() / K;
+  const int64_t M = int4_gemm_rows(x);
   at::Tensor x2 = rows_contiguous(x.reshape({M, K}));
   const at::Tensor qw = dense16(qweight), sc = dense16(scales);
   const at::Tensor zr = zeros ? dense16(*zeros) : at::Tensor();
   const at::Tensor pm = perm ? perm->contiguous() : at::Tensor();
 
   if (M == 0 || N == 0) return new_output(out_shape, x.options());  // nothing to dequantize
-  if (K == 0) {                                                     // an empty sum: y = bias, or 0
-    at::Tensor out = new_output(out_shape, x.options());
-    if (bias) return out.copy_(bias->expand_as(out));
-    return out.zero_();
-  }
+  if (K == 0) return int4_gemm_empty_sum(new_output(out_shape, x.options()), bias);
   const bool kernel_path = x.scalar_type() != at::kFloat && M <= kernel_max_m();
   if (!kernel_path) {
     // Large M or float32 x: dense W in x.dtype, then cuBLAS.

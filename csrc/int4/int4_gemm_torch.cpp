@@ -1,7 +1,5 @@
 // Torch glue of int4_gemm on the CPU: checks, then the CPU kernel (CPU tile layout). The CUDA
 // implementation (GPU mma layout) is csrc/int4/int4_gemm_cuda_torch.cpp.
-#include <c10/util/accumulate.h>
-
 #include <vector>
 
 #include "bitpress/int4/int4_gemm.h"
@@ -59,18 +57,13 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
     }
   }
 
-  // M from the leading dimensions (reshape({-1, K}) cannot infer M when K = 0).
-  const int64_t M = x.numel() == 0 ? c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1)
-                                   : x.numel() / K;
+  const int64_t M = int4_gemm_rows(x);
   const at::Tensor x2 = rows_contiguous(x.reshape({M, K}));
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor out = new_output(out_shape, x.options());
   if (M == 0 || N == 0) return out;
-  if (K == 0) {  // an empty sum: y = bias, or 0
-    if (bias) return out.copy_(bias->expand_as(out));
-    return out.zero_();
-  }
+  if (K == 0) return int4_gemm_empty_sum(out, bias);
 
   Int4GemmParams p;
   p.x = x2.data_ptr();

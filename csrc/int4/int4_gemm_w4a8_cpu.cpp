@@ -35,6 +35,7 @@
 #include "bitpress/int4/int4_gemm.h"
 #include "common/convert.h"
 #include "common/isa.h"
+#include "common/thread_buffer.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -52,28 +53,9 @@ namespace {
 constexpr int kQuadPos[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 constexpr int kRowsPerChunk = 256;
 
-inline size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
-
-class Buffer {
- public:
-  ~Buffer() { free(ptr_); }
-  void* get(size_t bytes) {
-    if (bytes > bytes_) {
-      free(ptr_);
-      bytes_ = align64(std::max(bytes, bytes_ + bytes_ / 4));
-      ptr_ = aligned_alloc(64, bytes_);
-      if (!ptr_) bytes_ = 0;
-    }
-    return ptr_;
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-thread_local Buffer t_ws;     // the calling thread's workspace
-thread_local Buffer t_acc;    // a pool thread's float32 accumulators
-thread_local Buffer t_panel;  // a pool thread's decoded group panel (AMX)
+thread_local ThreadBuffer t_ws;     // the calling thread's workspace
+thread_local ThreadBuffer t_acc;    // a pool thread's float32 accumulators
+thread_local ThreadBuffer t_panel;  // a pool thread's decoded group panel (AMX)
 
 struct Ws {
   int8_t* xq;   // [Mp, ldq]: rows padded to 16 with zeros
