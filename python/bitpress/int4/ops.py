@@ -240,8 +240,13 @@ def int4_gemm(
     accumulation; float32 x always takes the float32 FMA path. On CUDA (``cuda`` backend) fp16 /
     bf16 x with M <= 64 (``BITPRESS_INT4_CUDA_MAX_M``) runs the Marlin-class kernel, whose
     dequantized weights are rounded once to x's dtype before the tensor-core product; larger M
-    and fp32 x dequantize W once and call cuBLAS. On CUDA a perm value outside [-1, K) cannot be
-    reported without a host sync: the output is NaN instead.
+    and fp32 x dequantize W once and call cuBLAS.
+
+    Values of ``perm`` and ``group_starts`` are checked on the CPU (a perm value outside [-1, K),
+    or a row of x named twice, raises). On CUDA (and Triton) a check would cost a host sync: a
+    perm value outside [-1, K) gives NaN rows instead, and a repeated row is counted as many
+    times as it appears. A non-finite value in row m of x makes y[m, :] NaN on the CPU kernel
+    (the zero point is folded with the row's sum), where the reference gives IEEE infinities.
     """
     if not isinstance(weight, Int4PackedWeight):
         _fail(

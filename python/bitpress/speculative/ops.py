@@ -139,6 +139,10 @@ def spec_verify(
     ``[0, K]``, draft ids in ``[0, V)``, ``temperature >= 0``) are checked on CPU tensors; on CUDA
     that would cost a host sync, so the kernels clamp ``num_draft`` to ``[0, K]``, reject a draft
     id outside the vocabulary without reading it, and treat a negative temperature as greedy.
+    ``draft_probs`` values must be finite and ``>= 0``: the CPU backends reject an invalid value
+    where they read it (q at the drafts of sampling rows up to the first rejection, and the
+    whole row at that rejection); on CUDA they are not checked (a negative q accepts the draft,
+    a NaN q rejects it).
     """
     B, dev = target_logits.shape[0], target_logits.device
     if isinstance(temperature, (int, float)):
