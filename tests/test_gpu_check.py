@@ -259,7 +259,7 @@ def test_makefile_targets():
     """`make gpu-check` uses the machine's python3 (no venv, no registry); `make test` adds the
     older-torch build only when asked."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
-    env.pop("BITPRESS_TEST_OLDER_TORCH", None)
+    env.pop("BITPRESS_SKIP_OLDER_TORCH", None)
 
     def dry(*args):
         return subprocess.run(
@@ -270,8 +270,8 @@ def test_makefile_targets():
     assert "GPU_CHECK_OUT=/tmp/x python3 scripts/gpu_check.py --jobs 16" in gpu
     assert ".venv" not in gpu and "pip" not in gpu
     assert "gpu_check.py --cpu" in dry("test-older-torch", "OLDER_VENV=/nonexistent-venv")
-    assert "gpu_check.py --cpu" in dry("test", "BITPRESS_TEST_OLDER_TORCH=1")
-    assert "gpu_check.py" not in dry("test")
+    assert "gpu_check.py --cpu" in dry("test")
+    assert "gpu_check.py" not in dry("test", "BITPRESS_SKIP_OLDER_TORCH=1")
 
 
 # ----- the sanitizer cases, on the CPU ---------------------------------------------------------

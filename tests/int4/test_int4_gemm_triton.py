@@ -346,7 +346,7 @@ def test_opcheck_triton_op():
     op = torch.ops.bitpress.int4_gemm_triton.default
     torch.library.opcheck(op, (x,), {**p.op_kwargs(), "bias": bias})
     kw = p.op_kwargs()
-    args = [kw[a.name] for a in op._schema.arguments[1:-1]]
+    args = [kw[a.name] for a in op._schema.arguments[1:-2]]  # between x and (bias, act_dtype)
     assert args[-1] == int(Int4Layout.MMA_TILES)
     torch.library.opcheck(op, (x, *args, bias))
 
