@@ -1,5 +1,5 @@
 """int4_gemm on each CPU kernel path against F.linear bf16 and torch's int4 op, cold and
-interleaved (the numbers of bench/NOTES_amx.md).
+interleaved (the AMX tables of bench/NOTES.md).
 
 Every variant rotates its own copies of the weights (more than 1000 MiB per variant: over twice
 the 480 MiB L3 of the Intel machines); each round calls every variant once, so a burst of load
