@@ -215,7 +215,8 @@ def test_no_view_of_the_files_survives_loading(small_checkpoint):
 def test_packing_from_gptq_words_is_layout_pack(layout, K, N, group_size, sym, act_order):
     """The loader's repack (GPTQ words straight to the kernel layout, a block at a time) and the
     state_dict's way back are bit for bit those of bitpress.int4.layout (pack / unpack)."""
-    from bitpress.int4 import modules
+    from bitpress.int4 import format_gptq
+    from bitpress.int4 import layout as int4_layout
     from bitpress.int4.format_gptq import quantized_to_gptq
     from bitpress.int4.layout import LAYOUTS, Int4Layout, pack, unpack
     from bitpress.int4.quantized import QuantizedWeight
@@ -237,17 +238,17 @@ def test_packing_from_gptq_words_is_layout_pack(layout, K, N, group_size, sym, a
     )
     lay = LAYOUTS[Int4Layout.CPU_TILES if layout == "cpu" else Int4Layout.MMA_TILES]
     want = pack(qw, lay)
-    old = modules._CHUNK_WORDS
-    modules._CHUNK_WORDS = 64  # many blocks, partial ones included
+    old = int4_layout.CHUNK_WORDS
+    int4_layout.CHUNK_WORDS = 64  # many blocks, partial ones included
     try:
-        got = modules._pack_quantized(qw, lay)
+        got = int4_layout.pack_fast(qw, lay)
         for fmt in ("gptq", "gptq_v2"):
-            back = modules._to_gptq(want, group_size, sym, fmt)
+            back = format_gptq.packed_to_gptq(want, group_size, sym, fmt)
             ref = quantized_to_gptq(unpack(want, group_size, sym), fmt)
             for k in ref:
                 assert back[k].dtype == ref[k].dtype and torch.equal(back[k], ref[k]), (fmt, k)
     finally:
-        modules._CHUNK_WORDS = old
+        int4_layout.CHUNK_WORDS = old
     assert type(got) is type(want) and got.scale_dtype == want.scale_dtype
     for name in want.TENSORS:
         a, b = getattr(want, name), getattr(got, name)

@@ -26,6 +26,14 @@ from __future__ import annotations
 
 import torch
 
+from bitpress.int4 import layout as int4_layout
+from bitpress.int4.layout import (
+    TILE_N,
+    Int4CpuTiles,
+    Int4PackedWeight,
+    from_cpu_nibble_order,
+    unpack,
+)
 from bitpress.int4.packing import (
     pack_int4_along_k,
     pack_int4_along_n,
@@ -236,3 +244,42 @@ def _desc(t: object) -> str:
     if isinstance(t, torch.Tensor):
         return f"{str(t.dtype).removeprefix('torch.')} {_shape(t)}"
     return type(t).__name__
+
+
+def packed_to_gptq(
+    w: Int4PackedWeight, group_size: int, sym: bool, checkpoint_format: str
+) -> dict[str, torch.Tensor]:
+    """``quantized_to_gptq(unpack(w, group_size, sym), checkpoint_format)``; CPU tiles whose rows
+    stay in order (any checkpoint without act-order) straight from the words, a block at a
+    time."""
+    if not isinstance(w, Int4CpuTiles) or w.perm is not None:
+        return quantized_to_gptq(unpack(w, group_size, sym), checkpoint_format)
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(
+            f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}"
+        )
+    K, N = w.in_features, w.out_features
+    Nt, K8, _ = w.qweight.shape
+    G = w.scales.shape[1]
+    src = w.qweight.cpu().permute(1, 0, 2)  # [K/8, Nt, TILE_N]
+    qweight = torch.empty(K8, N, dtype=torch.int32)
+    step = max(1, int4_layout.CHUNK_WORDS // (Nt * TILE_N))
+    for o in range(0, K8, step):
+        block = src[o : o + step].reshape(-1, Nt * TILE_N)[:, :N]
+        qweight[o : o + step] = from_cpu_nibble_order(block)
+
+    def untile(t: torch.Tensor) -> torch.Tensor:
+        return t.cpu().permute(1, 0, 2).reshape(G, Nt * TILE_N)[:, :N]
+
+    zeros = torch.full((G, N), 8, dtype=torch.int64) if w.zeros is None else untile(w.zeros)
+    zeros = zeros.to(torch.int64)
+    if checkpoint_format == "gptq":
+        zeros = (zeros - 1) & 0xF
+    starts = w.group_starts.cpu().long() * 8
+    g_idx = torch.bucketize(torch.arange(K), starts[1:], right=True).to(torch.int32)
+    return {
+        "qweight": qweight,
+        "qzeros": pack_int4_along_n(zeros),
+        "scales": untile(w.scales).to(w.scale_dtype).contiguous(),
+        "g_idx": g_idx,
+    }

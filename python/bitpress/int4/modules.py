@@ -25,183 +25,19 @@ import torch
 from torch import nn
 
 from bitpress.int4 import ops
-from bitpress.int4.format_gptq import CHECKPOINT_FORMATS, quantized_to_gptq, read_gptq
+from bitpress.int4.format_gptq import packed_to_gptq, read_gptq
 from bitpress.int4.layout import (
-    MMA_TILE_K,
-    MMA_TILE_N,
-    NIBBLE_OF_ROW,
-    TILE_N,
-    Int4CpuTiles,
-    Int4MmaTiles,
     Int4PackedWeight,
     default_layout,
-    mma_row_order,
+    pack_fast,
+    pack_gptq_words,
     unpack,
 )
-from bitpress.int4.packing import pack_int4_along_n
 from bitpress.int4.quantized import QuantizedWeight, check_group_size
 from bitpress.int4.rtn import rtn_quantize
 
 _PACKED = ("qweight", "scales", "zeros", "group_starts", "perm")
 _STATE = ("qweight", "qzeros", "scales", "g_idx")
-# Words repacked per step: below torch's grain size (32768) elementwise ops run on one thread,
-# and a chunk stays in L2: ~10x faster on two busy cores than whole-tensor ops, and the
-# temporaries are a few hundred KB whatever the layer's size.
-_CHUNK_WORDS = 1 << 15
-
-
-# --------------------------------------------------------------------------------------------
-# Packing from GPTQ words: what layout.pack computes (bit for bit, tested against it), without
-# one int64 (or even one byte) per weight, so that loading a checkpoint costs about the packed
-# weight in memory and a few milliseconds per layer.
-# --------------------------------------------------------------------------------------------
-
-
-def _gptq_words(q: torch.Tensor) -> torch.Tensor:
-    """q [K, N] values 0..15 -> int32 [K/8, N] packed along K (GPTQ qweight), in int32."""
-    if q.dtype.is_floating_point or q.dtype == torch.bool:
-        raise TypeError(f"q must be an integer tensor of values 0..15, got {q.dtype}")
-    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
-        raise ValueError(f"q values must lie in 0..15, got [{int(q.min())}, {int(q.max())}]")
-    K, N = q.shape
-    qv = q.reshape(K // 8, 8, N)
-    words = torch.zeros(K // 8, N, dtype=torch.int32)
-    for j in range(8):
-        words |= qv[:, j].to(torch.int32) << (4 * j)
-    return words
-
-
-def _to_cpu_nibble_order(qweight: torch.Tensor) -> torch.Tensor:
-    """GPTQ words (row 8o+j in nibble j) -> CPU-tile words (row 8o+j in nibble NIBBLE_OF_ROW[j]):
-    even rows to the low half-word, odd rows to the high one, each in order. Two nibble
-    compactions (15 whole-tensor ops instead of 32 for a nibble-by-nibble move)."""
-
-    def compact(v: torch.Tensor) -> torch.Tensor:  # nibbles at 0, 2, 4, 6 -> 0, 1, 2, 3
-        v = (v | (v >> 4)) & 0x00FF00FF
-        return (v | (v >> 8)) & 0x0000FFFF
-
-    even = compact(qweight & 0x0F0F0F0F)
-    odd = compact((qweight >> 4) & 0x0F0F0F0F)
-    return even | (odd << 16)
-
-
-def _gathered_cpu_words(qweight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """CPU-tile words [len(perm)/8, N] of rows ``perm`` (-1: a zero row) of the GPTQ words."""
-    N = qweight.shape[1]
-    src = perm.clamp(min=0)
-    vals = (qweight.index_select(0, src // 8) >> (4 * (src % 8)).to(torch.int32).view(-1, 1)) & 0xF
-    vals[perm < 0] = 0
-    vals = vals.view(-1, 8, N)
-    words = torch.zeros(vals.shape[0], N, dtype=torch.int32)
-    for j in range(8):
-        words |= vals[:, j] << (4 * NIBBLE_OF_ROW[j])
-    return words
-
-
-def _cpu_tile_qweight(qweight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-    """The CPU-tile qweight [Nt, Kp/8, TILE_N] of GPTQ words [K/8, N], rows reordered by
-    ``perm`` (int64 [Kp], -1: zero row; None: as they are), a block of words at a time."""
-    K8, N = qweight.shape
-    Kp8 = K8 if perm is None else perm.numel() // 8
-    Nt = -(-N // TILE_N)
-    out = torch.zeros(Nt, Kp8, TILE_N, dtype=torch.int32)
-    dst = out.permute(1, 0, 2)  # [Kp/8, Nt, TILE_N]
-    budget = _CHUNK_WORDS if perm is None else _CHUNK_WORDS // 8  # a gather reads 8 rows
-    cols = max(TILE_N, budget // TILE_N * TILE_N)
-    step = max(1, budget // min(N, cols))
-    for o in range(0, Kp8, step):
-        for c0 in range(0, N, cols):
-            if perm is None:
-                words = _to_cpu_nibble_order(qweight[o : o + step, c0 : c0 + cols])
-            else:
-                words = _gathered_cpu_words(
-                    qweight[:, c0 : c0 + cols], perm[8 * o : 8 * (o + step)]
-                )
-            rc, w = words.shape
-            t0, ft = c0 // TILE_N, w // TILE_N
-            if ft:
-                dst[o : o + rc, t0 : t0 + ft].copy_(words[:, : ft * TILE_N].view(rc, ft, TILE_N))
-            if w > ft * TILE_N:
-                dst[o : o + rc, t0 + ft, : w - ft * TILE_N].copy_(words[:, ft * TILE_N :])
-    return out
-
-
-def _cpu_tiles(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[R, N] (scales, zeros) -> [Nt, R, TILE_N] column tiles in ``dtype``, columns past N zero."""
-    R, N = t.shape
-    Nt = -(-N // TILE_N)
-    t = torch.nn.functional.pad(t.to(dtype), (0, Nt * TILE_N - N))
-    return t.reshape(R, Nt, TILE_N).permute(1, 0, 2).contiguous()
-
-
-def _pack_gptq_words(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    g_idx: torch.Tensor,
-    layout: type[Int4PackedWeight],
-) -> Int4PackedWeight:
-    """``layout.pack(QuantizedWeight(unpack_int4_along_k(qweight), scales, zeros, g_idx))``, from
-    the GPTQ words (int32 [K/8, N]) directly; every tensor on the CPU. ``scales`` are already
-    in the module's dtype (the interchange dtype the layout records)."""
-    K, N = qweight.shape[0] * 8, qweight.shape[1]
-    G = scales.shape[0]
-    g = g_idx.long()
-    if g.numel() != K:
-        raise ValueError(f"g_idx must have K = {K} entries, got {g.numel()}")
-    if K and (int(g.min()) < 0 or int(g.max()) >= G):
-        raise ValueError(f"g_idx values must lie in [0, {G}), got [{int(g.min())}, {int(g.max())}]")
-    counts = torch.bincount(g, minlength=G) if K else torch.zeros(G, dtype=torch.long)
-    sym = zeros.numel() == 0 or bool((zeros == 8).all())
-    if layout is Int4MmaTiles:
-        perm, group_rows = mma_row_order(g, G)
-        Kp = perm.numel()
-        Np = -(-N // MMA_TILE_N) * MMA_TILE_N
-        identity = Kp == K and bool((perm == torch.arange(K)).all())
-        # The C++ repack (the CPU kernel of int4_gemm_repack) reads GPTQ words as they are.
-        packed = ops.int4_gemm_repack(
-            qweight.contiguous(), None if identity else perm.to(torch.int32), backend="cpu"
-        )
-
-        def pad_n(t: torch.Tensor, dtype) -> torch.Tensor:
-            return torch.nn.functional.pad(t.to(dtype), (0, Np - N)).contiguous()
-
-        return Int4MmaTiles(
-            qweight=packed,
-            scales=pad_n(scales, torch.float32),
-            zeros=None if sym else pad_n(zeros, torch.uint8),
-            group_starts=(torch.arange(G + 1) * (group_rows // MMA_TILE_K)).to(torch.int32),
-            perm=None if identity else perm.to(torch.int32),
-            in_features=K,
-            out_features=N,
-            scale_dtype=scales.dtype,
-        )
-    if layout is not Int4CpuTiles:
-        raise TypeError(f"layout must be Int4CpuTiles or Int4MmaTiles, got {layout!r}")
-    padded = (counts + 7) // 8 * 8
-    monotonic = K < 2 or bool((g[1:] >= g[:-1]).all())
-    if monotonic and bool((padded == counts).all()):
-        # Groups in order and in whole octets (any g_idx = k // group_size): no row moves.
-        perm = None
-    else:
-        order = torch.argsort(g, stable=True)
-        rows, start = [], 0
-        for c, p in zip(counts.tolist(), padded.tolist(), strict=True):
-            rows += [order[start : start + c], torch.full((p - c,), -1, dtype=torch.long)]
-            start += c
-        perm = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-    group_starts = torch.zeros(G + 1, dtype=torch.int32)
-    group_starts[1:] = torch.cumsum(padded // 8, 0).to(torch.int32)
-    return Int4CpuTiles(
-        qweight=_cpu_tile_qweight(qweight, perm),
-        scales=_cpu_tiles(scales.float(), torch.float32),
-        zeros=None if sym else _cpu_tiles(zeros, torch.uint8),
-        group_starts=group_starts,
-        perm=None if perm is None else perm.to(torch.int32),
-        in_features=K,
-        out_features=N,
-        scale_dtype=scales.dtype,
-    )
 
 
 class Int4Linear(nn.Module):
@@ -256,7 +92,7 @@ class Int4Linear(nn.Module):
             group_size=group_size,
             sym=sym,
         )
-        self._set_weight(_pack_quantized(zero, default_layout(device or "cpu")).to(device or "cpu"))
+        self._set_weight(pack_fast(zero, default_layout(device or "cpu")).to(device or "cpu"))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -324,7 +160,7 @@ class Int4Linear(nn.Module):
     # ----------------------------------------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        gptq = _to_gptq(self.weight_packed, self.group_size, self.sym, "gptq_v2")
+        gptq = packed_to_gptq(self.weight_packed, self.group_size, self.sym, "gptq_v2")
         for name in _STATE:
             destination[prefix + name] = gptq[name].to(self.device)
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -367,7 +203,7 @@ class Int4Linear(nn.Module):
             )
             return
         self.dtype = scales.dtype if scales.dtype != torch.float32 else self.dtype
-        w = _pack_gptq_words(qweight, scales, zeros, g, self._layout)
+        w = pack_gptq_words(qweight, scales, zeros, g, self._layout)
         self._set_weight(w.to(self.device))
 
     # ----------------------------------------------------------------------------------------
@@ -390,7 +226,7 @@ class Int4Linear(nn.Module):
             qw.q.cpu(), qw.scales.cpu().to(dtype), qw.zeros.cpu(), qw.g_idx.cpu(), qw.group_size,
             qw.sym,
         )  # fmt: skip
-        w = _pack_quantized(cpu, default_layout(device))
+        w = pack_fast(cpu, default_layout(device))
         return cls._from_packed(w.to(device), qw.group_size, qw.sym, dtype, bias)
 
     @classmethod
@@ -465,7 +301,7 @@ class Int4Linear(nn.Module):
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"Int4Linear: dtype must be float16, bfloat16 or float32, got {dtype}")
         device = torch.device(device) if device is not None else qweight.device
-        w = _pack_gptq_words(
+        w = pack_gptq_words(
             qweight.cpu(), scales.cpu().to(dtype), zeros.cpu(), g.cpu(), default_layout(device)
         )
         return cls._from_packed(w.to(device), group_size, sym, dtype, bias)
@@ -480,7 +316,7 @@ class Int4Linear(nn.Module):
 
     def to_gptq(self, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
         """GPTQ checkpoint tensors (qweight, qzeros, scales, g_idx[, bias]), on the CPU."""
-        out = _to_gptq(self.weight_packed, self.group_size, self.sym, checkpoint_format)
+        out = packed_to_gptq(self.weight_packed, self.group_size, self.sym, checkpoint_format)
         if self.bias is not None:
             out["bias"] = self.bias.cpu()
         return out
@@ -527,57 +363,3 @@ def _check_module_act_dtype(act_dtype):
             f"{act_dtype!r}"
         )
     return act_dtype
-
-
-def _pack_quantized(qw: QuantizedWeight, layout: type[Int4PackedWeight]) -> Int4PackedWeight:
-    """``layout.pack(qw, layout)`` through the GPTQ words (see :func:`_pack_gptq_words`)."""
-    return _pack_gptq_words(_gptq_words(qw.q), qw.scales, qw.zeros, qw.g_idx, layout)
-
-
-def _from_cpu_nibble_order(words: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`_to_cpu_nibble_order`."""
-
-    def expand(v: torch.Tensor) -> torch.Tensor:  # nibbles at 0, 1, 2, 3 -> 0, 2, 4, 6
-        v = (v | (v << 8)) & 0x00FF00FF
-        return (v | (v << 4)) & 0x0F0F0F0F
-
-    return expand(words & 0xFFFF) | (expand((words >> 16) & 0xFFFF) << 4)
-
-
-def _to_gptq(
-    w: Int4PackedWeight, group_size: int, sym: bool, checkpoint_format: str
-) -> dict[str, torch.Tensor]:
-    """``quantized_to_gptq(unpack(w, group_size, sym), checkpoint_format)``; CPU tiles whose rows
-    stay in order (any checkpoint without act-order) straight from the words, a block at a
-    time."""
-    if not isinstance(w, Int4CpuTiles) or w.perm is not None:
-        return quantized_to_gptq(unpack(w, group_size, sym), checkpoint_format)
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(
-            f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}"
-        )
-    K, N = w.in_features, w.out_features
-    Nt, K8, _ = w.qweight.shape
-    G = w.scales.shape[1]
-    src = w.qweight.cpu().permute(1, 0, 2)  # [K/8, Nt, TILE_N]
-    qweight = torch.empty(K8, N, dtype=torch.int32)
-    step = max(1, _CHUNK_WORDS // (Nt * TILE_N))
-    for o in range(0, K8, step):
-        block = src[o : o + step].reshape(-1, Nt * TILE_N)[:, :N]
-        qweight[o : o + step] = _from_cpu_nibble_order(block)
-
-    def untile(t: torch.Tensor) -> torch.Tensor:
-        return t.cpu().permute(1, 0, 2).reshape(G, Nt * TILE_N)[:, :N]
-
-    zeros = torch.full((G, N), 8, dtype=torch.int64) if w.zeros is None else untile(w.zeros)
-    zeros = zeros.to(torch.int64)
-    if checkpoint_format == "gptq":
-        zeros = (zeros - 1) & 0xF
-    starts = w.group_starts.cpu().long() * 8
-    g_idx = torch.bucketize(torch.arange(K), starts[1:], right=True).to(torch.int32)
-    return {
-        "qweight": qweight,
-        "qzeros": pack_int4_along_n(zeros),
-        "scales": untile(w.scales).to(w.scale_dtype).contiguous(),
-        "g_idx": g_idx,
-    }
