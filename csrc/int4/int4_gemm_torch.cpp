@@ -4,6 +4,7 @@
 
 #include "bitpress/int4/int4_gemm.h"
 #include "int4_gemm_args.h"
+#include "int4_gemm_dense.h"
 #include "torch/glue.h"
 
 namespace bitpress {
@@ -90,9 +91,18 @@ at::Tensor int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qweight,
   // the first call of this size, no page faults per call).
   p.workspace = nullptr;
   p.workspace_bytes = 0;
-  check_status(
-      w4a8 ? int4_gemm_w4a8_cpu(p, torch_thread_pool()) : int4_gemm_cpu(p, torch_thread_pool()),
-      kOp);
+  if (w4a8) {
+    check_status(int4_gemm_w4a8_cpu(p, torch_thread_pool()), kOp);
+    return out;
+  }
+  // Exact activations: the fused kernel, or at large M possibly decode + dense GEMM, whichever
+  // this CPU runs faster (measured at first use: csrc/int4/int4_gemm_dense_torch.cpp).
+  at::Tensor out2d = out.view({M, N});
+  const auto fused = [&] { check_status(int4_gemm_cpu(p, torch_thread_pool()), kOp); };
+  const auto dense = [&] { int4_dense::run_dense(p, x2, bs, out2d); };
+  bool written = false;
+  const bool use_dense = int4_dense::choose(p, x.scalar_type(), fused, dense, &written);
+  if (!written) use_dense ? dense() : fused();
   return out;
 }
 

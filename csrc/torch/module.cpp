@@ -11,6 +11,7 @@
 #include "bitpress/common/cpu.h"
 #include "bitpress/common/version.h"
 #include "glue.h"
+#include "int4/int4_gemm_dense.h"
 
 #ifndef BITPRESS_CUDA_ARCHS
 #define BITPRESS_CUDA_ARCHS ""
@@ -89,6 +90,44 @@ PyObject* py_set_poison_outputs(PyObject*, PyObject* arg) {
   return PyBool_FromLong(prev);
 }
 
+// int4_cpu_path(name or None) -> str: force int4_gemm's CPU path ("auto", "fused", "dense"; None
+// leaves it) and return the one in force. int4_cpu_path_choices(clear=False) -> list[str]: the
+// measured choices of the auto mode (csrc/int4/int4_gemm_dense_torch.cpp); clear=True forgets them.
+PyObject* py_int4_cpu_path(PyObject*, PyObject* arg) {
+  namespace d = bitpress::int4_dense;
+  if (arg != Py_None) {
+    const char* name = PyUnicode_AsUTF8(arg);
+    if (!name) return nullptr;
+    d::Mode m;
+    if (!d::mode_from_name(name, &m)) {
+      PyErr_Format(PyExc_ValueError,
+                   "int4_cpu_path: mode must be 'auto', 'fused', 'dense' or None, got '%s'", name);
+      return nullptr;
+    }
+    d::set_mode(m);
+  }
+  return PyUnicode_FromString(d::mode_name(d::mode()));
+}
+
+PyObject* py_int4_cpu_path_choices(PyObject*, PyObject* arg) {
+  namespace d = bitpress::int4_dense;
+  const int clear = PyObject_IsTrue(arg);
+  if (clear < 0) return nullptr;
+  PyObject* list = PyList_New(0);
+  if (!list) return nullptr;
+  for (const std::string& line : d::choices()) {
+    PyObject* s = PyUnicode_FromString(line.c_str());
+    if (!s || PyList_Append(list, s) < 0) {
+      Py_XDECREF(s);
+      Py_DECREF(list);
+      return nullptr;
+    }
+    Py_DECREF(s);
+  }
+  if (clear) d::clear_choices();
+  return list;
+}
+
 PyMethodDef kMethods[] = {
     {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features the kernels can use."},
     {"cuda_archs", py_cuda_archs, METH_NOARGS, "CUDA archs compiled into this extension."},
@@ -98,6 +137,10 @@ PyMethodDef kMethods[] = {
     {"set_cpu_isa", py_set_cpu_isa, METH_O, "Force a CPU kernel path; None resets."},
     {"set_poison_outputs", py_set_poison_outputs, METH_O,
      "Fill op outputs with NaN / INT_MIN before kernels write them; returns the previous flag."},
+    {"int4_cpu_path", py_int4_cpu_path, METH_O,
+     "Force int4_gemm's CPU path ('auto', 'fused', 'dense'; None keeps it); returns the mode."},
+    {"int4_cpu_path_choices", py_int4_cpu_path_choices, METH_O,
+     "The auto mode's measured choices (list of str); a true argument clears them after."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "bitpress kernels (torch ops bitpress::*)", -1,

@@ -36,6 +36,11 @@ def info() -> int:
         ("CPU", platform.processor() or platform.machine()),
         ("CPU features", _ext.C.cpu_features() or "(none detected)"),
         ("CPU kernel path", f"{_ext.C.cpu_isa()} (best: {_ext.C.best_cpu_isa()})"),
+        (
+            "int4_gemm CPU path",
+            f"{_ext.C.int4_cpu_path(None)} (fused kernel or decode + dense GEMM, measured per "
+            "M bucket at first use; BITPRESS_INT4_CPU_PATH=auto|fused|dense)",
+        ),
         ("threads", str(torch.get_num_threads())),
         ("CUDA kernels", ", ".join(_ext.cuda_archs()) if _ext.with_cuda() else "not compiled"),
         ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),

@@ -1,6 +1,7 @@
 // int4_gemm through the torch-free API, as an embedding runtime would use it: GPTQ tensors ->
 // int4_gemm_pack -> int4_gemm_cpu, against a float64 evaluation of the GPTQ definition, on every
-// ISA path, for act-order groups of uneven sizes, asymmetric zeros, fp32 and bf16 activations.
+// ISA path, for act-order groups of uneven sizes, asymmetric zeros, fp32 and bf16 activations;
+// and int4_gemm_decode_cpu (the dense path's decode) bit for bit.
 #include <bitpress/bitpress.h>
 
 #include <cmath>
@@ -116,6 +117,48 @@ int main() {
       CHECK(rel < 2e-6, "isa %d x %s: relative error %g", isa, dtype_name(xd), rel);
     }
     reset_cpu_isa();
+  }
+
+  // The dense path's decode: Wt[k, n] = (q - z) * s in float32 (the same two operations, so
+  // bit-exact in fp32), and rounded once to bf16, on every ISA path.
+  for (int isa = 0; isa <= int(best_cpu_isa()); ++isa) {
+    CHECK(set_cpu_isa(CpuIsa(isa)) == Status::kSuccess, "isa %d", isa);
+    Int4GemmParams p;
+    p.K = K;
+    p.qweight = qt.data();
+    p.scales = st.data();
+    p.zeros = zt.data();
+    p.group_starts = starts.data();
+    p.perm = perm.data();
+    p.Kp = Kp;
+    p.G = G;
+    p.N = N;
+    const int64_t ld = N + 3;  // a row stride wider than N
+    std::vector<float> wt(K * ld, NAN);
+    std::vector<uint16_t> wb(K * ld, 0xFFFF);
+    CHECK(int4_gemm_decode_cpu(p, wt.data(), DType::kFloat32, ld) == Status::kSuccess, "decode");
+    CHECK(int4_gemm_decode_cpu(p, wb.data(), DType::kBFloat16, ld) == Status::kSuccess, "decode");
+    int64_t bad_f = 0, bad_b = 0;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t g = g_idx[k];
+        const float w = float(q[k * N + n] - z[g * N + n]) * scales[g * N + n];
+        bad_f += wt[k * ld + n] != w;
+        bad_b += wb[k * ld + n] != float_to_bf16_bits(w);
+      }
+    CHECK(bad_f == 0 && bad_b == 0, "decode isa %d: %lld fp32 and %lld bf16 values differ", isa,
+          (long long)bad_f, (long long)bad_b);
+  }
+  reset_cpu_isa();
+  {
+    Int4GemmParams p;  // a row stride below N
+    p.K = K;
+    p.N = N;
+    p.Kp = Kp;
+    p.perm = perm.data();
+    std::vector<float> wt(K * N);
+    CHECK(int4_gemm_decode_cpu(p, wt.data(), DType::kFloat32, N - 1) == Status::kInvalidArgument,
+          "decode stride");
   }
 
   // Bad input: g_idx out of range.

@@ -78,6 +78,14 @@ Status int4_gemm_check(const Int4GemmParams& p);
 // thread and shape).
 Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
 
+// Dense decode (the dense path of int4_gemm: decode once into a reused workspace, then a dense
+// GEMM): Wt[k, n] = W[n, k] = (q - z) * s for every row k of x, computed in float32 and rounded
+// once to wt_dtype (float32, float16 or bfloat16). Wt is [K, N] with row stride wt_row_stride
+// elements (>= N); rows of x that perm does not name are zero. Uses p's weight fields and K, N
+// (not x, bias or out).
+Status int4_gemm_decode_cpu(const Int4GemmParams& p, void* wt, DType wt_dtype,
+                            int64_t wt_row_stride, const CpuThreadPool* pool = nullptr);
+
 // ---------------------------------------------------------------------------------------------
 // W4A8 (opt-in): x quantized per row to int8 on the fly, int8 x int4 products summed exactly in
 // int32 per group, then folded in float32 (csrc/int4/int4_gemm_w4a8_cpu.cpp has the formula):
