@@ -171,12 +171,26 @@ std::vector<Fp8CpuOptions> engine_options() {
        {cpu::GemmKernel::kAmx, cpu::GemmKernel::kAvx512Bf16, cpu::GemmKernel::kAvx2,
         cpu::GemmKernel::kAmxEmulated, cpu::GemmKernel::kAvx512Bf16Emulated}) {
     if (!cpu::gemm_kernel_available(k)) continue;
-    for (bool vd : {false, true}) {
-      const CpuFeatures& f = cpu_features();
-      if (vd && !(f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq)) continue;
+    using D = Fp8CpuOptions::Decode;
+    for (D d : {D::kTable, D::kAvx512, D::kAvx512Vbmi}) {
       Fp8CpuOptions o;
       o.kernel = k;
-      o.vector_decode = vd;
+      o.decode = d;
+      // Probe: an unsupported decode reports kUnsupported (a 0 x 0 call succeeds regardless).
+      {
+        Fp8GemmParams p;
+        uint8_t a = 0x38, b = 0x38;
+        float s = 1.f, out = 0.f;
+        p.a = &a;
+        p.b = &b;
+        p.lda = p.ldb = 1;
+        p.scale_a.data = p.scale_b.data = &s;
+        p.out = &out;
+        p.out_dtype = DType::kFloat32;
+        p.ldo = 1;
+        p.M = p.N = p.K = 1;
+        if (fp8_gemm_cpu_with(p, nullptr, o) != Status::kSuccess) continue;
+      }
       o.dot_max_rows = 0;
       all.push_back(o);
     }
@@ -202,7 +216,11 @@ const char* opt_name(const Fp8CpuOptions& o, char* buf) {
   if (o.dot_max_rows) {
     snprintf(buf, 64, "dot-%s", cpu_isa_name(o.dot_isa));
   } else {
-    snprintf(buf, 64, "%s%s", cpu::gemm_kernel_name(o.kernel), o.vector_decode ? "+vdec" : "");
+    const int d = int(o.decode);
+    snprintf(buf, 64, "%s%s", cpu::gemm_kernel_name(o.kernel),
+             d == 0   ? ""
+             : d == 1 ? "+avx512dec"
+                      : "+vbmidec");
   }
   return buf;
 }
