@@ -29,9 +29,10 @@ thread_local ThreadBuffer t_cb;     // one 128-long K block's product (block sca
 thread_local ThreadBuffer t_xp;     // the caller's xᵀ pairs (fp8_gemm)
 
 // Columns of xᵀ per microkernel call: a multiple of 16 (the microkernel's column step) and of 1,
-// 2, 3 (the terms of a row stay in one chunk); 96 columns of Kp/2 pairs stay in L2 beside the
-// panel for K up to ~4K (the microkernel reads its B once per 32 rows of A).
-constexpr int64_t kColChunk = 96;
+// 2, 3 (the terms of a row stay in one chunk). With kKChunk, a call's B block is 128 pair rows x
+// 192 columns (96 KiB, L2) and its float32 C block NT x 192 (up to 96 KiB); at M = 512 on one
+// AMX core 192 beat 96 (fewer calls, A reused over more columns) and 384.
+constexpr int64_t kColChunk = 192;
 // K per microkernel call (a multiple of 32, the AMX k-step; and of 128, the scale block).
 constexpr int64_t kKChunk = 256;
 
@@ -295,9 +296,13 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   const int64_t M = e.M, N = e.N, K = e.K, Kp = e.Kp, T = e.terms, ldx = e.ldx;
   if (M == 0 || N == 0) return Status::kSuccess;
   const bool block = e.w_scale.layout == Fp8ScaleLayout::kBlock;
-  // Rows of W per task: the decoded panel [NT, Kp] bf16 stays within ~1 MiB (L2); at least 8
-  // tasks where N allows, so that the pool has work to balance.
-  int64_t NT = Kp <= 8192 ? 64 : Kp <= 16384 ? 32 : 16;
+  // Rows of W per task: the decoded panel [NT, Kp] bf16 stays within ~1 MiB (L2). Each task
+  // streams all of xᵀ (Kp/2 x ldx pairs) once: with many columns (large M) that stream, N / NT
+  // times per call, costs more than the panel, so NT grows to 128 there; at least 8 tasks where
+  // N allows, so that the pool has work to balance.
+  const int64_t max_nt = ldx > kColChunk ? 128 : 64;
+  int64_t NT =
+      std::max<int64_t>(16, std::min<int64_t>(max_nt, (1 << 20) / (2 * (Kp + 32)) / 16 * 16));
   while (NT > 16 && (N + NT - 1) / NT < 8) NT /= 2;
   const int64_t n_tiles = (N + NT - 1) / NT;
   const int64_t Kb = (K + kFp8ScaleBlock - 1) / kFp8ScaleBlock;
