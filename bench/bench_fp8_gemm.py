@@ -1,5 +1,5 @@
-"""The FP8 ops on the CPU: fp8_weight_gemm (W8A16), fp8_gemm (W8A8) and fp8_quantize at
-Llama-3-8B projection shapes, bf16 activations.
+"""fp8_gemm (W8A8) on the CPU at Llama-3-8B projection shapes, and the shared setup of the FP8
+benchmarks (bench_fp8_weight_gemm.py, bench_fp8_quantize.py import it). bf16 activations.
 
 Cold cache: every measured call (ours and the baselines) takes the next of several copies of its
 weights, together more than twice the last-level cache (960 MiB: the Intel machines report a
@@ -63,39 +63,6 @@ def _scaled_mm_cases(K, N, M):
 
 
 @pytest.mark.parametrize("M", MS)
-@pytest.mark.parametrize("layout", ["channel", "block"])
-@pytest.mark.parametrize("K,N", SHAPES, ids=lambda s: str(s))
-def bench_fp8_weight_gemm_cpu(benchmark, K, N, layout, M):
-    if layout == "block" and (K, N) != (4096, 14336):
-        pytest.skip("block scales: one shape")
-    w, ws, r_w, r_dense = _rotations(K, N, layout)
-    x = torch.randn(M, K, dtype=torch.bfloat16)
-    benchmark.group = f"fp8_weight_gemm {K}x{N}"
-
-    def ours():
-        wi, si = r_w.next()
-        return ops.fp8_weight_gemm(x, wi, si)
-
-    benchmark.pedantic(ours, rounds=max(5, 64 // M), warmup_rounds=2)
-    t_ours = seconds_of(benchmark)
-    t_lin = timeit(lambda: F.linear(x, r_dense.next()))
-    case = f"K={K} N={N} M={M} bf16 {layout}"
-    nbytes = w.numel() + ws.numel() * 4
-    flops = 2 * M * K * N
-    record(Row("fp8_weight_gemm", case, t_ours, nbytes, flops, "F.linear bf16", t_lin), benchmark)
-    if _scaled_mm_cases(K, N, M) and layout == "channel":
-        xq = to_e4m3(x.float())
-        one = torch.ones(())
-
-        def scaled_mm():
-            wi, si = r_w.next()
-            return torch._scaled_mm(xq, wi.t(), one, one, out_dtype=torch.bfloat16)
-
-        t_smm = timeit(scaled_mm, min_time=0.0, min_reps=3, warmup=1)
-        record(Row("fp8_weight_gemm", case, t_ours, nbytes, flops, "torch._scaled_mm", t_smm))
-
-
-@pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("K,N", SHAPES[:1], ids=lambda s: str(s))
 def bench_fp8_gemm_cpu(benchmark, K, N, M):
     """W8A8, rowwise scales (per token x per channel), activations quantized beforehand."""
@@ -123,27 +90,6 @@ def bench_fp8_gemm_cpu(benchmark, K, N, M):
 
         t_smm = timeit(scaled_mm, min_time=0.0, min_reps=3, warmup=1)
         record(Row("fp8_gemm", case, t_ours, nbytes, flops, "torch._scaled_mm", t_smm))
-
-
-@pytest.mark.parametrize("granularity", ["token", "block", "tensor"])
-@pytest.mark.parametrize("M", [1, 128, 4096])
-def bench_fp8_quantize_cpu(benchmark, M, granularity):
-    """Activations [M, 4096] bf16 (hot: they come from the previous layer); the baseline is the
-    plain-torch formula (amax, divide, clamp, cast) of bitpress.fp8.reference."""
-    from bitpress.fp8 import reference
-
-    x = torch.randn(M, 4096, dtype=torch.bfloat16)
-    benchmark.group = f"fp8_quantize M={M}"
-    benchmark.pedantic(
-        lambda: ops.fp8_quantize(x, granularity=granularity), rounds=20, warmup_rounds=2
-    )
-    t_ours = seconds_of(benchmark)
-    t_ref = timeit(lambda: reference.fp8_quantize(x, granularity))
-    nbytes = x.numel() * 3  # read bf16, write E4M3
-    record(
-        Row("fp8_quantize", f"M={M} K=4096 bf16 {granularity}", t_ours, nbytes, 0, "torch", t_ref),
-        benchmark,
-    )
 
 
 @pytest.mark.gpu
