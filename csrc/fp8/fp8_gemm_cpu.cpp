@@ -105,6 +105,7 @@ decode_bf16_vbmi(const uint8_t* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
     _mm_prefetch(reinterpret_cast<const char*>(src + i) + 1024, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(src + i) + 8192, _MM_HINT_T1);
     const __m512i c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(src + i));
     const __m512i l = _mm512_permutex2var_epi8(lo0, c, lo1);
     const __m512i h =
@@ -407,8 +408,11 @@ Fp8CpuOptions fp8_cpu_default_options() {
               : isa >= CpuIsa::kAvx2 ? CpuIsa::kAvx2
                                      : CpuIsa::kScalar;
   // The float32 dot-product path wins over the microkernel where the microkernel's 16-column
-  // step is mostly padding and no AMX does the products (AMX takes M = 1..16 at one price).
-  o.dot_max_rows = o.kernel == cpu::GemmKernel::kAmx ? 0 : 4;
+  // step is mostly padding and no AMX does the products (AMX takes M = 1..16 at one price). At
+  // M = 1 it wins with AMX too: one pass that decodes and multiplies as the weight streams in,
+  // where the engine reads a panel, then computes with the memory idle (4096 x 14336, cold,
+  // 2 threads, loaded machine: 1.3x F.linear bf16 against 1.0x).
+  o.dot_max_rows = o.kernel == cpu::GemmKernel::kAmx ? 1 : 4;
   return o;
 }
 

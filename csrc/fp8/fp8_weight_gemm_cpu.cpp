@@ -221,7 +221,10 @@ BITPRESS_TARGET_AVX512 bool block_dot_avx512(const DotArgs& d, int64_t n, int64_
     __mmask32 nanm = 0;
     int64_t k = k0;
     for (; k + 32 <= k1; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k) + 2048, _MM_HINT_T0);
+      if (k % 64 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + k) + 2048, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + k) + 8192, _MM_HINT_T1);
+      }
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
       nanm |= _mm256_cmpeq_epi8_mask(_mm256_and_si256(b, m7f), m7f);
       const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(b), 7), keep);
