@@ -127,8 +127,8 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& a) {
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi) {
       const int ch = fp8_gemm_a_lane_chunk(wk, lane);
-      const uint4 lo = *reinterpret_cast<const uint4*>(
-          sA + fp8_gemm_a_smem_chunk(16 * mi + (lane >> 2), ch));
+      const uint4 lo =
+          *reinterpret_cast<const uint4*>(sA + fp8_gemm_a_smem_chunk(16 * mi + (lane >> 2), ch));
       const uint4 hi = *reinterpret_cast<const uint4*>(
           sA + fp8_gemm_a_smem_chunk(16 * mi + (lane >> 2) + 8, ch));
       af[mi][0][0] = lo.x;
@@ -314,8 +314,8 @@ Status launch_gemm_mt(const GemmArgs& a, int mt, int64_t n_blocks, int64_t m_blo
 }
 
 template <DType T>
-Status launch_gemm_scale(const GemmArgs& a, bool block, int mt, int64_t n_blocks,
-                         int64_t m_blocks, cudaStream_t stream) {
+Status launch_gemm_scale(const GemmArgs& a, bool block, int mt, int64_t n_blocks, int64_t m_blocks,
+                         cudaStream_t stream) {
   return block ? launch_gemm_mt<T, true>(a, mt, n_blocks, m_blocks, stream)
                : launch_gemm_mt<T, false>(a, mt, n_blocks, m_blocks, stream);
 }
@@ -386,10 +386,9 @@ Status fp8_weight_gemm_cuda(const Fp8WeightGemmCudaParams& p, void* stream) {
   const int64_t n_blocks = (p.N + kFp8GemmBN - 1) / kFp8GemmBN;
   const int64_t m_blocks = (p.M + 16 * mt - 1) / (16 * mt);
   const bool block = p.scale_kind == Fp8ScaleKind::kBlock;
-  const Status g =
-      p.x_dtype == DType::kFloat16
-          ? launch_gemm_scale<DType::kFloat16>(a, block, mt, n_blocks, m_blocks, st)
-          : launch_gemm_scale<DType::kBFloat16>(a, block, mt, n_blocks, m_blocks, st);
+  const Status g = p.x_dtype == DType::kFloat16
+                       ? launch_gemm_scale<DType::kFloat16>(a, block, mt, n_blocks, m_blocks, st)
+                       : launch_gemm_scale<DType::kBFloat16>(a, block, mt, n_blocks, m_blocks, st);
   if (g != Status::kSuccess || S == 1) return g;
 
   const int64_t total = p.M * p.N;

@@ -62,17 +62,17 @@ template <DType T>
 struct Fp8MmaDecode;
 template <>
 struct Fp8MmaDecode<DType::kFloat16> {
-  static constexpr int kShift = 1;                // s.eeee.mmm.00000000 -> s.0eeee.mmm.0000000
-  static constexpr uint32_t kMagMask = 0x3F80u;   // exponent + mantissa bits that carry the code
-  static constexpr uint32_t kBias = 0x5C00u;      // 256.0 = 2^(15 - 7)
-  static constexpr uint32_t kNanOr = 0x2000u;     // 480 (0x5F80) | 0x2000 = 0x7F80, a NaN
+  static constexpr int kShift = 1;               // s.eeee.mmm.00000000 -> s.0eeee.mmm.0000000
+  static constexpr uint32_t kMagMask = 0x3F80u;  // exponent + mantissa bits that carry the code
+  static constexpr uint32_t kBias = 0x5C00u;     // 256.0 = 2^(15 - 7)
+  static constexpr uint32_t kNanOr = 0x2000u;    // 480 (0x5F80) | 0x2000 = 0x7F80, a NaN
 };
 template <>
 struct Fp8MmaDecode<DType::kBFloat16> {
-  static constexpr int kShift = 4;                // s.eeee.mmm.00000000 -> s.0000eeee.mmm0000
+  static constexpr int kShift = 4;  // s.eeee.mmm.00000000 -> s.0000eeee.mmm0000
   static constexpr uint32_t kMagMask = 0x07F0u;
-  static constexpr uint32_t kBias = 0x7B80u;      // 2^120 = 2^(127 - 7)
-  static constexpr uint32_t kNanOr = 0x3C00u;     // 480 (0x43F0) | 0x3C00 = 0x7FF0, a NaN
+  static constexpr uint32_t kBias = 0x7B80u;   // 2^120 = 2^(127 - 7)
+  static constexpr uint32_t kNanOr = 0x3C00u;  // 480 (0x43F0) | 0x3C00 = 0x7FF0, a NaN
 };
 
 // The half-type bits of a float known to be exactly representable (host side of the multiply).
