@@ -121,7 +121,6 @@ template <DType T>
 BITPRESS_INLINE void fp8_mma_decode4(uint32_t w, uint32_t (&out)[2]) {
   using D = Fp8MmaDecode<T>;
   const uint32_t nan = fp8_mma_nan_bytes(w);
-#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const uint32_t sel = r == 0 ? kFp8MmaSelLo : kFp8MmaSelHi;
     const uint32_t v = fp8_mma_prmt(w, sel);  // code bytes in bits 8-15 and 24-31
