@@ -6,8 +6,9 @@
 // Encoding: sm_89 and newer have cvt.rn.satfinite.e4m3x2.f32 (round to nearest even, saturate to
 // +-448), used on the sm_90a image, with the NaN sign fixed up (fp8.h keeps a NaN's sign, as
 // torch's cast does); the sm_80 image (which sm_86 / sm_89 run too) uses fp8.h's float_to_e4m3,
-// bit-exact software RNE and saturation (tests/cpp/test_fp8_quantize_cuda.cpp checks both
-// against each other's definition on the CPU).
+// bit-exact software RNE and saturation (tested on the CPU against torch by branch fp8's tests).
+// The GPU tests (tests/fp8/test_fp8_quantize_cuda.py) compare both images' codes with the
+// reference bit for bit.
 #include <cuda_runtime.h>
 
 #include "bitpress/cuda/primitives.cuh"
