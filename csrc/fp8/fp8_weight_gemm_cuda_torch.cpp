@@ -1,19 +1,22 @@
 // Torch glue of fp8_weight_gemm on CUDA tensors: the checks of every backend (fp8_args.h:
 // prepare_fp8_weight_gemm, the one authoritative check of the op), then one of two paths:
 //
-//   * x float16 / bfloat16 and M <= max_m (default 64; the environment variable
+//   * x float16 / bfloat16 and M <= max_m (default 128; the environment variable
 //     BITPRESS_FP8_CUDA_MAX_M, read once per process, overrides it): the mma.sync kernel
 //     fp8_weight_gemm_cuda (csrc/fp8/fp8_weight_gemm_sm80.cu), which reads W's E4M3 rows as they
-//     are (1 byte per weight: the small-M GEMM is bound by that read). Products exact, fp32 sums,
-//     the scales on the fp32 sums, one rounding to x's dtype. K % 16 != 0 (no real model has it)
-//     is padded with zeros here, a copy of W per call.
+//     are (1 byte per weight: the small-M GEMM is bound by that read). The default threshold is
+//     a prediction (bench/notes_fp8_weight_gemm_a100.md: at M = 128 the kernel still reads W
+//     about once and costs less than a dequantization pass plus cuBLAS); to be measured. Products
+//     exact, fp32 sums, the scales on the fp32 sums, one rounding to x's dtype.
+// K % 16 != 0 (no real model has it) is padded with zeros here, a copy of W per call.
 //   * otherwise (larger M, where cuBLAS's tensor-core kernels win, or float32 x): W · s computed
-//     in float32 and rounded once to x's dtype (float32 x: not rounded at all), then at::linear
-//     (cuBLAS; float32 x gives a float32 GEMM). The dense weight costs N x K x (4 + x's size)
-//     bytes of temporaries per call.
+//     in float32 and rounded once to x's dtype (float32 x: not rounded at all) by
+//     fp8_weight_dequantize_cuda (one pass: 1 byte read, 2 or 4 written per weight), then
+//     at::linear (cuBLAS; float32 x gives a float32 GEMM).
 #if defined(BITPRESS_WITH_CUDA)
 
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -31,7 +34,7 @@ namespace bitpress {
 namespace {
 
 constexpr const char* kOp = "fp8_weight_gemm";
-constexpr int64_t kDefaultMaxM = 64;
+constexpr int64_t kDefaultMaxM = 128;
 
 int64_t kernel_max_m() {
   static const int64_t max_m = [] {
@@ -66,23 +69,6 @@ bool aligned16(const at::Tensor& t) {
   return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0;
 }
 
-// W [N, K] · s in float32 (s per tensor, per row [N, 1], or per 128 x 128 block).
-at::Tensor dense_weight(const at::Tensor& w, const at::Tensor& s, Fp8ScaleLayout layout) {
-  const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor wf = w.to(at::kFloat);
-  switch (layout) {
-    case Fp8ScaleLayout::kTensor:
-      return wf.mul_(s.reshape({}));
-    case Fp8ScaleLayout::kRow:
-      return wf.mul_(s);
-    default:
-      return wf.mul_(s.repeat_interleave(kFp8ScaleBlock, 0)
-                         .slice(0, 0, N)
-                         .repeat_interleave(kFp8ScaleBlock, 1)
-                         .slice(1, 0, K));
-  }
-}
-
 // x [..., K] float32 / float16 / bfloat16 (CUDA); w [N, K] float8_e4m3fn; w_scale float32: a
 // single value, [N, 1] or [ceil(N/128), ceil(K/128)]; bias [N] or None. Returns [..., N] in
 // x.dtype.
@@ -100,31 +86,48 @@ at::Tensor fp8_weight_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& w,
     return r.out.zero_();
   }
   const Fp8ScaleLayout layout = r.p.w_scale.layout;
-  if (x.scalar_type() == at::kFloat || M > kernel_max_m()) {
-    const at::Tensor wd = dense_weight(r.w, r.w_scale, layout).to(x.scalar_type());
-    const std::optional<at::Tensor> b =
-        r.bias.defined() ? std::optional<at::Tensor>(r.bias.to(x.scalar_type())) : std::nullopt;
-    return at::linear(r.x, wd, b).reshape(r.out.sizes());
-  }
+  const Fp8ScaleKind kind = layout == Fp8ScaleLayout::kTensor ? Fp8ScaleKind::kTensor
+                            : layout == Fp8ScaleLayout::kRow  ? Fp8ScaleKind::kChannel
+                                                              : Fp8ScaleKind::kBlock;
 
-  // The kernel reads 16-byte chunks of x and W rows with cp.async: rows 16-byte aligned, K a
-  // multiple of 16 (zero padding: zero codes and zero activations add nothing; the block scales
-  // keep their ceil(K/128) columns, as padding stays inside the last 128-block).
-  at::Tensor x2 = r.x, w2 = r.w;
+  // The kernels read 16-byte chunks of x and W rows: rows 16-byte aligned, K a multiple of 16
+  // (zero padding: zero codes and zero activations add nothing; the block scales keep their
+  // ceil(K/128) columns, as the padding stays inside the last 128-block).
+  at::Tensor x2 = r.x, w2 = r.w.view(at::kByte);
   const int64_t Kp = (K + 15) / 16 * 16;
   if (Kp != K) {
     x2 = at::constant_pad_nd(x2, {0, Kp - K}, 0);
-    w2 = at::constant_pad_nd(w2.view(at::kByte), {0, Kp - K}, 0);
-  }
-  int64_t x_stride = glue::row_stride(x2);
-  if (!aligned16(x2) || x_stride % 8 != 0) {
-    x2 = x2.clone(at::MemoryFormat::Contiguous);
-    x_stride = glue::row_stride(x2);
+    w2 = at::constant_pad_nd(w2, {0, Kp - K}, 0);
   }
   int64_t w_stride = glue::row_stride(w2);
   if (!aligned16(w2) || w_stride % 16 != 0) {
     w2 = w2.clone(at::MemoryFormat::Contiguous);
     w_stride = glue::row_stride(w2);
+  }
+
+  if (x.scalar_type() == at::kFloat || M > kernel_max_m()) {
+    // W · s in x's dtype, one rounding (none for float32), then cuBLAS.
+    const at::Tensor wd = at::empty({N, Kp}, x.options());
+    Fp8WeightDequantizeCudaParams d;
+    d.w = reinterpret_cast<const uint8_t*>(w2.data_ptr());
+    d.w_row_stride = w_stride;
+    d.N = N;
+    d.K = Kp;
+    d.w_scale = r.w_scale.data_ptr<float>();
+    d.scale_kind = kind;
+    d.out = wd.data_ptr();
+    d.out_dtype = glue::to_dtype(x.scalar_type());
+    d.out_row_stride = Kp;
+    glue::check_status(fp8_weight_dequantize_cuda(d, stream), kOp);
+    const std::optional<at::Tensor> b =
+        r.bias.defined() ? std::optional<at::Tensor>(r.bias.to(x.scalar_type())) : std::nullopt;
+    return at::linear(x2, wd, b).reshape(r.out.sizes());
+  }
+
+  int64_t x_stride = glue::row_stride(x2);
+  if (!aligned16(x2) || x_stride % 8 != 0) {
+    x2 = x2.clone(at::MemoryFormat::Contiguous);
+    x_stride = glue::row_stride(x2);
   }
 
   Fp8WeightGemmCudaParams p;
@@ -137,9 +140,7 @@ at::Tensor fp8_weight_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& w,
   p.w = reinterpret_cast<const uint8_t*>(w2.data_ptr());
   p.w_row_stride = w_stride;
   p.w_scale = r.w_scale.data_ptr<float>();
-  p.scale_kind = layout == Fp8ScaleLayout::kTensor ? Fp8ScaleKind::kTensor
-                 : layout == Fp8ScaleLayout::kRow  ? Fp8ScaleKind::kChannel
-                                                   : Fp8ScaleKind::kBlock;
+  p.scale_kind = kind;
   p.bias = r.p.bias;
   p.bias_dtype = r.p.bias_dtype;
   p.out = r.out.data_ptr();

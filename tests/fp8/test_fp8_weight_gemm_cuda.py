@@ -96,11 +96,17 @@ def test_gemm_kernel_resources(arch):
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", fp8_cubin.ARCHS)
-def test_reduce_kernel_has_no_local_memory(arch):
-    usage = fp8_cubin.resources(SOURCE, arch, "fp8_weight_gemm_reduce_kernel")
-    assert len(usage) == 2, sorted(usage)
-    for fn, u in usage.items():
-        assert u.stack == 0 and u.local == 0, (fn, u)
+def test_helper_kernels_have_no_local_memory(arch):
+    """The split-K reduction (fp16, bf16) and the dense dequantization of the large-M path (fp32,
+    fp16, bf16 out: one 16-byte load of codes per thread, 16-byte stores)."""
+    for name, count in (("fp8_weight_gemm_reduce_kernel", 2), ("fp8_weight_dequantize_kernel", 3)):
+        usage = fp8_cubin.resources(SOURCE, arch, name)
+        assert len(usage) == count, sorted(usage)
+        for fn, u in usage.items():
+            assert u.stack == 0 and u.local == 0, (fn, u)
+    for fn, sass in fp8_cubin.sass(SOURCE, arch, "fp8_weight_dequantize_kernel").items():
+        assert "LDG.E.128.CONSTANT" in sass or "LDG.E.128" in sass, (fn, sorted(set(sass)))
+        assert any(i.startswith("STG.E.128") for i in sass), fn
 
 
 @needs_nvcc
@@ -156,6 +162,7 @@ def test_glue_guarded_and_stubbed():
     assert "prepare_fp8_weight_gemm" in glue  # the one authoritative check of the op
     stub = open(os.path.join(fp8_cubin.CSRC, "fp8", "fp8_weight_gemm_cuda_stubs.cpp")).read()
     assert "Status fp8_weight_gemm_cuda(const Fp8WeightGemmCudaParams&, void*)" in stub
+    assert "Status fp8_weight_dequantize_cuda(const Fp8WeightDequantizeCudaParams&, void*)" in stub
 
 
 # ------------------------------------------------------------------------------------------

@@ -88,3 +88,24 @@ inline size_t fp8_weight_gemm_cuda_workspace_size(const Fp8WeightGemmCudaParams&
 Status fp8_weight_gemm_cuda(const Fp8WeightGemmCudaParams& p, void* stream);
 
 }  // namespace bitpress
+
+namespace bitpress {
+
+// The dense weight out[n, k] = W[n, k] · s(n, k), computed in fp32 and rounded once to out_dtype
+// (float32: exact): the large-M path of the torch glue, which then calls cuBLAS (at large M the
+// GEMM is compute-bound and cuBLAS's tensor-core kernels beat a weight-streaming one). One pass:
+// 1 byte read and 2 (or 4) bytes written per weight.
+struct Fp8WeightDequantizeCudaParams {
+  const uint8_t* w = nullptr;  // [N, K] E4M3 codes, 16-byte aligned
+  int64_t w_row_stride = 0;    // bytes, >= K, % 16 == 0
+  int64_t N = 0, K = 0;        // K % 16 == 0
+  const float* w_scale = nullptr;
+  Fp8ScaleKind scale_kind = Fp8ScaleKind::kChannel;
+  void* out = nullptr;  // [N, K]
+  DType out_dtype = DType::kBFloat16;
+  int64_t out_row_stride = 0;  // elements, >= K, % 8 == 0; out 16-byte aligned
+};
+
+Status fp8_weight_dequantize_cuda(const Fp8WeightDequantizeCudaParams& p, void* stream);
+
+}  // namespace bitpress
