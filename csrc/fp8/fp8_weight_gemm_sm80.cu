@@ -297,12 +297,10 @@ __global__ void __launch_bounds__(kThreads)
     float f[16];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      uint32_t b[2];
-      fp8_mma_decode4<DType::kBFloat16>(words[q], b);
+      float g[4];
+      fp8_dequant4_float(words[q], s, g);
 #pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        f[4 * q + h] = bits_float((h & 1 ? b[h >> 1] & 0xFFFF0000u : b[h >> 1] << 16)) * s;
-      }
+      for (int h = 0; h < 4; ++h) f[4 * q + h] = g[h];
     }
     if constexpr (O == DType::kFloat32) {
       float4* dst =

@@ -82,6 +82,25 @@ void test_e4m3_definition() {
         fp8_mma_nan_bytes(0x7F00FF7Eu));
 }
 
+// The dense dequantization: every code in every byte position, a few scales (normal, tiny,
+// huge), against float(value * s) (one rounding of the exact product).
+void test_dequant_float() {
+  const float scales[] = {1.0f, 0.0123f, 3.0e-30f, 7.5e30f, -2.0f};
+  for (float s : scales)
+    for (uint32_t c = 0; c < 256; ++c)
+      for (int pos = 0; pos < 4; ++pos) {
+        const uint32_t w = (0x3A2B1C0Du & ~(0xFFu << (8 * pos))) | (c << (8 * pos));
+        float f[4];
+        fp8_dequant4_float(w, s, f);
+        for (int b = 0; b < 4; ++b) {
+          const double v = fp8_e4m3_value((w >> (8 * b)) & 0xFF);
+          const float want = float(v * double(s));
+          CHECK(std::isnan(v) ? std::isnan(f[b]) : f[b] == want,
+                "dequant code 0x%02x s %g: got %g want %g", (w >> (8 * b)) & 0xFF, s, f[b], want);
+        }
+      }
+}
+
 // ----- 2. index math -----
 
 void test_swizzles_and_banks() {
@@ -419,6 +438,7 @@ int main() {
   test_e4m3_definition();
   test_decode_all_codes<DType::kFloat16>();
   test_decode_all_codes<DType::kBFloat16>();
+  test_dequant_float();
   test_swizzles_and_banks();
   test_splits();
   struct Case {

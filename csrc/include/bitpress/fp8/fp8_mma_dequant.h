@@ -133,6 +133,17 @@ BITPRESS_INLINE void fp8_mma_decode4(uint32_t w, uint32_t (&out)[2]) {
   }
 }
 
+// The 4 codes of w as floats times s (fp32 product, one rounding): the dense dequantization of
+// the large-M path (fp8_weight_dequantize_kernel). Decoded through bf16 (exact) and widened.
+BITPRESS_INLINE void fp8_dequant4_float(uint32_t w, float s, float (&f)[4]) {
+  uint32_t b[2];
+  fp8_mma_decode4<DType::kBFloat16>(w, b);
+  f[0] = bits_float(b[0] << 16) * s;
+  f[1] = bits_float(b[0] & 0xFFFF0000u) * s;
+  f[2] = bits_float(b[1] << 16) * s;
+  f[3] = bits_float(b[1] & 0xFFFF0000u) * s;
+}
+
 // The E4M3 value of code c as a double (the definition: tests compare the decode with it).
 inline double fp8_e4m3_value(uint32_t c) {
   const int e = int((c >> 3) & 0xF), m = int(c & 7);
