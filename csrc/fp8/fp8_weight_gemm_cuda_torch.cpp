@@ -86,9 +86,6 @@ at::Tensor fp8_weight_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& w,
     return r.out.zero_();
   }
   const Fp8ScaleLayout layout = r.p.w_scale.layout;
-  const Fp8ScaleKind kind = layout == Fp8ScaleLayout::kTensor ? Fp8ScaleKind::kTensor
-                            : layout == Fp8ScaleLayout::kRow  ? Fp8ScaleKind::kChannel
-                                                              : Fp8ScaleKind::kBlock;
 
   // The kernels read 16-byte chunks of x and W rows: rows 16-byte aligned, K a multiple of 16
   // (zero padding: zero codes and zero activations add nothing; the block scales keep their
@@ -114,7 +111,7 @@ at::Tensor fp8_weight_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& w,
     d.N = N;
     d.K = Kp;
     d.w_scale = r.w_scale.data_ptr<float>();
-    d.scale_kind = kind;
+    d.scale_layout = layout;
     d.out = wd.data_ptr();
     d.out_dtype = glue::to_dtype(x.scalar_type());
     d.out_row_stride = Kp;
@@ -140,7 +137,7 @@ at::Tensor fp8_weight_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& w,
   p.w = reinterpret_cast<const uint8_t*>(w2.data_ptr());
   p.w_row_stride = w_stride;
   p.w_scale = r.w_scale.data_ptr<float>();
-  p.scale_kind = kind;
+  p.scale_layout = layout;
   p.bias = r.p.bias;
   p.bias_dtype = r.p.bias_dtype;
   p.out = r.out.data_ptr();

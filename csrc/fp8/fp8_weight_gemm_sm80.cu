@@ -289,8 +289,8 @@ __global__ void __launch_bounds__(kThreads)
        i += int64_t(gridDim.x) * kThreads) {
     const int64_t n = i / per_row, k0 = (i - n * per_row) * 16;
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p.w + n * p.w_row_stride + k0));
-    const float s = p.scale_kind == Fp8ScaleKind::kTensor ? __ldg(p.w_scale)
-                    : p.scale_kind == Fp8ScaleKind::kChannel
+    const float s = p.scale_layout == Fp8ScaleLayout::kTensor ? __ldg(p.w_scale)
+                    : p.scale_layout == Fp8ScaleLayout::kRow
                         ? __ldg(p.w_scale + n)
                         : __ldg(p.w_scale + (n / 128) * kb + k0 / 128);
     const uint32_t words[4] = {v.x, v.y, v.z, v.w};
@@ -371,8 +371,8 @@ Status check(const Fp8WeightGemmCudaParams& p) {
   if (p.x_dtype != DType::kFloat16 && p.x_dtype != DType::kBFloat16) {
     return Status::kInvalidArgument;
   }
-  if (p.scale_kind != Fp8ScaleKind::kTensor && p.scale_kind != Fp8ScaleKind::kChannel &&
-      p.scale_kind != Fp8ScaleKind::kBlock) {
+  if (p.scale_layout != Fp8ScaleLayout::kTensor && p.scale_layout != Fp8ScaleLayout::kRow &&
+      p.scale_layout != Fp8ScaleLayout::kBlock) {
     return Status::kInvalidArgument;
   }
   if (p.M < 0 || p.K < 0 || p.N < 0 || p.K % 16 != 0) return Status::kInvalidArgument;
@@ -417,7 +417,7 @@ Status fp8_weight_gemm_cuda(const Fp8WeightGemmCudaParams& p, void* stream) {
   a.w = p.w;
   a.w_row_stride = p.w_row_stride;
   a.w_scale = p.w_scale;
-  a.scale_n_stride = p.scale_kind == Fp8ScaleKind::kChannel ? 1 : 0;
+  a.scale_n_stride = p.scale_layout == Fp8ScaleLayout::kRow ? 1 : 0;
   a.scale_kb = (p.K + 127) / 128;
   a.bias = p.bias;
   a.bias_dtype = p.bias_dtype;
@@ -432,7 +432,7 @@ Status fp8_weight_gemm_cuda(const Fp8WeightGemmCudaParams& p, void* stream) {
   const int mt = fp8_weight_gemm_cuda_m_tiles(p.M);
   const int64_t n_blocks = (p.N + kFp8GemmBN - 1) / kFp8GemmBN;
   const int64_t m_blocks = (p.M + 16 * mt - 1) / (16 * mt);
-  const bool block = p.scale_kind == Fp8ScaleKind::kBlock;
+  const bool block = p.scale_layout == Fp8ScaleLayout::kBlock;
   const Status g = p.x_dtype == DType::kFloat16
                        ? launch_gemm_scale<DType::kFloat16>(a, block, mt, n_blocks, m_blocks, st)
                        : launch_gemm_scale<DType::kBFloat16>(a, block, mt, n_blocks, m_blocks, st);
@@ -465,8 +465,8 @@ Status fp8_weight_dequantize_cuda(const Fp8WeightDequantizeCudaParams& p, void* 
   if (!dtype_valid(p.out_dtype) || p.N < 0 || p.K < 0 || p.K % 16 != 0) {
     return Status::kInvalidArgument;
   }
-  if (p.scale_kind != Fp8ScaleKind::kTensor && p.scale_kind != Fp8ScaleKind::kChannel &&
-      p.scale_kind != Fp8ScaleKind::kBlock) {
+  if (p.scale_layout != Fp8ScaleLayout::kTensor && p.scale_layout != Fp8ScaleLayout::kRow &&
+      p.scale_layout != Fp8ScaleLayout::kBlock) {
     return Status::kInvalidArgument;
   }
   if (p.N == 0 || p.K == 0) return Status::kSuccess;

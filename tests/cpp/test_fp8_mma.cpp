@@ -209,7 +209,7 @@ void mma_emulate(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], double 
 
 struct Problem {
   int64_t M, N, K;
-  Fp8ScaleKind kind;
+  Fp8ScaleLayout kind;
   std::vector<uint16_t> x;  // [M, K] half bits
   std::vector<uint8_t> w;   // [N, K]
   std::vector<float> scale;
@@ -218,9 +218,9 @@ struct Problem {
 
 double w_scale_of(const Problem& p, int64_t n, int64_t k) {
   switch (p.kind) {
-    case Fp8ScaleKind::kTensor:
+    case Fp8ScaleLayout::kTensor:
       return p.scale[0];
-    case Fp8ScaleKind::kChannel:
+    case Fp8ScaleLayout::kRow:
       return p.scale[n];
     default:
       return p.scale[(n / 128) * ((p.K + 127) / 128) + k / 128];
@@ -279,7 +279,7 @@ void emulate(const Problem& p, int num_sms, std::vector<double>* pre, std::vecto
             const int wn = warp & 1, wk = warp >> 1;
             if (n0 + 64 * wn >= p.N || k0 + 32 * wk >= p.K) continue;
             const double bscale =
-                p.kind == Fp8ScaleKind::kBlock ? p.scale[nb * ((p.K + 127) / 128) + st] : 1.0;
+                p.kind == Fp8ScaleLayout::kBlock ? p.scale[nb * ((p.K + 127) / 128) + st] : 1.0;
             uint32_t af[4][2][32][4];
             for (int l = 0; l < 32; ++l)
               for (int mi = 0; mi < MT; ++mi) {
@@ -326,7 +326,7 @@ void emulate(const Problem& p, int num_sms, std::vector<double>* pre, std::vecto
                   if (m >= p.M) continue;
                   double v = 0;
                   for (int wk = 0; wk < 4; ++wk) v += A_(wk * 2 + wn, l, mi, j, i);
-                  if (p.kind != Fp8ScaleKind::kBlock) v *= w_scale_of(p, n, 0);
+                  if (p.kind != Fp8ScaleLayout::kBlock) v *= w_scale_of(p, n, 0);
                   partial[(size_t(split) * p.M + m) * p.N + n] = v;
                 }
               }
@@ -344,7 +344,7 @@ void emulate(const Problem& p, int num_sms, std::vector<double>* pre, std::vecto
 }
 
 template <DType T>
-void test_kernel_emulation(int64_t M, int64_t N, int64_t K, Fp8ScaleKind kind, int num_sms,
+void test_kernel_emulation(int64_t M, int64_t N, int64_t K, Fp8ScaleLayout kind, int num_sms,
                            bool with_nan, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -361,9 +361,9 @@ void test_kernel_emulation(int64_t M, int64_t N, int64_t K, Fp8ScaleKind kind, i
     nan_n = N / 2;
     p.w[nan_n * K + K - 1] = 0xFF;
   }
-  const int64_t ns = kind == Fp8ScaleKind::kTensor    ? 1
-                     : kind == Fp8ScaleKind::kChannel ? N
-                                                      : ((N + 127) / 128) * ((K + 127) / 128);
+  const int64_t ns = kind == Fp8ScaleLayout::kTensor ? 1
+                     : kind == Fp8ScaleLayout::kRow  ? N
+                                                     : ((N + 127) / 128) * ((K + 127) / 128);
   for (int64_t i = 0; i < ns; ++i) p.scale.push_back(std::ldexp(1.f + 0.1f * (i % 7), -6));
   p.bias.resize(N);
   for (auto& b : p.bias) b = nd(rng);
@@ -443,17 +443,17 @@ int main() {
   test_splits();
   struct Case {
     int64_t M, N, K;
-    Fp8ScaleKind kind;
+    Fp8ScaleLayout kind;
     int sms;
     bool nan;
   };
   const Case cases[] = {
-      {1, 130, 272, Fp8ScaleKind::kChannel, 1, false},    // partial stage (K % 128 = 16)
-      {5, 64, 1024, Fp8ScaleKind::kTensor, 108, false},   // split-K (8 stages, 1 tile -> 4)
-      {17, 200, 400, Fp8ScaleKind::kBlock, 108, false},   // MT = 2, split, blocks
-      {33, 136, 656, Fp8ScaleKind::kBlock, 1, true},      // MT = 4, NaN code
-      {7, 1, 16, Fp8ScaleKind::kChannel, 108, false},     // one k16 slice, N = 1
-      {64, 257, 528, Fp8ScaleKind::kChannel, 108, true},  // MT = 4 full
+      {1, 130, 272, Fp8ScaleLayout::kRow, 1, false},       // partial stage (K % 128 = 16)
+      {5, 64, 1024, Fp8ScaleLayout::kTensor, 108, false},  // split-K (8 stages, 1 tile -> 4)
+      {17, 200, 400, Fp8ScaleLayout::kBlock, 108, false},  // MT = 2, split, blocks
+      {33, 136, 656, Fp8ScaleLayout::kBlock, 1, true},     // MT = 4, NaN code
+      {7, 1, 16, Fp8ScaleLayout::kRow, 108, false},        // one k16 slice, N = 1
+      {64, 257, 528, Fp8ScaleLayout::kRow, 108, true},     // MT = 4 full
   };
   uint32_t seed = 1;
   for (const Case& c : cases) {

@@ -6,7 +6,7 @@
 //                     aligned, x_row_stride % 8 == 0
 //   w        [N, K]   float8_e4m3fn bytes, row-major (a Linear's weight as checkpoints hold it,
 //                     no repacked layout), 16-byte aligned, w_row_stride % 16 == 0
-//   w_scale  float32  kTensor: [1]; kChannel: [N] (one per weight row); kBlock:
+//   w_scale  float32  kTensor: [1]; kRow: [N] (one per weight row, "channel"); kBlock:
 //                     [ceil(N/128), ceil(K/128)] row-major (128 x 128 blocks, DeepSeek-V3)
 //   bias     [N]      optional, float32 / float16 / bfloat16
 //   out      [M, N]   x's dtype, unit stride along N
@@ -30,14 +30,9 @@
 
 #include "bitpress/common/dtype.h"
 #include "bitpress/common/status.h"
+#include "bitpress/fp8/fp8_gemm.h"
 
 namespace bitpress {
-
-enum class Fp8ScaleKind : int {
-  kTensor = 0,   // one scale
-  kChannel = 1,  // one per weight row (output column n)
-  kBlock = 2,    // one per 128 x 128 block of W
-};
 
 struct Fp8WeightGemmCudaParams {
   const void* x = nullptr;
@@ -47,8 +42,8 @@ struct Fp8WeightGemmCudaParams {
   const uint8_t* w = nullptr;  // E4M3 codes
   int64_t w_row_stride = 0;    // bytes, >= K
   const float* w_scale = nullptr;
-  Fp8ScaleKind scale_kind = Fp8ScaleKind::kChannel;
-  const void* bias = nullptr;  // optional
+  Fp8ScaleLayout scale_layout = Fp8ScaleLayout::kRow;  // kTensor, kRow or kBlock
+  const void* bias = nullptr;                          // optional
   DType bias_dtype = DType::kFloat32;
   void* out = nullptr;
   int64_t out_row_stride = 0;  // elements
@@ -100,8 +95,8 @@ struct Fp8WeightDequantizeCudaParams {
   int64_t w_row_stride = 0;    // bytes, >= K, % 16 == 0
   int64_t N = 0, K = 0;        // K % 16 == 0
   const float* w_scale = nullptr;
-  Fp8ScaleKind scale_kind = Fp8ScaleKind::kChannel;
-  void* out = nullptr;  // [N, K]
+  Fp8ScaleLayout scale_layout = Fp8ScaleLayout::kRow;  // kTensor, kRow or kBlock
+  void* out = nullptr;                                 // [N, K]
   DType out_dtype = DType::kBFloat16;
   int64_t out_row_stride = 0;  // elements, >= K, % 8 == 0; out 16-byte aligned
 };
