@@ -447,7 +447,7 @@ register_op(
         fp8_quantize,
         reference.fp8_quantize,
         cases=cases.fp8_quantize_cases,
-        bench="bench/bench_fp8_gemm.py",
+        bench="bench/bench_fp8_quantize.py",
     )
 )
 register_op(
@@ -467,6 +467,6 @@ register_op(
         fp8_weight_gemm,
         reference.fp8_weight_gemm,
         cases=cases.fp8_weight_gemm_cases,
-        bench="bench/bench_fp8_gemm.py",
+        bench="bench/bench_fp8_weight_gemm.py",
     )
 )
