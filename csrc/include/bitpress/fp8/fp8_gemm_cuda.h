@@ -39,6 +39,10 @@ enum class Fp8ScaleMode : int {
   kBlock = 2,   // a: 1 x 128 blocks [M, KB]; b: 128 x 128 blocks [ceil(N/128), KB]
 };
 
+inline bool fp8_scale_mode_valid(Fp8ScaleMode m) {
+  return m == Fp8ScaleMode::kTensor || m == Fp8ScaleMode::kRow || m == Fp8ScaleMode::kBlock;
+}
+
 struct Fp8GemmCudaParams {
   const uint8_t* a = nullptr;  // E4M3 bytes
   int64_t a_row_stride = 0;    // bytes
@@ -101,10 +105,8 @@ inline Status fp8_gemm_cuda_check(const Fp8GemmCudaParams& p) {
       p.out_dtype != DType::kFloat32) {
     return Status::kInvalidArgument;
   }
-  for (Fp8ScaleMode m : {p.scale_a_mode, p.scale_b_mode}) {
-    if (m != Fp8ScaleMode::kTensor && m != Fp8ScaleMode::kRow && m != Fp8ScaleMode::kBlock) {
-      return Status::kInvalidArgument;
-    }
+  if (!fp8_scale_mode_valid(p.scale_a_mode) || !fp8_scale_mode_valid(p.scale_b_mode)) {
+    return Status::kInvalidArgument;
   }
   if (p.M == 0 || p.N == 0) return Status::kSuccess;
   if (!p.out || p.out_row_stride < p.N) return Status::kInvalidArgument;
