@@ -78,8 +78,8 @@ __device__ __forceinline__ void load_tile(uint8_t* tile, const uint8_t* src, int
   }
 }
 
-// grid (ceil(N/128), ceil(M/BM), S); blockIdx.z = split. S == 1: out written with bias; S > 1: the
-// split's scaled partial sums to ws [S, M, N].
+// grid (tiles, 1, S): blockIdx.x the tile (fp8_gemm_tile_of_block), blockIdx.z the split. S == 1:
+// out written with bias; S > 1: the split's scaled partial sums to ws [S, M, N].
 template <int kWG, DType kOut>
 __global__ void __launch_bounds__(Fp8TileConfig<kWG>::kThreads, 1)
     sm90_e4m3_fp8_gemm_kernel(const Fp8GemmCudaParams p, int S) {
@@ -92,7 +92,9 @@ __global__ void __launch_bounds__(Fp8TileConfig<kWG>::kThreads, 1)
   const uint32_t smem_base = smem_addr(smem);
 
   const int tid = threadIdx.x, wg = tid / 128, t = tid % 128;
-  const int64_t n0 = int64_t(blockIdx.x) * kFp8TileN, m0 = int64_t(blockIdx.y) * C::kBlockM;
+  const Fp8TileIndex tile = fp8_gemm_tile_of_block(blockIdx.x, (p.M + C::kBlockM - 1) / C::kBlockM,
+                                                   (p.N + kFp8TileN - 1) / kFp8TileN);
+  const int64_t n0 = tile.n * kFp8TileN, m0 = tile.m * C::kBlockM;
   const int split = blockIdx.z;
   const int64_t KT = (p.K + kFp8TileK - 1) / kFp8TileK;
   const int64_t kt0 = fp8_gemm_split_begin(KT, split, S);
@@ -219,8 +221,9 @@ Status launch_gemm(const Fp8GemmCudaParams& p, int S, cudaStream_t stream) {
   const Status s = cuda_call_status(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
   if (s != Status::kSuccess) return s;
-  const dim3 grid(unsigned((p.N + kFp8TileN - 1) / kFp8TileN),
-                  unsigned((p.M + C::kBlockM - 1) / C::kBlockM), unsigned(S));
+  const int64_t tiles = ((p.N + kFp8TileN - 1) / kFp8TileN) * ((p.M + C::kBlockM - 1) / C::kBlockM);
+  if (tiles >= (int64_t(1) << 31)) return Status::kInvalidArgument;
+  const dim3 grid(unsigned(tiles), 1, unsigned(S));
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, S);
   return cuda_launch_status();
 }

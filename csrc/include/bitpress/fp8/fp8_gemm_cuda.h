@@ -28,6 +28,7 @@
 #include <stdint.h>
 
 #include "bitpress/common/dtype.h"
+#include "bitpress/common/macros.h"
 #include "bitpress/common/status.h"
 #include "bitpress/fp8/fp8_wgmma_layout.h"
 
@@ -70,18 +71,49 @@ inline int fp8_gemm_cuda_block_m(int64_t M) { return M <= kFp8WgmmaM ? 64 : 128;
 
 // Split-K factor S. The M x N tiles alone fill the GPU at large M; at decode sizes (M <= 16, a few
 // dozen 128-column tiles for a Llama layer) they would leave most of the 132 SMs idle while the
-// GEMM is bound by reading b once. Then K is cut into S ranges of whole 128-K tiles, S chosen so
-// that tiles x S covers every SM, with at least 4 K tiles per split (the cp.async pipeline needs a
-// few stages in flight to pay off) and at most 32 (workspace).
+// GEMM is bound by reading b once. Then K is cut into S ranges of whole 128-K tiles. S minimizes a
+// model of the critical path in units of one K tile's load: waves(S) x (ceil(KT / S) + the split's
+// fp32 partial write and read back, 2 x 4 m / (m + 128) tiles for the m = min(M, BM) rows stored),
+// waves(S) = ceil(tiles S / num_sms): a split count that leaves a last wave mostly empty loses to a
+// smaller one. At least 2 K tiles per split (the cp.async ring has something to overlap) and at
+// most 32 splits (workspace); the smallest S wins ties.
 inline int fp8_gemm_cuda_splits(int64_t M, int64_t N, int64_t K, int num_sms) {
   const int64_t kt = (K + kFp8TileK - 1) / kFp8TileK;
   const int64_t bm = fp8_gemm_cuda_block_m(M);
   const int64_t tiles = ((N + kFp8TileN - 1) / kFp8TileN) * ((M + bm - 1) / bm);
-  if (num_sms <= 0 || tiles <= 0 || tiles >= num_sms || kt < 8) return 1;
-  int64_t s = (num_sms + tiles - 1) / tiles;
-  if (s > kt / 4) s = kt / 4;
-  if (s > 32) s = 32;
-  return s < 1 ? 1 : int(s);
+  if (num_sms <= 0 || tiles <= 0 || tiles >= num_sms || kt < 4) return 1;
+  const double m = double(M < bm ? M : bm);
+  const double partial_cost = 2.0 * 4.0 * m / (m + 128.0);
+  const int64_t max_s = kt / 2 < 32 ? kt / 2 : 32;
+  int best = 1;
+  double best_t = double(kt);  // S = 1: one wave (tiles < num_sms), the whole K, no partials
+  for (int64_t s = 2; s <= max_s; ++s) {
+    const int64_t waves = (tiles * s + num_sms - 1) / num_sms;
+    const double t = double(waves) * (double((kt + s - 1) / s) + partial_cost);
+    if (t < best_t) {
+      best_t = t;
+      best = int(s);
+    }
+  }
+  return best;
+}
+
+// Block tile of the linear block index `block` (blockIdx.x) on a grid of tiles_m x tiles_n tiles:
+// groups of kFp8GroupM tile rows, column-major inside a group (Triton's "grouped ordering"). The
+// ~132 blocks resident at once then cover a few A row panels x a few dozen B column panels instead
+// of one A panel x all of B: at M = 4096, N = 14336, K = 4096 B (58 MB) exceeds the 50 MB L2, and
+// row-major order would read it from DRAM once per 128 rows of A; grouped, once per 8 x 128 rows.
+constexpr int kFp8GroupM = 8;
+struct Fp8TileIndex {
+  int64_t m, n;
+};
+BITPRESS_INLINE constexpr Fp8TileIndex fp8_gemm_tile_of_block(int64_t block, int64_t tiles_m,
+                                                              int64_t tiles_n) {
+  const int64_t per_group = int64_t(kFp8GroupM) * tiles_n;
+  const int64_t group = block / per_group, first_m = group * kFp8GroupM;
+  const int64_t group_m = tiles_m - first_m < kFp8GroupM ? tiles_m - first_m : kFp8GroupM;
+  const int64_t r = block % per_group;
+  return {first_m + r % group_m, r / group_m};
 }
 
 // K tiles [begin, end) of split `split` out of S over kt tiles: as even as possible, the first
