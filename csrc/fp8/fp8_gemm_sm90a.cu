@@ -9,7 +9,8 @@
 //     one A / B scale block and one promotion interval.
 //   * Operands go global -> shared with 16-byte cp.async (zero-fill past M, N and K) into the
 //     128-byte-swizzled K-major layout the wgmma descriptors read; a kStages-deep ring overlaps the
-//     copies of the next tiles with the MMAs of the current one. TMA would free the threads from
+//     copies of the next tiles with the MMAs of the current one (the refill is issued between the
+//     wgmma issue and its wait). TMA would free the threads from
 //     address math, but a tensor map needs the driver API (cuTensorMapEncodeTiled) at run time;
 //     the cp.async pipeline keeps the library free of libcuda. Not warp-specialized either (every
 //     thread loads and computes): fewer moving parts to get right without a GPU to test on.
@@ -140,9 +141,6 @@ __global__ void __launch_bounds__(Fp8TileConfig<kWG>::kThreads, 1)
     cp_async_wait<C::kStages - 2>();
     fence_proxy_async_shared();
     __syncthreads();
-    if (i + C::kStages - 1 < n_kt) load_stage(i + C::kStages - 1);
-    cp_async_commit();
-
     const uint32_t st = smem_base + (i % C::kStages) * C::kStageBytes;
 #pragma unroll
     for (int r = 0; r < 64; ++r) wgmma_fence_operand(part[r]);
@@ -153,6 +151,10 @@ __global__ void __launch_bounds__(Fp8TileConfig<kWG>::kThreads, 1)
                             fp8_tile_desc(st + C::kABytes, 0, ks), ks > 0);
     }
     wgmma_commit_group();
+    // The refill is issued while the tensor core works on this stage (wgmma is asynchronous): its
+    // address math and LDGSTS cost no MMA time.
+    if (i + C::kStages - 1 < n_kt) load_stage(i + C::kStages - 1);
+    cp_async_commit();
     wgmma_wait_group<0>();
 #pragma unroll
     for (int r = 0; r < 64; ++r) wgmma_fence_operand(part[r]);

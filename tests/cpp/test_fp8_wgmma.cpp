@@ -247,7 +247,9 @@ std::vector<float> emulate(const Problem& pr, const std::vector<uint8_t>& a,
         }
         for (int i = 0; i < n_kt; ++i) {
           const int64_t kb = kt0 + i;
-          // The refill of the slot read in iteration i - 1, before this iteration's MMAs.
+          // The refill of the slot read in iteration i - 1 (the kernel issues it while this
+          // iteration's MMAs run, so it must be another slot than the one they read).
+          CHECK((i + stages - 1) % stages != i % stages, "refill slot");
           if (i + stages - 1 < n_kt) load_stage(i + stages - 1);
           const uint32_t st = base + uint32_t(i % stages) * stage_bytes;
           for (int wg = 0; wg < WG; ++wg) {
