@@ -81,12 +81,15 @@ inline int fp8_gemm_cuda_splits(int64_t M, int64_t N, int64_t K, int num_sms) {
   const int64_t kt = (K + kFp8TileK - 1) / kFp8TileK;
   const int64_t bm = fp8_gemm_cuda_block_m(M);
   const int64_t tiles = ((N + kFp8TileN - 1) / kFp8TileN) * ((M + bm - 1) / bm);
-  if (num_sms <= 0 || tiles <= 0 || tiles >= num_sms || kt < 4) return 1;
+  if (num_sms <= 0 || tiles <= 0 || kt < 4) return 1;
   const double m = double(M < bm ? M : bm);
   const double partial_cost = 2.0 * 4.0 * m / (m + 128.0);
   const int64_t max_s = kt / 2 < 32 ? kt / 2 : 32;
   int best = 1;
-  double best_t = double(kt);  // S = 1: one wave (tiles < num_sms), the whole K, no partials
+  // S = 1: the whole K per block, no partials. With many tiles (large M) every split only adds
+  // waves and partial traffic, so S = 1 stays; at M <= 16 a count of tiles just above a multiple
+  // of the SMs (224 tiles for N = 28672) is evened out by splitting.
+  double best_t = double((tiles + num_sms - 1) / num_sms) * double(kt);
   for (int64_t s = 2; s <= max_s; ++s) {
     const int64_t waves = (tiles * s + num_sms - 1) / num_sms;
     const double t = double(waves) * (double((kt + s - 1) / s) + partial_cost);
