@@ -210,6 +210,8 @@ std::vector<float> emulate(const Problem& pr, const std::vector<uint8_t>& a,
   std::vector<float> out(size_t(M * N), NAN), ws(size_t(S) * M * N, NAN);
   const uint32_t base = 4096;  // shared-window address of the aligned ring (1024-aligned)
   std::vector<uint8_t> smem(base + size_t(stages) * stage_bytes, 0xEE);  // stale bytes
+  double lut[256];  // e4m3_value of every byte (the stale 0xEE included: -256)
+  for (int v = 0; v < 256; ++v) lut[v] = e4m3_value(uint8_t(v));
 
   const int64_t tiles_m = (M + BM - 1) / BM, tiles_n = (N + 127) / 128;
   std::vector<int> tile_hits(size_t(tiles_m * tiles_n), 0);
@@ -262,8 +264,8 @@ std::vector<float> emulate(const Problem& pr, const std::vector<uint8_t>& a,
                   const uint64_t da = fp8_tile_desc(st, 64 * wg, ks);
                   const uint64_t db = fp8_tile_desc(st + a_bytes, 0, ks);
                   for (int k = 0; k < 32; ++k) {
-                    part += e4m3_value(smem[wgmma_kmajor_sw128_address(da, c.row, k)]) *
-                            e4m3_value(smem[wgmma_kmajor_sw128_address(db, c.col, k)]);
+                    part += lut[smem[wgmma_kmajor_sw128_address(da, c.row, k)]] *
+                            lut[smem[wgmma_kmajor_sw128_address(db, c.col, k)]];
                   }
                 }
                 const int64_t row = m0 + 64 * wg + fp8_wgmma_acc_row(t, (r >> 1) & 1);

@@ -62,20 +62,22 @@ def _compiled_cubin() -> str:
         "-gencode",
         "arch=compute_90a,code=sm_90a",
         "-cubin",
+        "-Xptxas",
+        "-v",
         "-o",
         cubin,
         SOURCE,
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
-    return cubin
+    return cubin, res.stderr
 
 
 def _binary(source: str) -> str:
     if source == "compiled":
         if _nvcc() is None or cuobjdump() is None:
             pytest.skip("nvcc or cuobjdump missing")
-        return _compiled_cubin()
+        return _compiled_cubin()[0]
     if not _ext.with_cuda() or cuobjdump() is None or "sm_90a" not in _ext.cuda_archs():
         pytest.skip("bitpress._C was built without an sm_90a image, or cuobjdump is missing")
     if not any(GEMM in k for k in _sass(extension_path())):
@@ -223,6 +225,18 @@ def test_no_local_memory_and_register_budget(source):
     for name, sass in _sass(binary).items():
         if GEMM in name or REDUCE in name:
             assert not any(_op(i).startswith(("LDL", "STL")) for i in sass), name
+
+
+def test_ptxas_keeps_wgmma_asynchronous():
+    """ptxas serializes wgmma (and says "Potential Performance Loss: wgmma.mma_async instructions
+    are serialized", C7515 and friends) when accumulator registers are touched between a wgmma and
+    its wait or the pipeline cannot be proven safe; the kernel must compile without that."""
+    if _nvcc() is None:
+        pytest.skip("nvcc missing")
+    log = _compiled_cubin()[1]
+    assert "Used" in log, log  # the -v report is there, so the absence below means something
+    assert "Potential Performance Loss" not in log, log
+    assert "spill" not in log.replace("0 bytes spill", ""), log
 
 
 def test_source_built_for_sm90a_only():
