@@ -324,7 +324,7 @@ def test_fp8_gemm_cuda_vs_float64(gran, shape, out_dtype):
     assert torch.isfinite(out).all()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < OUT_TOL[out_dtype], err
-    if gran != "block" and out_dtype == torch.bfloat16:
+    if gran != "block" and out_dtype == torch.bfloat16 and N % 16 == 0:  # _scaled_mm needs it
         sm = torch._scaled_mm(
             a,
             b.T,
@@ -369,5 +369,5 @@ def test_fp8_gemm_cuda_bad_inputs():
     a, b = a[:, :32], b[:, :32]
     with pytest.raises(RuntimeError, match=r"^fp8_gemm: scale_b must be float32 of shape"):
         torch.ops.bitpress.fp8_gemm(a, b, one, torch.ones(3, 1, device="cuda"), None, None)
-    with pytest.raises((RuntimeError, TypeError), match=r"^fp8_gemm: b must be float8_e4m3fn"):
+    with pytest.raises((RuntimeError, TypeError), match=r"^fp8_gemm: b must be [Ff]loat8_e4m3fn"):
         torch.ops.bitpress.fp8_gemm(a, b.half(), one, one, None, None)
