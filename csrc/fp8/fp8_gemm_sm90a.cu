@@ -64,6 +64,19 @@ __device__ __forceinline__ void store_out(void* out, int64_t i, float v) {
   }
 }
 
+// out[i], out[i + 1] in one store; i even and out aligned to two elements.
+template <DType T>
+__device__ __forceinline__ void store_out_pair(void* out, int64_t i, float v0, float v1) {
+  if constexpr (T == DType::kFloat32) {
+    *reinterpret_cast<float2*>(static_cast<float*>(out) + i) = make_float2(v0, v1);
+  } else if constexpr (T == DType::kFloat16) {
+    *reinterpret_cast<__half2*>(static_cast<__half*>(out) + i) = __floats2half2_rn(v0, v1);
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + i) =
+        __floats2bfloat162_rn(v0, v1);
+  }
+}
+
 // One tile of 128-byte rows: rows [row0, row0 + rows) of an operand, K bytes [k0, k0 + 128).
 // Rows >= nrows and K chunks >= K are zero-filled (src-size 0; the address stays in bounds).
 template <int kRounds, int kThreads>
@@ -184,17 +197,40 @@ __global__ void __launch_bounds__(Fp8TileConfig<kWG>::kThreads, 1)
                                                       : 0.f;
   }
   float* ws = static_cast<float*>(p.workspace);
+  // A thread holds column pairs (2c, 2c + 1) of a row (fp8_wgmma_acc_coord): one 4-byte (bf16 /
+  // fp16) or 8-byte (fp32) store per pair where the row stride and base keep pairs aligned.
+  const bool out_pairs =
+      p.out_row_stride % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % (2 * dtype_size(kOut)) == 0;
+  const bool ws_pairs = p.N % 2 == 0;  // the workspace is 256-byte aligned
 #pragma unroll
-  for (int r = 0; r < 64; ++r) {
+  for (int r = 0; r < 64; r += 2) {
     const int h = (r >> 1) & 1;
     const int64_t row = row_h[h];
-    const int64_t col = n0 + fp8_wgmma_acc_coord(t, r).col;
+    const int64_t col = n0 + fp8_wgmma_acc_coord(t, r).col;  // even; col + 1 holds acc[r + 1]
     if (row >= p.M || col >= p.N) continue;
-    const float v = acc[r] * ra[h] * rb[(r >> 2) * 2 + (r & 1)];
+    const int j = (r >> 2) * 2;
+    float v0 = acc[r] * ra[h] * rb[j], v1 = acc[r + 1] * ra[h] * rb[j + 1];
+    const bool pair = col + 1 < p.N;
     if (S == 1) {
-      store_out<kOut>(p.out, row * p.out_row_stride + col, p.bias ? v + p.bias[col] : v);
+      if (p.bias) {
+        v0 += p.bias[col];
+        if (pair) v1 += p.bias[col + 1];
+      }
+      const int64_t i = row * p.out_row_stride + col;
+      if (pair && out_pairs) {
+        store_out_pair<kOut>(p.out, i, v0, v1);
+      } else {
+        store_out<kOut>(p.out, i, v0);
+        if (pair) store_out<kOut>(p.out, i + 1, v1);
+      }
     } else {
-      ws[(int64_t(split) * p.M + row) * p.N + col] = v;
+      float* w = ws + (int64_t(split) * p.M + row) * p.N + col;
+      if (pair && ws_pairs) {
+        *reinterpret_cast<float2*>(w) = make_float2(v0, v1);
+      } else {
+        w[0] = v0;
+        if (pair) w[1] = v1;
+      }
     }
   }
 #endif  // BITPRESS_SM90A_DEVICE_PASS

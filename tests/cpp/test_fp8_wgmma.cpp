@@ -278,24 +278,30 @@ std::vector<float> emulate(const Problem& pr, const std::vector<uint8_t>& a,
             }
           }
         }
-        // Epilogue.
+        // Epilogue: the pair of adjacent columns a thread holds (acc[r], acc[r + 1]), the second
+        // stored only when it is inside N; each element written once.
         for (int wg = 0; wg < WG; ++wg) {
           for (int t = 0; t < 128; ++t) {
-            for (int r = 0; r < 64; ++r) {
+            for (int r = 0; r < 64; r += 2) {
               const Fp8AccCoord c = fp8_wgmma_acc_coord(t, r);
               const int64_t row = m0 + 64 * wg + c.row, col = n0 + c.col;
+              CHECK(c.col % 2 == 0 && fp8_wgmma_acc_coord(t, r + 1).col == c.col + 1 &&
+                        fp8_wgmma_acc_coord(t, r + 1).row == c.row,
+                    "pair t %d r %d", t, r);
               if (row >= M || col >= N) continue;
-              const float ra = pr.ma == Fp8ScaleMode::kBlock    ? 1.f
-                               : pr.ma == Fp8ScaleMode::kTensor ? sa[0]
-                                                                : sa[size_t(row)];
-              const float rb = pr.mb == Fp8ScaleMode::kBlock    ? 1.f
-                               : pr.mb == Fp8ScaleMode::kTensor ? sb[0]
-                                                                : sb[size_t(col)];
-              const float v = acc[size_t(wg * 128 + t) * 64 + r] * ra * rb;
-              if (S == 1) {
-                out[size_t(row * N + col)] = round_to(pr.out, pr.bias ? v + bias[col] : v);
-              } else {
-                ws[(size_t(split) * M + row) * N + col] = v;
+              for (int e = 0; e < 2 && col + e < N; ++e) {
+                const float ra = pr.ma == Fp8ScaleMode::kBlock    ? 1.f
+                                 : pr.ma == Fp8ScaleMode::kTensor ? sa[0]
+                                                                  : sa[size_t(row)];
+                const float rb = pr.mb == Fp8ScaleMode::kBlock    ? 1.f
+                                 : pr.mb == Fp8ScaleMode::kTensor ? sb[0]
+                                                                  : sb[size_t(col + e)];
+                const float v = acc[size_t(wg * 128 + t) * 64 + r + e] * ra * rb;
+                float* dst = S == 1 ? &out[size_t(row * N + col + e)]
+                                    : &ws[(size_t(split) * M + row) * N + col + e];
+                CHECK(std::isnan(*dst), "written twice: row %lld col %lld", (long long)row,
+                      (long long)(col + e));
+                *dst = S == 1 ? round_to(pr.out, pr.bias ? v + bias[size_t(col + e)] : v) : v;
               }
             }
           }

@@ -197,6 +197,19 @@ def test_operands_k_major_by_cp_async(source):
 
 
 @pytest.mark.parametrize("source", SOURCES)
+def test_epilogue_stores_column_pairs(source):
+    """The accumulator gives a thread two adjacent columns: one store per pair, 4 bytes for bf16 /
+    fp16 output (STG.E, besides the 2-byte STG.E.U16 of the unaligned fallback), 8 bytes for fp32
+    output and for the split-K partials (STG.E.64)."""
+    for name, sass in _gemm_variants(_binary(source)).items():
+        ops = {_op(i) for i in sass}
+        assert "STG.E.64" in ops, name
+        dtype = int(re.search(r"DTypeE(\d)E", name).group(1))  # 0 fp32, 1 fp16, 2 bf16
+        if dtype in (1, 2):
+            assert {"STG.E", "STG.E.U16"} <= ops, (name, sorted(o for o in ops if "STG" in o))
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_pipeline_waits_and_proxy_fence(source):
     """In the loop: wait for the stage about to be used (cp.async.wait_group kStages - 2 ->
     DEPBAR.LE SB0, kStages - 2), make the cp.async writes visible to the async proxy
