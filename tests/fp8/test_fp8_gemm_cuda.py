@@ -26,6 +26,11 @@ import torch
 from bitpress._core import ext as _ext
 from bitpress.testing import cuobjdump, extension_path, poisoned_outputs
 
+try:  # branch fp8's plain-torch reference; the float64 formula below stands in without it
+    from bitpress.fp8 import reference as fp8_reference
+except ImportError:
+    fp8_reference = None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(ROOT, "csrc", "fp8", "fp8_gemm_sm90a.cu")
 GEMM = "sm90_e4m3_fp8_gemm_kernel"
@@ -337,6 +342,12 @@ def test_fp8_gemm_cuda_vs_float64(gran, shape, out_dtype):
     assert torch.isfinite(out).all()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < OUT_TOL[out_dtype], err
+    if fp8_reference is not None and hasattr(fp8_reference, "fp8_gemm"):
+        r = fp8_reference.fp8_gemm(
+            a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), bias.cpu(), out_dtype=out_dtype
+        )
+        err_r = ((out.double().cpu() - r.double()).norm() / r.double().norm()).item()
+        assert err_r < OUT_TOL[out_dtype], err_r
     if gran != "block" and out_dtype == torch.bfloat16 and N % 16 == 0:  # _scaled_mm needs it
         sm = torch._scaled_mm(
             a,
