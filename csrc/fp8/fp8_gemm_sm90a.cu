@@ -10,10 +10,10 @@
 //   * Operands go global -> shared with 16-byte cp.async (zero-fill past M, N and K) into the
 //     128-byte-swizzled K-major layout the wgmma descriptors read; a kStages-deep ring overlaps the
 //     copies of the next tiles with the MMAs of the current one (the refill is issued between the
-//     wgmma issue and its wait). TMA would free the threads from
-//     address math, but a tensor map needs the driver API (cuTensorMapEncodeTiled) at run time;
-//     the cp.async pipeline keeps the library free of libcuda. Not warp-specialized either (every
-//     thread loads and computes): fewer moving parts to get right without a GPU to test on.
+//     wgmma issue and its wait). TMA would free the threads from address math, but a tensor map
+//     needs the driver API (cuTensorMapEncodeTiled) at run time; the cp.async pipeline keeps the
+//     library free of libcuda. Not warp-specialized either (every thread loads and computes):
+//     fewer moving parts to get right without a GPU to test on.
 //   * Per K tile: 4 chained wgmma.m64n128k32 into a "partial" accumulator (the first with
 //     scale-d = 0, restarting the tensor core's chain), then partial x (block scales) is added to
 //     an fp32 register accumulator: promotion every 128 K. Hopper's FP8 MMA adds products into a
@@ -22,6 +22,8 @@
 //   * Decode (M <= 16): ceil(N/128) tiles leave most SMs idle; split-K over S blocks per tile
 //     (fp8_gemm_cuda_splits) writes fp32 partials to the workspace and a second kernel sums them in
 //     split order (deterministic), adds bias and rounds once. S == 1: the GEMM kernel finishes.
+//   * Large M: blocks take tiles in grouped order (fp8_gemm_tile_of_block) so that the resident
+//     blocks share a few A row panels and B column panels in L2.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
