@@ -1,22 +1,26 @@
-// Torch glue of fp8_gemm on CUDA tensors: checks, then the sm_90a wgmma kernel (kernel contract in
+// Torch glue of fp8_gemm on CUDA tensors: the op's shared checks (prepare_fp8_gemm in
+// fp8_args.h, the same as on the CPU), then the sm_90a wgmma kernel (kernel contract in
 // bitpress/fp8/fp8_gemm_cuda.h, kernel in csrc/fp8/fp8_gemm_sm90a.cu). The schema is declared with
-// the op's other glue (csrc/fp8/*_torch.cpp).
+// the CPU glue (csrc/fp8/fp8_gemm_torch.cpp).
 //
 //   a        float8_e4m3fn [M, K]   unit stride along K
 //   b        float8_e4m3fn [N, K]   (a Linear's weight: K-major, as Hopper's FP8 wgmma needs)
 //   scale_a  float32  [] or [1] (per tensor) | [M, 1] (per row) | [M, ceil(K/128)] (1 x 128)
 //   scale_b  float32  [] or [1] (per tensor) | [N, 1] (per row) | [ceil(N/128), ceil(K/128)]
+//            (blockwise scales come in pairs; per tensor and per row mix freely)
 //   bias     [N] float32 / float16 / bfloat16, optional (added in fp32)
 //   returns  [M, N] in out_dtype (default bfloat16; float16 and float32 too)
-// The scale of each operand is classified by its shape on its own, so any pair of granularities
-// works (the shapes that read two ways, e.g. [1, 1] with M = 1, mean the same numbers either way).
 //
-// Requirements of the kernel, checked here: a compute capability 9.0 device (the sm_90a image runs
-// nowhere else) and K % 16 == 0 (rows are copied to shared memory in 16-byte chunks). Inputs that
-// are not 16-byte aligned or not row-contiguous are copied once. Values on the device (scales, NaN)
-// are not checked: that would need a host sync and break CUDA graph capture.
+// What the kernel needs beyond the op's contract, arranged here: a compute capability 9.0 device
+// (its sm_90a image runs nowhere else: an error otherwise), rows 16-byte aligned with K % 16 == 0
+// (it copies rows to shared memory in 16-byte chunks). Inputs that are not 16-byte aligned or not
+// row-contiguous are copied once; K % 16 != 0 (no real model layer) copies a and b zero-padded to
+// the next multiple of 16 (exact: zero products, and ceil(K/128) is unchanged so the block scales
+// are too). Values on the device (scales, NaN) are not checked: that would need a host sync and
+// break CUDA graph capture.
 #if defined(BITPRESS_WITH_CUDA)
 
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -27,6 +31,7 @@
 #include <optional>
 
 #include "bitpress/fp8/fp8_gemm_cuda.h"
+#include "fp8_args.h"
 #include "torch/glue.h"
 
 namespace bitpress {
@@ -38,6 +43,11 @@ __attribute__((weak)) Status fp8_gemm_cuda(const Fp8GemmCudaParams& p, void*) {
   const Status s = fp8_gemm_cuda_check(p);
   return s != Status::kSuccess ? s : Status::kUnsupported;
 }
+
+// The kernel's scale modes are the op's scale layouts, value for value (cast in the glue below).
+static_assert(int(Fp8ScaleMode::kTensor) == int(Fp8ScaleLayout::kTensor) &&
+              int(Fp8ScaleMode::kRow) == int(Fp8ScaleLayout::kRow) &&
+              int(Fp8ScaleMode::kBlock) == int(Fp8ScaleLayout::kBlock));
 
 namespace {
 
@@ -69,55 +79,25 @@ DeviceInfo device_info(int device) {
 // Row-contiguous, 16-byte aligned, row stride a multiple of 16 bytes (the kernel's cp.async reads);
 // anything else is copied once.
 at::Tensor rows16(const at::Tensor& t) {
-  at::Tensor r = glue::rows_contiguous(t);
   const bool ok =
-      (reinterpret_cast<uintptr_t>(r.data_ptr()) & 15) == 0 && glue::row_stride(r) % 16 == 0;
-  return ok ? r : r.contiguous().clone();
+      (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0 && glue::row_stride(t) % 16 == 0;
+  return ok ? t : t.contiguous().clone();
 }
 
-// The granularity of one operand's scale from its shape: rows = M (a) or N (b).
-Fp8ScaleMode scale_mode(const at::Tensor& s, const char* name, int64_t rows, int64_t KB,
-                        bool is_b) {
-  glue::check_dtype(s, kOp, name, {at::kFloat});
-  const int64_t block_rows = is_b ? (rows + 127) / 128 : rows;
-  if (s.numel() == 1 && s.dim() <= 2) return Fp8ScaleMode::kTensor;
-  if (s.dim() == 2 && s.size(0) == rows && s.size(1) == 1) return Fp8ScaleMode::kRow;
-  if (s.dim() == 2 && s.size(0) == block_rows && s.size(1) == KB) return Fp8ScaleMode::kBlock;
-  TORCH_CHECK(false, kOp, ": ", name, " must be float32 of shape [] or [1] (per tensor), [",
-              is_b ? "N" : "M", ", 1] = [", rows, ", 1] (per row) or [", is_b ? "ceil(N/128)" : "M",
-              ", ceil(K/128)] = [", block_rows, ", ", KB, "] (", is_b ? "128 x 128" : "1 x 128",
-              " blocks), got shape ", s.sizes());
-  return Fp8ScaleMode::kTensor;
+// [R, K] E4M3 -> [R, Kp] with zero bytes (+0.0) in columns K..Kp-1; padded as uint8 (torch's pad
+// kernels do not all take float8).
+at::Tensor pad_k(const at::Tensor& t, int64_t Kp) {
+  const at::Tensor bytes = t.contiguous().view(at::kByte);
+  return at::constant_pad_nd(bytes, {0, Kp - t.size(1)}, 0).view(at::kFloat8_e4m3fn);
 }
 
 at::Tensor fp8_gemm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale_a,
                               const at::Tensor& scale_b, const std::optional<at::Tensor>& bias,
                               std::optional<at::ScalarType> out_dtype) {
   using namespace glue;
-  check_dtype(a, kOp, "a", {at::kFloat8_e4m3fn});
-  check_dim(a, kOp, "a", 2, "[M, K]");
+  Fp8GemmPrepared r = prepare_fp8_gemm(a, b, scale_a, scale_b, bias, out_dtype);
   TORCH_CHECK(a.is_cuda(), kOp, ": a must be a CUDA tensor, got ", a.device());
-  check_dtype(b, kOp, "b", {at::kFloat8_e4m3fn});
-  check_dim(b, kOp, "b", 2, "[N, K]");
-  check_same_device(b, a, kOp, "b", "a");
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  check_size(b, kOp, "b", 1, K, "K, as a.size(1)");
-  TORCH_CHECK(K % 16 == 0, kOp, ": a: K = a.size(1) must be a multiple of 16 on CUDA (the sm_90a ",
-              "kernel copies rows in 16-byte chunks), got K = ", K);
-  const int64_t KB = (K + kFp8TileK - 1) / kFp8TileK;
-  check_same_device(scale_a, a, kOp, "scale_a", "a");
-  check_same_device(scale_b, a, kOp, "scale_b", "a");
-  const Fp8ScaleMode ma = scale_mode(scale_a, "scale_a", M, KB, false);
-  const Fp8ScaleMode mb = scale_mode(scale_b, "scale_b", N, KB, true);
-  if (bias) {
-    check_dtype(*bias, kOp, "bias", {at::kFloat, at::kHalf, at::kBFloat16});
-    check_dim(*bias, kOp, "bias", 1, "[N]");
-    check_size(*bias, kOp, "bias", 0, N, "N, as b.size(0)");
-    check_same_device(*bias, a, kOp, "bias", "a");
-  }
-  const at::ScalarType odt = out_dtype.value_or(at::kBFloat16);
-  TORCH_CHECK(odt == at::kBFloat16 || odt == at::kHalf || odt == at::kFloat, kOp,
-              ": out_dtype must be bfloat16, float16 or float32, got ", dtype_name(odt));
+  const int64_t M = r.p.M, N = r.p.N, K = r.p.K;
 
   const c10::cuda::CUDAGuard guard(a.device());
   const int device = a.device().index();
@@ -126,28 +106,30 @@ at::Tensor fp8_gemm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const at
               ": a: the CUDA kernel needs a compute capability 9.0 GPU (its sm_90a image runs on "
               "no other), got ",
               info.major, ".", info.minor, " on ", a.device());
+  if (M == 0 || N == 0) return r.out;
 
-  at::Tensor out = new_output({M, N}, a.options().dtype(odt));
-  if (M == 0 || N == 0) return out;
-  const at::Tensor a2 = rows16(a), b2 = rows16(b);
-  const at::Tensor sa = scale_a.contiguous(), sb = scale_b.contiguous();
-  const at::Tensor bs = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t Kp = (K + 15) / 16 * 16;
+  const at::Tensor a2 = Kp != K ? pad_k(r.a, Kp) : rows16(r.a);
+  const at::Tensor b2 = Kp != K ? pad_k(r.b, Kp) : rows16(r.b);
+  const at::Tensor bs = r.bias.defined() ? r.bias.to(at::kFloat).contiguous() : at::Tensor();
 
   Fp8GemmCudaParams p;
   p.a = static_cast<const uint8_t*>(a2.data_ptr());
-  p.a_row_stride = row_stride(a2);
+  p.a_row_stride = Kp != K ? Kp : row_stride(a2);
   p.b = static_cast<const uint8_t*>(b2.data_ptr());
-  p.b_row_stride = row_stride(b2);
+  p.b_row_stride = Kp != K ? Kp : row_stride(b2);
   p.M = M;
   p.N = N;
-  p.K = K;
-  p.scale_a = sa.data_ptr<float>();
-  p.scale_a_mode = ma;
-  p.scale_b = sb.data_ptr<float>();
-  p.scale_b_mode = mb;
+  p.K = Kp;
+  // prepare_fp8_gemm made the scales contiguous: [M, 1] / [N, 1] rows at stride 1, blocks at
+  // stride ceil(K/128), as the kernel reads them.
+  p.scale_a = r.p.scale_a.data;
+  p.scale_a_mode = Fp8ScaleMode(int(r.p.scale_a.layout));
+  p.scale_b = r.p.scale_b.data;
+  p.scale_b_mode = Fp8ScaleMode(int(r.p.scale_b.layout));
   p.bias = bs.defined() ? bs.data_ptr<float>() : nullptr;
-  p.out = out.data_ptr();
-  p.out_dtype = to_dtype(odt);
+  p.out = r.out.data_ptr();
+  p.out_dtype = r.p.out_dtype;
   p.out_row_stride = N;
   p.num_sms = info.sms;
   const size_t ws_bytes = fp8_gemm_cuda_workspace_size(p);
@@ -161,7 +143,7 @@ at::Tensor fp8_gemm_cuda_impl(const at::Tensor& a, const at::Tensor& b, const at
               ": this build of bitpress has no sm_90a image of the kernel (build with 9.0a in "
               "TORCH_CUDA_ARCH_LIST)");
   check_status(s, kOp);
-  return out;
+  return r.out;
 }
 
 }  // namespace
