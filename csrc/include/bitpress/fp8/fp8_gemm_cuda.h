@@ -18,7 +18,8 @@
 // then scaled and added to an fp32 register accumulator ("promotion", DeepSeek-V3 §3.3.2: Hopper's
 // FP8 MMA keeps ~14 bits of the running sum, so the chain is never longer than 128 K).
 //
-// Requirements (kInvalidArgument otherwise): K % 16 == 0 (rows are copied in 16-byte chunks),
+// Requirements (kInvalidArgument otherwise; the torch glue zero-pads K to a multiple of 16 and
+// copies misaligned operands): K % 16 == 0 (rows are copied in 16-byte chunks),
 // a, b 16-byte aligned, row strides multiples of 16 bytes and >= K; out_row_stride >= N. M and N
 // are arbitrary: rows past M / N are zero-filled in shared memory and not stored. The device must
 // be compute capability 9.0 (the sm_90a image runs nowhere else).
@@ -163,8 +164,9 @@ inline Status fp8_gemm_cuda_check(const Fp8GemmCudaParams& p) {
 
 // Asynchronous on `stream` (a cudaStream_t; null: the legacy default stream); no allocation, no
 // host synchronization (CUDA-graph capturable). K == 0 writes bias (or zeros). kInvalidArgument as
-// fp8_gemm_cuda_check; kUnsupported in a build without CUDA or without the sm_90a image, or on a
-// device that is not compute capability 9.0; kCudaError when a launch fails.
+// fp8_gemm_cuda_check; kUnsupported in a build without CUDA or without the sm_90a image;
+// kCudaError when a launch fails (e.g. on a device that is not compute capability 9.0: the caller
+// checks the device, as the torch glue does).
 Status fp8_gemm_cuda(const Fp8GemmCudaParams& p, void* stream);
 
 }  // namespace bitpress
