@@ -117,3 +117,96 @@ __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[
 #endif  // __CUDACC__
 
 }  // namespace bitpress
+
+// =============================================================================================
+// Hopper wgmma (sm_90a): warpgroup-wide asynchronous MMA from shared-memory descriptors, and the
+// fences it needs. Used by csrc/fp8/fp8_gemm_sm90a.cu; descriptor and fragment index math in
+// bitpress/fp8/fp8_wgmma_layout.h (host-tested). The instructions exist only for sm_90a (arch-
+// specific: no compute_90 / sm_100 equivalent): in any other device pass the wrappers are empty,
+// and the kernels that call them compile their bodies for sm_90a only
+// (BITPRESS_SM90A_DEVICE_PASS).
+// =============================================================================================
+#if defined(__CUDACC__)
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BITPRESS_SM90A_DEVICE_PASS 1
+#else
+#define BITPRESS_SM90A_DEVICE_PASS 0
+#endif
+
+namespace bitpress {
+
+// Orders this thread's earlier generic-proxy writes to shared memory (cp.async, st.shared) before
+// later async-proxy reads (wgmma operands): without it the tensor core may read stale bytes.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if BITPRESS_SM90A_DEVICE_PASS
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Makes the accumulator registers and shared-memory operands written before it visible to the
+// next wgmma.mma_async of the warpgroup (required before the first wgmma and whenever registers
+// it accumulates into were touched by other instructions).
+__device__ __forceinline__ void wgmma_fence() {
+#if BITPRESS_SM90A_DEVICE_PASS
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit_group() {
+#if BITPRESS_SM90A_DEVICE_PASS
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits until at most N committed wgmma groups of the warpgroup are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait_group() {
+#if BITPRESS_SM90A_DEVICE_PASS
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// The compiler sees a wgmma's accumulators written when the instruction is issued, not when it
+// completes: this empty asm "rewrites" a register so that no read of it is moved above the
+// wgmma_wait_group (or write below the wgmma_fence) it is placed after (before), as CUTLASS's
+// warpgroup_fence_operand.
+__device__ __forceinline__ void wgmma_fence_operand(float& r) {
+  asm volatile("" : "+f"(r)::"memory");
+}
+
+// d (+)= A · Bᵀ on E4M3 (fp32 accumulator), m64 n128 k32, both operands K-major in shared memory
+// through descriptors (fp8 wgmma has no transpose: K-major only). accumulate == false: d = A · Bᵀ
+// (the scale-d predicate; the tensor core's chain restarts, which is how the kernel promotes every
+// 128 K). Fragment of d: fp8_wgmma_acc_coord.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a,
+                                                      uint64_t desc_b, bool accumulate) {
+#if BITPRESS_SM90A_DEVICE_PASS
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+#endif
+}
+
+}  // namespace bitpress
+
+#endif  // __CUDACC__
+// =============================================================================================
+// end of the Hopper wgmma section
+// =============================================================================================
