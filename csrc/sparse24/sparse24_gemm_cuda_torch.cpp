@@ -44,8 +44,9 @@ int64_t kernel_max_m() {
     char* end = nullptr;
     const long long v = std::strtoll(s, &end, 10);
     if (end == s || *end != '\0' || v < 0) {
-      TORCH_WARN("sparse24_gemm: BITPRESS_SPARSE24_CUDA_MAX_M must be a non-negative integer, got '",
-                 s, "'; using ", kDefaultMaxM);
+      TORCH_WARN(
+          "sparse24_gemm: BITPRESS_SPARSE24_CUDA_MAX_M must be a non-negative integer, got '", s,
+          "'; using ", kDefaultMaxM);
       return kDefaultMaxM;
     }
     return int64_t(v);
@@ -84,8 +85,11 @@ at::Tensor sparse24_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& values
                                    const at::Tensor& meta, int64_t layout,
                                    const std::optional<at::Tensor>& bias) {
   using namespace glue;
-  TORCH_CHECK(layout == kLayoutMma, kOp, ": layout must be 1 (Sparse24Layout.MMA) for CUDA "
-              "tensors, got ", layout, "; convert the weights once with "
+  TORCH_CHECK(layout == kLayoutMma, kOp,
+              ": layout must be 1 (Sparse24Layout.MMA) for CUDA "
+              "tensors, got ",
+              layout,
+              "; convert the weights once with "
               "bitpress.sparse24.layout_mma.to_mma(values, meta)");
   TORCH_CHECK(x.dim() >= 1, kOp, ": x must have at least 1 dimension [..., K], got a scalar");
   TORCH_CHECK_TYPE(x.scalar_type() != at::kFloat, kOp,

@@ -36,17 +36,17 @@ namespace bitpress {
 namespace {
 
 constexpr int kThreads = kSparse24GemmThreads;
-constexpr int kNT = kSparse24GemmBlockNTiles;                      // tile rows per block
+constexpr int kNT = kSparse24GemmBlockNTiles;                          // tile rows per block
 constexpr int kStageKTiles = kSparse24GemmStageK / kSparse24MmaTileK;  // 4 k32 tiles per stage
-constexpr int kXRowChunks = kSparse24GemmStageK * 2 / 16;          // 16 chunks per row of x
+constexpr int kXRowChunks = kSparse24GemmStageK * 2 / 16;              // 16 chunks per row of x
 static_assert(kThreads / 32 == kNT * kSparse24GemmStagePairs, "one warp per (tile row, pair)");
 
 template <int MT>
 struct TileConfig {
   static constexpr int kStages = MT == 8 ? 3 : 4;
-  static constexpr int kVChunks = kNT * kStageKTiles * 32;          // 512: 8 KiB of values
+  static constexpr int kVChunks = kNT * kStageKTiles * 32;            // 512: 8 KiB of values
   static constexpr int kMChunks = kNT * kSparse24GemmStagePairs * 8;  // 64: 1 KiB of metadata
-  static constexpr int kXChunks = 8 * MT * kXRowChunks;              // BM rows x 256 B
+  static constexpr int kXChunks = 8 * MT * kXRowChunks;               // BM rows x 256 B
   static constexpr int kSlotChunks = kVChunks + kMChunks + kXChunks;
   static constexpr int kSmemBytes = kStages * kSlotChunks * 16;
   static constexpr int kRedBytes = kNT * MT * 4 * 32 * 4;
@@ -58,8 +58,8 @@ struct TileConfig {
 struct GemmArgs {
   const uint16_t* x;
   int64_t x_row_stride, M, K;
-  const int4* values;     // values_mma as 16-byte chunks: (nt, kt, lane)
-  const uint32_t* meta;   // meta_mma words: (nt, kp, lane)
+  const int4* values;    // values_mma as 16-byte chunks: (nt, kt, lane)
+  const uint32_t* meta;  // meta_mma words: (nt, kp, lane)
   const void* bias;
   DType bias_dtype;
   uint16_t* out;
@@ -301,8 +301,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 template <DType T, int MT>
 Status launch_gemm(const GemmArgs& a, int64_t n_blocks, int64_t m_blocks, cudaStream_t stream) {
   using Cfg = TileConfig<MT>;
-  auto* kernel = T == DType::kFloat16 ? sm80_f16_sparse24_gemm_kernel<MT>
-                                      : sm80_bf16_sparse24_gemm_kernel<MT>;
+  auto* kernel =
+      T == DType::kFloat16 ? sm80_f16_sparse24_gemm_kernel<MT> : sm80_bf16_sparse24_gemm_kernel<MT>;
   // Above 48 KiB of dynamic shared memory needs the opt-in, a per-device function attribute: set
   // once per device, so that a captured call (CUDA graphs) after a warm-up issues only launches.
   static std::atomic<uint64_t> opted_in{0};

@@ -162,7 +162,8 @@ def from_mma(
     ``k`` is the dense K of the weight (the layout pads it to a multiple of 64)."""
     if values_mma.dim() != 3 or values_mma.shape[2] != TILE_VALUES:
         raise ValueError(
-            f"from_mma: values_mma must have shape [N/16, Kp/32, 256], got {tuple(values_mma.shape)}"
+            "from_mma: values_mma must have shape [N/16, Kp/32, 256], got "
+            f"{tuple(values_mma.shape)}"
         )
     nt, kt_count, _ = values_mma.shape
     n = TILE_N * nt

@@ -27,9 +27,9 @@
 
 namespace bitpress {
 
-constexpr int kSparse24GemmThreads = 256;      // 8 warps: 4 tile rows x 2 k-pairs
-constexpr int kSparse24GemmBlockNTiles = 4;    // n16 tiles per block: 64 output features
-constexpr int kSparse24GemmStageK = 128;       // dense K per pipeline stage: 2 metadata pairs
+constexpr int kSparse24GemmThreads = 256;    // 8 warps: 4 tile rows x 2 k-pairs
+constexpr int kSparse24GemmBlockNTiles = 4;  // n16 tiles per block: 64 output features
+constexpr int kSparse24GemmStageK = 128;     // dense K per pipeline stage: 2 metadata pairs
 constexpr int kSparse24GemmStagePairs = kSparse24GemmStageK / kSparse24MmaPairK;
 
 struct Sparse24GemmCudaParams {
@@ -61,9 +61,9 @@ inline int sparse24_gemm_cuda_m_tiles(int64_t M) {
 inline int sparse24_gemm_cuda_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
   const int64_t stages = (sparse24_mma_padded_k(K) + kSparse24GemmStageK - 1) / kSparse24GemmStageK;
   const int64_t bm = 8 * int64_t(sparse24_gemm_cuda_m_tiles(M));
-  const int64_t blocks = ((N / kSparse24MmaTileN + kSparse24GemmBlockNTiles - 1) /
-                          kSparse24GemmBlockNTiles) *
-                         ((M + bm - 1) / bm);
+  const int64_t blocks =
+      ((N / kSparse24MmaTileN + kSparse24GemmBlockNTiles - 1) / kSparse24GemmBlockNTiles) *
+      ((M + bm - 1) / bm);
   if (num_sms <= 0 || stages < 4 || blocks <= 0 || blocks >= 2 * int64_t(num_sms)) return 1;
   int64_t s = (2 * int64_t(num_sms) + blocks - 1) / blocks;
   if (s > stages / 2) s = stages / 2;
@@ -85,11 +85,11 @@ Status sparse24_gemm_cuda(const Sparse24GemmCudaParams& p, void* stream);
 // The dense weight W [N, K] in x's dtype from the mma layout (the large-M path of the torch glue,
 // which then calls cuBLAS): every element of W written (pruned positions 0).
 struct Sparse24DecompressCudaParams {
-  const void* values = nullptr;  // values_mma
-  const int32_t* meta = nullptr;  // meta_mma
+  const void* values = nullptr;    // values_mma
+  const int32_t* meta = nullptr;   // meta_mma
   DType dtype = DType::kBFloat16;  // kFloat16 or kBFloat16 (a 16-bit copy: any 16-bit type works)
   int64_t N = 0, K = 0;
-  void* out = nullptr;  // [N, out_row_stride]
+  void* out = nullptr;         // [N, out_row_stride]
   int64_t out_row_stride = 0;  // elements, >= K
 };
 
