@@ -78,18 +78,16 @@ at::Tensor dense16(const at::Tensor& t) {
   return aligned16(c) ? c : c.clone();
 }
 
-// x [..., K] float16 / bfloat16; values [N/16, Kp/32, 256] x.dtype; meta int32 [N/16, Kp/64, 32];
-// Kp = ceil(K / 64) * 64; bias [N] float32 / float16 / bfloat16 or None. Returns [..., N] in
-// x.dtype.
+// x [..., K] float16 / bfloat16; values [N, K/2] x.dtype (the tiles of the mma layout);
+// meta int32 [N/16, ceil(K/64), 32]; N % 16 == 0, K % 32 == 0; bias [N] float32 / float16 /
+// bfloat16 or None. Returns [..., N] in x.dtype.
 at::Tensor sparse24_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& values,
                                    const at::Tensor& meta, int64_t layout,
                                    const std::optional<at::Tensor>& bias) {
   using namespace glue;
   TORCH_CHECK(layout == kLayoutMma, kOp,
-              ": layout must be 1 (Sparse24Layout.MMA) for CUDA "
-              "tensors, got ",
-              layout,
-              "; convert the weights once with "
+              ": layout must be 1 (Sparse24Layout.MMA) for CUDA tensors, ", "got ", layout,
+              "; convert the weights once with ",
               "bitpress.sparse24.layout_mma.to_mma(values, meta)");
   TORCH_CHECK(x.dim() >= 1, kOp, ": x must have at least 1 dimension [..., K], got a scalar");
   TORCH_CHECK_TYPE(x.scalar_type() != at::kFloat, kOp,
@@ -98,20 +96,23 @@ at::Tensor sparse24_gemm_cuda_impl(const at::Tensor& x, const at::Tensor& values
   check_dtype(x, kOp, "x", {at::kHalf, at::kBFloat16});
   TORCH_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
   const int64_t K = x.size(-1);
-  TORCH_CHECK(K % 8 == 0, kOp, ": x.size(-1) (K) must be a multiple of 8, got ", K);
-  const int64_t Kp = sparse24_mma_padded_k(K);
-  check_dim(values, kOp, "values", 3, "[N/16, Kp/32, 256] (mma layout)");
+  TORCH_CHECK(K % kSparse24MmaTileK == 0, kOp,
+              ": x.size(-1) (K) must be a multiple of 32 for the mma layout (whole 16 x 32 tiles), "
+              "got ",
+              K);
+  check_dim(values, kOp, "values", 2, "[N, K/2] (mma layout tiles)");
   check_same_device(values, x, kOp, "values", "x");
   TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), kOp, ": values must have x's dtype (",
                    dtype_name(x.scalar_type()), "), got ", dtype_name(values.scalar_type()));
-  check_size(values, kOp, "values", 1, Kp / kSparse24MmaTileK, "Kp/32, Kp = ceil(K/64)*64");
-  check_size(values, kOp, "values", 2, kSparse24MmaTileValues, "kept values per 16 x 32 tile");
-  const int64_t Nt = values.size(0), N = Nt * kSparse24MmaTileN;
-  check_dim(meta, kOp, "meta", 3, "[N/16, Kp/64, 32] (mma layout)");
+  check_size(values, kOp, "values", 1, K / 2, "K/2 = x.size(-1) / 2");
+  const int64_t N = values.size(0), Nt = N / kSparse24MmaTileN;
+  TORCH_CHECK(N % kSparse24MmaTileN == 0, kOp,
+              ": values.size(0) (N) must be a multiple of 16 for the mma layout, got ", N);
+  check_dim(meta, kOp, "meta", 3, "[N/16, ceil(K/64), 32] (mma layout)");
   check_same_device(meta, x, kOp, "meta", "x");
   check_dtype(meta, kOp, "meta", {at::kInt});
-  check_size(meta, kOp, "meta", 0, Nt, "N/16, from values");
-  check_size(meta, kOp, "meta", 1, Kp / kSparse24MmaPairK, "Kp/64, Kp = ceil(K/64)*64");
+  check_size(meta, kOp, "meta", 0, Nt, "N/16 = values.size(0) / 16");
+  check_size(meta, kOp, "meta", 1, sparse24_mma_padded_k(K) / kSparse24MmaPairK, "ceil(K/64)");
   check_size(meta, kOp, "meta", 2, kSparse24MmaPairWords, "one word per lane");
   if (bias) {
     check_dim(*bias, kOp, "bias", 1, "[N]");

@@ -160,8 +160,8 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& a) {
       if (Cfg::kXChunks % kThreads == 0 || c < Cfg::kXChunks) {
         const int row = c / kXRowChunks, ch = c % kXRowChunks;
         const int64_t m = m0 + row, k = st * kSparse24GemmStageK + 8 * ch;
-        // K % 8 == 0: a chunk is wholly inside or past K; past K it is zero-filled, which the
-        // layout's zero padding weights multiply.
+        // K % 32 == 0: a chunk is wholly inside or past K; past K (the last stage's missing
+        // k-tiles) it is zero-filled and never read by an mma.
         const bool valid = m < a.M && k < a.K;
         const uint16_t* src = valid ? a.x + m * a.x_row_stride + k : a.x;
         cp_async16(sX + swizzled_chunk_index(row, ch, kXRowChunks), src, valid);
@@ -183,7 +183,8 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& a) {
     if (kp >= a.KP || !warp_has_n) return;  // warp-uniform
     const uint32_t e = sM[(wn * kSparse24GemmStagePairs + wk) * 32 + lane];
     mma_tile<T, MT, 0>(acc, sV, sX, wn, 2 * wk, lane, e);
-    mma_tile<T, MT, 1>(acc, sV, sX, wn, 2 * wk + 1, lane, e);
+    // K / 32 odd: the last pair has one k-tile (its selector-1 metadata is padding).
+    if (2 * kp + 1 < a.KT) mma_tile<T, MT, 1>(acc, sV, sX, wn, 2 * wk + 1, lane, e);
   };
 
   // Pipeline: kStages - 1 stages in flight while one is computed. The slot refilled at iteration
@@ -339,7 +340,8 @@ Status check(const Sparse24GemmCudaParams& p) {
   if (p.x_dtype != DType::kFloat16 && p.x_dtype != DType::kBFloat16) {
     return Status::kInvalidArgument;
   }
-  if (p.M < 0 || p.K < 0 || p.N < 0 || p.K % 8 != 0 || p.N % kSparse24MmaTileN != 0) {
+  if (p.M < 0 || p.K < 0 || p.N < 0 || p.K % kSparse24MmaTileK != 0 ||
+      p.N % kSparse24MmaTileN != 0) {
     return Status::kInvalidArgument;
   }
   if (p.bias != nullptr && !dtype_valid(p.bias_dtype)) return Status::kInvalidArgument;
@@ -372,7 +374,6 @@ Status sparse24_gemm_cuda(const Sparse24GemmCudaParams& p, void* stream) {
   const Status s = check(p);
   if (s != Status::kSuccess || p.M == 0 || p.N == 0) return s;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  const int64_t Kp = sparse24_mma_padded_k(p.K);
   const int S = sparse24_gemm_cuda_splits(p.M, p.K, p.N, p.num_sms);
 
   GemmArgs a{};
@@ -389,9 +390,9 @@ Status sparse24_gemm_cuda(const Sparse24GemmCudaParams& p, void* stream) {
   a.partials = S > 1 ? static_cast<float*>(p.workspace) : nullptr;
   a.N = p.N;
   a.Nt = p.N / kSparse24MmaTileN;
-  a.KT = Kp / kSparse24MmaTileK;
-  a.KP = Kp / kSparse24MmaPairK;
-  a.stages = (Kp + kSparse24GemmStageK - 1) / kSparse24GemmStageK;
+  a.KT = p.K / kSparse24MmaTileK;
+  a.KP = sparse24_mma_padded_k(p.K) / kSparse24MmaPairK;
+  a.stages = (p.K + kSparse24GemmStageK - 1) / kSparse24GemmStageK;
   a.splits = S;
 
   const int mt = sparse24_gemm_cuda_m_tiles(p.M);
@@ -414,15 +415,14 @@ Status sparse24_gemm_cuda(const Sparse24GemmCudaParams& p, void* stream) {
 
 Status sparse24_decompress_cuda(const Sparse24DecompressCudaParams& p, void* stream) {
   if ((p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) || p.N < 0 || p.K < 0 ||
-      p.N % kSparse24MmaTileN != 0 || p.K % 8 != 0) {
+      p.N % kSparse24MmaTileN != 0 || p.K % kSparse24MmaTileK != 0) {
     return Status::kInvalidArgument;
   }
   if (p.N == 0 || p.K == 0) return Status::kSuccess;
   if (p.values == nullptr || p.meta == nullptr || p.out == nullptr || p.out_row_stride < p.K) {
     return Status::kInvalidArgument;
   }
-  const int64_t Kp = sparse24_mma_padded_k(p.K);
-  const int64_t KT = Kp / kSparse24MmaTileK, KP = Kp / kSparse24MmaPairK;
+  const int64_t KT = p.K / kSparse24MmaTileK, KP = sparse24_mma_padded_k(p.K) / kSparse24MmaPairK;
   const int64_t threads = p.N / kSparse24MmaTileN * KT * 32;
   const int64_t blocks = (threads + kThreads - 1) / kThreads;
   sparse24_decompress_kernel<<<unsigned(blocks < 1048576 ? blocks : 1048576), kThreads, 0,

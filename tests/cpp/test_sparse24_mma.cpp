@@ -152,8 +152,8 @@ void test_maps() {
 // The header maps against the Python maps (the generated fixture).
 void test_fixture() {
   const int N = kFixtureN, K = kFixtureK;
-  const int64_t Kp = sparse24_mma_padded_k(K), KT = Kp / 32, KP = Kp / 64;
-  CHECK(int64_t(sizeof(kFixtureValueSource) / 2) == N / 16 * KT * 256, "fixture value size");
+  const int64_t KT = K / 32, KP = sparse24_mma_padded_k(K) / 64;
+  CHECK(int64_t(sizeof(kFixtureValueSource) / 2) == int64_t(N) * K / 2, "fixture value size");
   CHECK(int64_t(sizeof(kFixtureMetaSource) / 2) == N / 16 * KP * 32 * 8, "fixture meta size");
   for (int nt = 0; nt < N / 16; ++nt) {
     for (int kt = 0; kt < KT; ++kt) {
@@ -161,8 +161,7 @@ void test_fixture() {
         for (int v = 0; v < 8; ++v) {
           int r, c;
           sparse24_mma_a_coords(l, v, &r, &c);
-          const int row = 16 * nt + r, col = 16 * kt + c;
-          const int want = col < K / 2 ? row * (K / 2) + col : -1;
+          const int want = (16 * nt + r) * (K / 2) + 16 * kt + c;
           const int64_t idx = sparse24_mma_value_index(nt, kt, l, v, KT);
           CHECK(kFixtureValueSource[idx] == want, "value source %lld: %d vs %d", (long long)idx,
                 kFixtureValueSource[idx], want);
@@ -202,7 +201,7 @@ struct Problem {
 
 void test_gemm(const Problem& pb, std::mt19937& rng) {
   const int64_t M = pb.M, N = pb.N, K = pb.K;
-  const int64_t Kp = sparse24_mma_padded_k(K), KT = Kp / 32, KP = Kp / 64, Nt = N / 16;
+  const int64_t KT = K / 32, KP = sparse24_mma_padded_k(K) / 64, Nt = N / 16;
   std::normal_distribution<float> nd;
   std::uniform_int_distribution<int> pat(0, 5);
   static const int kNib[6] = {0 | 1 << 2, 0 | 2 << 2, 0 | 3 << 2,
@@ -222,7 +221,7 @@ void test_gemm(const Problem& pb, std::mt19937& rng) {
     }
   }
   // The mma layout, through the header maps.
-  std::vector<float> vm(Nt * KT * 256);
+  std::vector<float> vm(N * K / 2);  // [N, K/2], the tiles in order
   std::vector<uint32_t> mm(Nt * KP * 32);
   for (int64_t nt = 0; nt < Nt; ++nt) {
     for (int64_t kt = 0; kt < KT; ++kt) {
@@ -230,9 +229,8 @@ void test_gemm(const Problem& pb, std::mt19937& rng) {
         for (int v = 0; v < 8; ++v) {
           int r, c;
           sparse24_mma_a_coords(l, v, &r, &c);
-          const int64_t col = 16 * kt + c;
           vm[sparse24_mma_value_index(nt, kt, l, v, KT)] =
-              col < K / 2 ? vals[(16 * nt + r) * (K / 2) + col] : 0.f;
+              vals[(16 * nt + r) * (K / 2) + 16 * kt + c];
         }
       }
     }
@@ -259,7 +257,7 @@ void test_gemm(const Problem& pb, std::mt19937& rng) {
 
   const int MT = sparse24_gemm_cuda_m_tiles(M), BM = 8 * MT;
   const int S = pb.splits;
-  const int64_t stages = (Kp + 127) / 128;
+  const int64_t stages = (K + 127) / 128;
   std::vector<double> partials(S * M * N, 0.0);
   bool ordered = true;
   const int64_t n_blocks = (Nt + 3) / 4, m_blocks = (M + BM - 1) / BM;
@@ -296,6 +294,7 @@ void test_gemm(const Problem& pb, std::mt19937& rng) {
               for (int dkt = 0; dkt < 2; ++dkt) {
                 const int kk = 2 * wk + dkt;  // k-tile within the stage
                 const int64_t kt = st * 4 + kk;
+                if (kt >= KT) continue;  // K / 32 odd: the last pair's second half is padding
                 float a[32][8];
                 for (int l = 0; l < 32; ++l)
                   for (int v = 0; v < 8; ++v) a[l][v] = vm[(nt * KT + kt) * 256 + 8 * l + v];
@@ -390,12 +389,12 @@ int main() {
   test_splits();
   std::mt19937 rng(7);
   const Problem problems[] = {
-      {1, 16, 8, 1},      // one group: Kp = 64, one pair, one partial stage
-      {5, 48, 104, 1},    // K = 104: the last pair half padding; 3 tile rows (block partial)
-      {16, 80, 200, 2},   // MT = 2, two blocks, split-K, last stage one pair
-      {17, 64, 384, 3},   // MT = 4, 3 splits of 3 stages
-      {40, 32, 136, 1},   // MT = 8
-      {70, 128, 512, 4},  // two m-blocks, 4 splits
+      {1, 16, 32, 1},     // one k-tile: half a pair, a partial stage
+      {5, 48, 96, 1},     // 3 k-tiles: the last pair half padding; 3 tile rows (block partial)
+      {16, 80, 224, 2},   // MT = 2, two blocks, split-K, last stage 3 k-tiles
+      {17, 64, 384, 3},   // MT = 4, 3 splits of 1 stage
+      {40, 32, 160, 1},   // MT = 8, 5 k-tiles
+      {70, 128, 640, 4},  // two m-blocks, 4 splits of 5 stages
   };
   for (const Problem& pb : problems) test_gemm(pb, rng);
   return check_result("test_sparse24_mma");

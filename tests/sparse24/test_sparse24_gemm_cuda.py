@@ -161,15 +161,15 @@ def _rel(out, ref):
 @pytest.mark.parametrize(
     "m,n,k",
     [
-        (1, 16, 8),
+        (1, 16, 32),
         (1, 4096, 4096),
-        (7, 48, 104),
-        (16, 80, 200),
-        (17, 64, 392),
+        (7, 48, 96),
+        (16, 80, 224),
+        (17, 64, 416),
         (33, 128, 64),
         (64, 16, 1024),
-        (65, 48, 136),
-        (300, 96, 520),
+        (65, 48, 160),
+        (300, 96, 544),
     ],
 )
 @pytest.mark.parametrize("bias", [None, "x", "f32"])
@@ -222,7 +222,32 @@ def test_gemm_errors():
         op(x, vm, mm, 0, None)
     with pytest.raises(TypeError, match="sparse24_gemm: values must have x's dtype"):
         op(x, vm.bfloat16(), mm, 1, None)
-    with pytest.raises(RuntimeError, match=r"sparse24_gemm: values.size\(1\) must be 4"):
+    with pytest.raises(RuntimeError, match=r"sparse24_gemm: values.size\(1\) must be 64"):
         op(torch.randn(3, 128, device="cuda", dtype=torch.float16), vm, mm, 1, None)
+    with pytest.raises(
+        RuntimeError, match=r"sparse24_gemm: x.size\(-1\) \(K\) must be a multiple of 32"
+    ):
+        op(torch.randn(3, 72, device="cuda", dtype=torch.float16), vm[:, :36], mm, 1, None)
+    with pytest.raises(
+        RuntimeError, match=r"sparse24_gemm: values.size\(0\) \(N\) must be a multiple"
+    ):
+        op(x, vm[:24], mm, 1, None)
+    with pytest.raises(RuntimeError, match=r"sparse24_gemm: meta.size\(1\) must be 1"):
+        op(x, vm, torch.cat([mm, mm], 1), 1, None)
     with pytest.raises(RuntimeError, match=r"sparse24_gemm: bias.size\(0\) must be 32"):
         op(x, vm, mm, 1, torch.zeros(31, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_public_op_and_opcheck():
+    """bitpress.ops.sparse24_gemm with layout MMA on CUDA tensors reaches this kernel; opcheck."""
+    _op()
+    from bitpress import ops
+    from bitpress.sparse24.layout import Sparse24Layout
+
+    values, meta, dense = _weights(64, 128, torch.float16, seed=3)
+    vm, mm = (t.cuda() for t in L.to_mma(values, meta))
+    x = torch.randn(5, 128, device="cuda", dtype=torch.float16)
+    out = ops.sparse24_gemm(x, vm, mm, layout=Sparse24Layout.MMA)
+    assert _rel(out.cpu(), x.double().cpu() @ dense.T) < TOLERANCE[torch.float16]
+    torch.library.opcheck(torch.ops.bitpress.sparse24_gemm, (x, vm, mm, 1, None))

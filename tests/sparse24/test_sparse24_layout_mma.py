@@ -18,7 +18,7 @@ from bitpress.sparse24 import layout_mma as L
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "cpp", "sparse24_mma_fixture.h")
-FIXTURE_N, FIXTURE_K = 32, 104  # two tile rows; K padded 104 -> 128: a partial pair
+FIXTURE_N, FIXTURE_K = 32, 96  # two tile rows; 3 k-tiles: the last pair half padding
 
 # The six valid patterns of a group (idx0 < idx1) and their nibbles.
 PAIRS = [(a, b) for a in range(4) for b in range(a + 1, 4)]
@@ -53,7 +53,7 @@ def bits(t):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
-    "n,k", [(16, 8), (16, 64), (32, 104), (48, 200), (16, 1024), (0, 64), (16, 0)]
+    "n,k", [(16, 32), (16, 64), (32, 96), (48, 224), (16, 1024), (0, 64), (16, 0)]
 )
 def test_round_trip_bit_exact(n, k, dtype):
     values, meta = random_interchange(n, k, dtype, seed=n * 1000 + k)
@@ -62,10 +62,9 @@ def test_round_trip_bit_exact(n, k, dtype):
         values.view(-1)[0] = float("nan")
         values.view(-1)[1] = -0.0
     vm, mm = L.to_mma(values, meta)
-    kp = L.padded_k(k)
-    assert vm.shape == (n // 16, kp // 32, 256) and vm.dtype == dtype
-    assert mm.shape == (n // 16, kp // 64, 32) and mm.dtype == torch.int32
-    v2, m2 = L.from_mma(vm, mm, k)
+    assert vm.shape == values.shape and vm.dtype == dtype
+    assert mm.shape == (n // 16, (k + 63) // 64, 32) and mm.dtype == torch.int32
+    v2, m2 = L.from_mma(vm, mm)
     assert torch.equal(bits(v2), bits(values)) and torch.equal(m2, meta)
     # and back again: the mma tensors are reproduced bit for bit
     vm2, mm2 = L.to_mma(v2, m2)
@@ -83,17 +82,18 @@ def test_every_pattern_of_a_row_pair():
         nib[row, group], nib[row, group + 1] = NIBBLES[p0], NIBBLES[p1]
         meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
         vm, mm = L.to_mma(values, meta)
-        v2, m2 = L.from_mma(vm, mm, k)
+        v2, m2 = L.from_mma(vm, mm)
         assert torch.equal(m2, meta) and torch.equal(bits(v2), bits(values))
 
 
 def test_fragments_follow_ptx():
     """Each lane's 8 values and metadata word, read back through the PTX ISA fragment rules of
     mma.sp.m16n8k32 (.f16/.bf16), give the dense weight of the tile."""
-    n, k = 32, 128
+    n, k = 32, 160  # 5 k-tiles: the last pair has one
     values, meta = random_interchange(n, k, torch.float32, seed=5)
     dense = densify(values, meta)
     vm, mm = L.to_mma(values, meta)
+    vm = vm.view(n // 16, k // 32, 256)
     for nt, kt in itertools.product(range(n // 16), range(k // 32)):
         comp = torch.empty(16, 16)
         for lane, i in itertools.product(range(32), range(8)):
@@ -112,21 +112,25 @@ def test_fragments_follow_ptx():
             assert torch.equal(grp, want), (nt, kt, r, j)
 
 
-def test_padding_is_zero_and_valid():
-    values, meta = random_interchange(16, 72)  # Kp = 128: groups 18..31 are padding
-    vm, mm = L.to_mma(values, meta)
-    src = L.mma_value_source(16, 72)
-    assert bool((vm[src < 0] == 0).all()) and int((src < 0).sum()) == 16 * (128 - 72) // 2
-    msrc = L.mma_meta_source(16, 72)
+def test_padding_is_valid_and_ordered():
+    values, meta = random_interchange(16, 96)  # 3 k-tiles: selector-1 half of pair 1 is padding
+    _, mm = L.to_mma(values, meta)
+    msrc = L.mma_meta_source(16, 96)
+    assert int((msrc < 0).sum()) == 16 * 8  # 16 rows x 8 groups of the missing k-tile
     words = mm.to(torch.int64) & 0xFFFFFFFF
     nibs = (words.unsqueeze(-1) >> (4 * torch.arange(8))) & 0xF
     assert bool((nibs[msrc < 0] == L.PAD_NIBBLE).all())
+    assert bool((msrc[:, 1, 2:4] < 0).all()) and bool((msrc[:, 1, 0:2] >= 0).all())
+
+
+def test_supports():
+    assert L.supports(4096, 14336) and L.supports(16, 32) and L.supports(0, 0)
+    assert not L.supports(4104, 4096) and not L.supports(4096, 4104) and not L.supports(16, 8)
 
 
 def test_sources_are_permutations():
-    for n, k in [(16, 64), (32, 104), (48, 392)]:
+    for n, k in [(16, 64), (32, 96), (48, 416)]:
         v = L.mma_value_source(n, k).flatten()
-        v = v[v >= 0]
         assert torch.equal(v.sort().values, torch.arange(n * k // 2))
         m = L.mma_meta_source(n, k).flatten()
         m = m[m >= 0]
@@ -137,12 +141,16 @@ def test_sources_are_permutations():
     "args,msg",
     [
         (
-            (torch.zeros(17, 4), torch.zeros(17, 1, dtype=torch.uint8)),
+            (torch.zeros(17, 16), torch.zeros(17, 4, dtype=torch.uint8)),
             "to_mma: values must have a multiple of 16",
         ),
-        ((torch.zeros(16, 4), torch.zeros(16, 1, dtype=torch.int8)), "to_mma: meta must be uint8"),
         (
-            (torch.zeros(16, 4), torch.zeros(16, 2, dtype=torch.uint8)),
+            (torch.zeros(16, 20), torch.zeros(16, 5, dtype=torch.uint8)),
+            "to_mma: K = 2 * values.size(1) must be a multiple of 32",
+        ),
+        ((torch.zeros(16, 16), torch.zeros(16, 4, dtype=torch.int8)), "to_mma: meta must be uint8"),
+        (
+            (torch.zeros(16, 16), torch.zeros(16, 2, dtype=torch.uint8)),
             "to_mma: meta must have shape",
         ),
         (
@@ -168,14 +176,16 @@ def test_to_mma_rejects_unordered_metadata(nib):
 def test_from_mma_bad_input():
     values, meta = random_interchange(32, 64)
     vm, mm = L.to_mma(values, meta)
-    with pytest.raises(ValueError, match="from_mma: values_mma must have shape"):
-        L.from_mma(vm.view(2, -1), mm, 64)
-    with pytest.raises(ValueError, match="from_mma: values_mma has 2 k-tiles, expected 4"):
-        L.from_mma(vm, mm, 128)
-    with pytest.raises(ValueError, match="from_mma: meta_mma must be int32"):
-        L.from_mma(vm, mm.to(torch.int64), 64)
-    with pytest.raises(ValueError, match="from_mma: k must be a non-negative multiple of 8"):
-        L.from_mma(vm, mm, 60)
+    with pytest.raises(ValueError, match="from_mma: values_mma must be 2-D"):
+        L.from_mma(vm.view(2, 16, -1), mm)
+    with pytest.raises(ValueError, match=re.escape("from_mma: meta_mma must be int32 [2, 1, 32]")):
+        L.from_mma(vm, mm.to(torch.int64))
+    with pytest.raises(ValueError, match=re.escape("from_mma: meta_mma must be int32 [2, 2, 32]")):
+        L.from_mma(torch.cat([vm, vm], 1), mm)
+    with pytest.raises(
+        ValueError, match="from_mma: K = 2 \\* values.size\\(1\\) must be a multiple"
+    ):
+        L.from_mma(vm[:, :8], mm)
 
 
 # ---------------------------------------------------------------------------------------------

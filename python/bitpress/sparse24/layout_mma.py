@@ -22,14 +22,17 @@ t = lane % 4:
   interchange nibble per group, lower groups in lower bits. ``::ordered_metadata`` needs
   idx0 < idx1, which the interchange format guarantees (and ``to_mma`` checks).
 
-Kernel layout (N % 16 == 0; K padded to Kp = ceil(K / 64) * 64):
+Kernel layout (N % 16 == 0, K % 32 == 0; other weights keep ``Sparse24Layout.ROW``, see
+:func:`supports`):
 
-* ``values_mma`` [N/16, Kp/32, 256], weight dtype: tile (nt, kt) lane-major, element 8 l + v is
-  value v of lane l's A fragment (one 16-byte load per lane per tile).
-* ``meta_mma`` int32 [N/16, Kp/64, 32]: pair kp holds k-tiles 2kp (selector 0) and 2kp + 1
+* ``values_mma`` [N, K/2], weight dtype (the shape of the interchange ``values``, so that N and K
+  are read from it as for every layout), holding the tiles [N/16, K/32, 256] in order: tile
+  (nt, kt) lane-major, element 256 (nt K/32 + kt) + 8 l + v is value v of lane l's A fragment
+  (one 16-byte load per lane per tile). A pure permutation of ``values``.
+* ``meta_mma`` int32 [N/16, ceil(K/64), 32]: pair kp holds k-tiles 2kp (selector 0) and 2kp + 1
   (selector 1); word l is lane l's ``e`` register for k-tile 2kp + (t >> 1), half p = t & 1.
-  Every lane loads one word per 64 K and passes it to both mma.sp.
-* padding (dense columns K..Kp-1): values 0, nibbles 0x4 (idx0 0, idx1 1; valid and ordered).
+  Every lane loads one word per 64 K and passes it to both mma.sp. When K/32 is odd, the second
+  half of the last pair is padding: nibbles 0x4 (idx0 0, idx1 1; valid and ordered), never used.
 
 The same maps are written in C++ in ``csrc/include/bitpress/sparse24/sparse24_mma_layout.h``;
 ``tests/cpp/sparse24_mma_fixture.h`` (generated from :func:`mma_value_source` and
@@ -50,25 +53,34 @@ PAD_NIBBLE = 0x4  # metadata of a padding group: idx0 = 0, idx1 = 1
 
 
 def padded_k(k: int) -> int:
-    """Kp: K rounded up to a multiple of 64 (one metadata pair)."""
+    """K rounded up to a multiple of 64 (one metadata pair): meta_mma covers this much K."""
     return -(-k // PAIR_K) * PAIR_K
 
 
+def supports(n: int, k: int) -> bool:
+    """Whether an [n, k] weight has an mma layout (n % 16 == 0, k % 32 == 0: whole 16 x 32 tiles,
+    so that ``values_mma`` keeps the interchange shape). Every Llama / Qwen projection does."""
+    return n >= 0 and k >= 0 and n % TILE_N == 0 and k % TILE_K == 0
+
+
 def _check_nk(fn: str, n: int, k: int) -> None:
-    if n % TILE_N != 0:
+    if n % TILE_N != 0 or n < 0:
         raise ValueError(
             f"{fn}: values must have a multiple of {TILE_N} rows (output features) for the mma "
             f"layout, got {n}; keep Sparse24Layout.ROW for this weight"
         )
-    if k % 8 != 0 or k < 0:
-        raise ValueError(f"{fn}: k must be a non-negative multiple of 8, got {k}")
+    if k % TILE_K != 0 or k < 0:
+        raise ValueError(
+            f"{fn}: K = 2 * values.size(1) must be a multiple of {TILE_K} for the mma layout, got "
+            f"{k}; keep Sparse24Layout.ROW for this weight"
+        )
 
 
 def mma_value_source(n: int, k: int) -> torch.Tensor:
-    """For every element of ``values_mma`` [n/16, Kp/32, 256], its flat index in the interchange
-    ``values`` [n, k/2] (row-major), or -1 for padding. int64."""
+    """For every element of ``values_mma`` (as tiles [n/16, k/32, 256]), its flat index in the
+    interchange ``values`` [n, k/2] (row-major). int64; a permutation."""
     _check_nk("mma_value_source", n, k)
-    kt_count = padded_k(k) // TILE_K
+    kt_count = k // TILE_K
     nt = torch.arange(n // TILE_N).view(-1, 1, 1, 1)
     kt = torch.arange(kt_count).view(1, -1, 1, 1)
     lane = torch.arange(32).view(1, 1, -1, 1)
@@ -78,15 +90,13 @@ def mma_value_source(n: int, k: int) -> torch.Tensor:
     c = 2 * t + (v & 1) + 8 * (v >> 2)
     row = TILE_N * nt + r
     col = (TILE_K // 2) * kt + c
-    src = row * (k // 2) + col
-    src = torch.where(col < k // 2, src, torch.full_like(src, -1))
-    return src.reshape(n // TILE_N, kt_count, TILE_VALUES)
+    return (row * (k // 2) + col).reshape(n // TILE_N, kt_count, TILE_VALUES)
 
 
 def mma_meta_source(n: int, k: int) -> torch.Tensor:
-    """For every nibble i (0..7, bits 4i..4i+3) of every word of ``meta_mma`` [n/16, Kp/64, 32],
-    the flat index of its group in the interchange [n, k/4] (row-major, one group of 4 dense
-    columns each), or -1 for padding. int64 [n/16, Kp/64, 32, 8]."""
+    """For every nibble i (0..7, bits 4i..4i+3) of every word of ``meta_mma``
+    [n/16, ceil(k/64), 32], the flat index of its group in the interchange [n, k/4] (row-major,
+    one group of 4 dense columns each), or -1 for padding. int64 [n/16, ceil(k/64), 32, 8]."""
     _check_nk("mma_meta_source", n, k)
     kp_count = padded_k(k) // PAIR_K
     nt = torch.arange(n // TILE_N).view(-1, 1, 1, 1)
@@ -124,15 +134,15 @@ def check_meta(meta: torch.Tensor, fn: str = "to_mma") -> None:
 
 
 def to_mma(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interchange (values [N, K/2], meta uint8 [N, K/8]) -> (values_mma [N/16, Kp/32, 256] in
-    values' dtype, meta_mma int32 [N/16, Kp/64, 32]) on values' device. N % 16 == 0."""
+    """Interchange (values [N, K/2], meta uint8 [N, K/8]) -> (values_mma [N, K/2] in values'
+    dtype, meta_mma int32 [N/16, ceil(K/64), 32]) on values' device. N % 16 == 0, K % 32 == 0."""
     if values.dim() != 2:
         raise ValueError(f"to_mma: values must be 2-D [N, K/2], got shape {tuple(values.shape)}")
     if meta.dtype != torch.uint8:
         raise ValueError(f"to_mma: meta must be uint8, got {meta.dtype}")
     n, half_k = values.shape
     k = 2 * half_k
-    if meta.shape != (n, k // 8) or k % 8 != 0:
+    if tuple(meta.shape) != (n, k // 8) or k % 8 != 0:
         raise ValueError(
             f"to_mma: meta must have shape [N, K/8] = [{n}, {k // 8}] for values "
             f"{tuple(values.shape)} (K = {k}, a multiple of 8), got {tuple(meta.shape)}"
@@ -140,11 +150,9 @@ def to_mma(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torc
     _check_nk("to_mma", n, k)
     check_meta(meta)
     dev = values.device
-    vsrc = mma_value_source(n, k).to(dev)
-    flat_v = values.contiguous().view(-1)
     # An index tensor is empty exactly when N or K is 0, so the gathers never index an empty source.
-    vmma = flat_v[vsrc.clamp(min=0)]
-    vmma = torch.where(vsrc >= 0, vmma, torch.zeros((), dtype=values.dtype, device=dev))
+    vsrc = mma_value_source(n, k).to(dev).view(-1)
+    vmma = values.contiguous().view(-1)[vsrc].view(n, half_k)
     msrc = mma_meta_source(n, k).to(dev)
     nib = _nibbles(meta.to(dev)).view(-1).to(torch.int64)
     pad = torch.full((), PAD_NIBBLE, dtype=torch.int64, device=dev)
@@ -152,28 +160,20 @@ def to_mma(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torc
     shifts = 4 * torch.arange(8, device=dev, dtype=torch.int64)
     words = (nibs << shifts).sum(dim=-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return vmma.contiguous(), words.contiguous()
+    return vmma, words.contiguous()
 
 
-def from_mma(
-    values_mma: torch.Tensor, meta_mma: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of :func:`to_mma`: (values [N, k/2], meta uint8 [N, k/8]) from the mma layout;
-    ``k`` is the dense K of the weight (the layout pads it to a multiple of 64)."""
-    if values_mma.dim() != 3 or values_mma.shape[2] != TILE_VALUES:
+def from_mma(values_mma: torch.Tensor, meta_mma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`to_mma`: (values [N, K/2], meta uint8 [N, K/8]) from the mma layout
+    (N and K read from ``values_mma`` [N, K/2])."""
+    if values_mma.dim() != 2:
         raise ValueError(
-            "from_mma: values_mma must have shape [N/16, Kp/32, 256], got "
-            f"{tuple(values_mma.shape)}"
+            f"from_mma: values_mma must be 2-D [N, K/2], got shape {tuple(values_mma.shape)}"
         )
-    nt, kt_count, _ = values_mma.shape
-    n = TILE_N * nt
+    n, half_k = values_mma.shape
+    k = 2 * half_k
     _check_nk("from_mma", n, k)
-    if kt_count != padded_k(k) // TILE_K:
-        raise ValueError(
-            f"from_mma: values_mma has {kt_count} k-tiles, expected {padded_k(k) // TILE_K} for "
-            f"k = {k}"
-        )
-    want_meta = (nt, padded_k(k) // PAIR_K, PAIR_WORDS)
+    want_meta = (n // TILE_N, padded_k(k) // PAIR_K, PAIR_WORDS)
     if meta_mma.dtype != torch.int32 or tuple(meta_mma.shape) != want_meta:
         raise ValueError(
             f"from_mma: meta_mma must be int32 {list(want_meta)}, got {meta_mma.dtype} "
@@ -181,16 +181,15 @@ def from_mma(
         )
     dev = values_mma.device
     vsrc = mma_value_source(n, k).to(dev).view(-1)
-    keep = vsrc >= 0
-    values = torch.empty(n * (k // 2), dtype=values_mma.dtype, device=dev)
-    values[vsrc[keep]] = values_mma.contiguous().view(-1)[keep]
+    values = torch.empty(n * half_k, dtype=values_mma.dtype, device=dev)
+    values[vsrc] = values_mma.contiguous().view(-1)
     msrc = mma_meta_source(n, k).to(dev).view(-1)
     words = meta_mma.to(torch.int64) & 0xFFFFFFFF
     shifts = 4 * torch.arange(8, device=dev, dtype=torch.int64)
     nibs = ((words.unsqueeze(-1) >> shifts) & 0xF).view(-1)
-    mkeep = msrc >= 0
+    keep = msrc >= 0
     nib = torch.empty(n * (k // 4), dtype=torch.int64, device=dev)
-    nib[msrc[mkeep]] = nibs[mkeep]
+    nib[msrc[keep]] = nibs[keep]
     nib = nib.view(n, k // 4)
     meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
-    return values.view(n, k // 2), meta.contiguous()
+    return values.view(n, half_k), meta.contiguous()

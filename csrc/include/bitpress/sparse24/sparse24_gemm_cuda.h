@@ -4,8 +4,8 @@
 //
 //   x           [M, K]              float16 / bfloat16, unit stride along K, read by 16-byte
 //                                   cp.async: x 16-byte aligned, x_row_stride % 8 == 0
-//   values_mma  [N/16, Kp/32, 256]  x's dtype, 16-byte aligned; Kp = ceil(K / 64) * 64
-//   meta_mma    int32 [N/16, Kp/64, 32]   16-byte aligned
+//   values_mma  [N, K/2]            x's dtype, the tiles [N/16, K/32, 256]; 16-byte aligned
+//   meta_mma    int32 [N/16, ceil(K/64), 32]   16-byte aligned
 //   bias        [N]                 optional, float32 / float16 / bfloat16
 //   out         [M, N]              x's dtype, unit stride along N
 //
@@ -15,7 +15,7 @@
 //      rounded once to x's type in the kernel; S > 1: fp32 partials [S, M, N] in the workspace,
 //   2. then a reduction kernel sums them in split order (deterministic), adds bias, rounds once.
 // Any M (the torch glue sends large M to cuBLAS on the decompressed weight instead), N % 16 == 0,
-// any K % 8 == 0 (x is zero-filled past K, the layout's padding weights are zero).
+// K % 32 == 0 (whole tiles: the layout's condition).
 #pragma once
 
 #include <stddef.h>
@@ -36,7 +36,7 @@ struct Sparse24GemmCudaParams {
   const void* x = nullptr;
   DType x_dtype = DType::kBFloat16;  // kFloat16 or kBFloat16; values and out have the same type
   int64_t x_row_stride = 0;          // elements
-  int64_t M = 0, K = 0, N = 0;       // N % 16 == 0, K % 8 == 0
+  int64_t M = 0, K = 0, N = 0;       // N % 16 == 0, K % 32 == 0
   const void* values = nullptr;      // values_mma
   const int32_t* meta = nullptr;     // meta_mma
   const void* bias = nullptr;        // optional
@@ -59,7 +59,7 @@ inline int sparse24_gemm_cuda_m_tiles(int64_t M) {
 // make ~2 blocks per SM, each with at least 2 stages of 128 K (the cp.async pipeline needs
 // stages in flight to pay off), at most 32 (workspace and the reduction's reads).
 inline int sparse24_gemm_cuda_splits(int64_t M, int64_t K, int64_t N, int num_sms) {
-  const int64_t stages = (sparse24_mma_padded_k(K) + kSparse24GemmStageK - 1) / kSparse24GemmStageK;
+  const int64_t stages = (K + kSparse24GemmStageK - 1) / kSparse24GemmStageK;
   const int64_t bm = 8 * int64_t(sparse24_gemm_cuda_m_tiles(M));
   const int64_t blocks =
       ((N / kSparse24MmaTileN + kSparse24GemmBlockNTiles - 1) / kSparse24GemmBlockNTiles) *

@@ -25,18 +25,19 @@
 //   * B fragment (dense, "col"): b_i at k = 2t + (i & 1) + 8 (i >> 1), column g (i = 0..7).
 //   * C/D fragment: c0, c1 at row g, columns 2t, 2t + 1; c2, c3 at row g + 8.
 //
-// Shapes (N % 16 == 0; K % 8 == 0 as in the interchange format, padded to Kp = ceil(K/64) * 64):
-//   values_mma [N/16, Kp/32, 256]  weight dtype. Tile (nt, kt) = rows 16nt..16nt+15, dense
-//                                  columns 32kt..32kt+31; its 256 values are lane-major: value v
-//                                  (0..7) of lane l is element 8l + v, i.e. lane l's A fragment
-//                                  a_v, one 16-byte load per lane per tile.
-//   meta_mma   int32 [N/16, Kp/64, 32]   Pair kp of tile row nt covers k-tiles 2kp (selector 0)
-//                                  and 2kp + 1 (selector 1): word l is the e register of lane l,
-//                                  for k-tile 2kp + (t >> 1), half p = t & 1 (lanes with t < 2
-//                                  feed selector 0, lanes with t >= 2 selector 1). Every lane loads
-//                                  one 32-bit word per 64 K and passes it to both mma.sp.
-// Padding (dense columns K..Kp-1): values 0, metadata nibble 0x4 (idx0 = 0, idx1 = 1: valid and
-// ordered), so padded groups multiply zero weights by the zero-filled x.
+// Shapes (N % 16 == 0 and K % 32 == 0: whole tiles; other weights keep the ROW layout):
+//   values_mma [N, K/2]  weight dtype, the interchange shape (N and K are read from it), holding
+//                        the tiles [N/16, K/32, 256] in order. Tile (nt, kt) = rows 16nt..16nt+15,
+//                        dense columns 32kt..32kt+31; its 256 values are lane-major: value v
+//                        (0..7) of lane l is element 8l + v, i.e. lane l's A fragment a_v, one
+//                        16-byte load per lane per tile.
+//   meta_mma   int32 [N/16, ceil(K/64), 32]   Pair kp of tile row nt covers k-tiles 2kp
+//                        (selector 0) and 2kp + 1 (selector 1): word l is the e register of
+//                        lane l, for k-tile 2kp + (t >> 1), half p = t & 1 (lanes with t < 2 feed
+//                        selector 0, lanes with t >= 2 selector 1). Every lane loads one 32-bit
+//                        word per 64 K and passes it to both mma.sp.
+// Padding: when K/32 is odd, the selector-1 half of the last pair describes no k-tile; it holds
+// nibbles 0x4 (idx0 = 0, idx1 = 1: valid and ordered) and is never used.
 #pragma once
 
 #include <stdint.h>
@@ -50,9 +51,9 @@ constexpr int kSparse24MmaTileK = 32;        // dense K per tile: the k of mma.s
 constexpr int kSparse24MmaTileValues = 256;  // kept values per tile: 32 lanes x 8
 constexpr int kSparse24MmaPairK = 64;        // dense K whose metadata one word per lane holds
 constexpr int kSparse24MmaPairWords = 32;    // words per (tile row, pair): one per lane
-constexpr int kSparse24MmaPadNibble = 0x4;   // metadata of a padding group: idx0 0, idx1 1
+constexpr int kSparse24MmaPadNibble = 0x4;   // metadata of a padding half: idx0 0, idx1 1
 
-// Kp: K rounded up to the metadata pair.
+// K rounded up to the metadata pair: meta_mma has sparse24_mma_padded_k(K) / 64 pairs per row.
 BITPRESS_INLINE int64_t sparse24_mma_padded_k(int64_t K) {
   return (K + kSparse24MmaPairK - 1) / kSparse24MmaPairK * kSparse24MmaPairK;
 }
@@ -71,7 +72,7 @@ BITPRESS_INLINE void sparse24_mma_a_locate(int r, int c, int* lane, int* v) {
   *v = (c & 1) + 2 * (r >> 3) + 4 * (c >> 3);
 }
 
-// Element offset of (tile row nt, k-tile kt, lane, value v) in values_mma; KT = Kp / 32.
+// Element offset of (tile row nt, k-tile kt, lane, value v) in values_mma; KT = K / 32.
 BITPRESS_INLINE int64_t sparse24_mma_value_index(int64_t nt, int64_t kt, int lane, int v,
                                                  int64_t KT) {
   return (nt * KT + kt) * kSparse24MmaTileValues + 8 * lane + v;
@@ -95,7 +96,7 @@ BITPRESS_INLINE void sparse24_mma_meta_locate(int r, int dkt, int j, int* lane, 
 // The sparsity selector of k-tile kt: its metadata sits in lanes with t >> 1 == kt % 2.
 BITPRESS_INLINE int sparse24_mma_selector(int64_t kt) { return int(kt & 1); }
 
-// Word offset of (tile row nt, pair kp, lane) in meta_mma; KP = Kp / 64.
+// Word offset of (tile row nt, pair kp, lane) in meta_mma; KP = ceil(K / 64).
 BITPRESS_INLINE int64_t sparse24_mma_meta_index(int64_t nt, int64_t kp, int lane, int64_t KP) {
   return (nt * KP + kp) * kSparse24MmaPairWords + lane;
 }
