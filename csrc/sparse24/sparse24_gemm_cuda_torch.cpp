@@ -4,7 +4,7 @@
 // registers the CUDA implementation. Checks, then one of two paths (kernel contract:
 // bitpress/sparse24/sparse24_gemm_cuda.h):
 //
-//   * M <= max_m (default 64; the environment variable BITPRESS_SPARSE24_CUDA_MAX_M, read once per
+//   * M <= max_m (default 128; the environment variable BITPRESS_SPARSE24_CUDA_MAX_M, read once per
 //     process, overrides it): the mma.sp kernel sparse24_gemm_cuda (csrc/sparse24/
 //     sparse24_gemm_sm80.cu). At small M the GEMM is bound by reading the weights, which the
 //     kernel reads at 1.125 bytes per dense weight instead of 2.
@@ -35,7 +35,9 @@ namespace {
 
 constexpr const char* kOp = "sparse24_gemm";
 constexpr int64_t kLayoutMma = 1;  // Sparse24Layout.MMA (python/bitpress/sparse24/layout.py)
-constexpr int64_t kDefaultMaxM = 64;
+// Up to 128 rows the kernel still streams the weights once (m-blocks share them through L2) and
+// its sparse mma work stays under the memory time; above, cuBLAS on the dense weight.
+constexpr int64_t kDefaultMaxM = 128;
 
 int64_t kernel_max_m() {
   static const int64_t max_m = [] {

@@ -7,7 +7,7 @@
 // features x 32 K), x^T is B (8 rows of x per mma), so a decode step (M <= 16) issues one or two
 // mma per 16 x 32 weight tile and wastes nothing on padding M up to 16 rows.
 //   * block = 256 threads = 8 warps, 64 output features (4 n16 tiles) x BM = 8 MT rows of x
-//     (MT = 1, 2, 4, 8 by M), stages of 128 K; grid (N/64, ceil(M/BM), S splits of K).
+//     (MT = 1, 2, 4, 8 by M), stages of 128 K; grid (ceil(M/BM), N/64, S splits of K).
 //   * each stage (8 KiB of kept values, 1 KiB of metadata, BM x 256 B of x) is copied global ->
 //     shared with 16-byte cp.async.cg (L2 only: every weight byte is used by one block), kStages
 //     deep, so that the HBM reads of the next stages overlap this one's tensor-core work. At
@@ -124,8 +124,10 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& a) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % kNT, wk = warp / kNT;
-  const int64_t nb = blockIdx.x;
-  const int64_t m0 = int64_t(blockIdx.y) * 8 * MT;
+  // m-blocks vary fastest: the blocks of one weight strip (all rows of x) run side by side, so
+  // that for M > BM the strip is read from HBM once and from L2 by the other m-blocks.
+  const int64_t nb = blockIdx.y;
+  const int64_t m0 = int64_t(blockIdx.x) * 8 * MT;
   const int split = blockIdx.z;
   int64_t st_begin, st_end;
   split_range(a.stages, a.splits, split, &st_begin, &st_end);
@@ -267,8 +269,8 @@ __global__ void __launch_bounds__(kThreads)
 // Dense W from the mma layout: one thread per (tile, lane). A lane's values v and v ^ 1 are the
 // two kept values of one group (sparse24_mma_a_coords), so it writes whole groups of 4.
 __global__ void __launch_bounds__(kThreads)
-    sparse24_decompress_kernel(const uint16_t* values, const uint32_t* meta, int64_t N, int64_t K,
-                               int64_t KT, int64_t KP, uint16_t* out, int64_t out_row_stride) {
+    sparse24_decompress_kernel(const uint16_t* values, const uint32_t* meta, int64_t N, int64_t KT,
+                               int64_t KP, uint16_t* out, int64_t out_row_stride) {
   const int64_t tiles = N / kSparse24MmaTileN * KT;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < tiles * 32;
        i += int64_t(gridDim.x) * kThreads) {
@@ -276,21 +278,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t tile = i / 32, nt = tile / KT, kt = tile % KT;
 #pragma unroll
     for (int v = 0; v < 8; v += 2) {
-      int r, c;
-      sparse24_mma_a_coords(lane, v, &r, &c);
-      const int j = c >> 1;  // group within the tile
-      const int64_t col = kt * kSparse24MmaTileK + 4 * j;
-      if (col >= K) continue;
-      int ml, nib;
-      sparse24_mma_meta_locate(r, int(kt & 1), j, &ml, &nib);
-      const uint32_t word = meta[sparse24_mma_meta_index(nt, kt / 2, ml, KP)];
-      const int code = int(word >> (4 * nib)) & 0xF;
-      const int64_t base = sparse24_mma_value_index(nt, kt, lane, v, KT);
-      const uint16_t v0 = values[base], v1 = values[base + 1];
-      uint16_t* dst = out + (nt * kSparse24MmaTileN + r) * out_row_stride + col;
-      // Selects, not a local array indexed by the code (that would live in local memory).
+      int r, j;
+      uint16_t g4[4];
+      sparse24_mma_expand_group(values, meta, nt, kt, lane, v, KT, KP, &r, &j, g4);
+      uint16_t* dst =
+          out + (nt * kSparse24MmaTileN + r) * out_row_stride + kt * kSparse24MmaTileK + 4 * j;
 #pragma unroll
-      for (int q = 0; q < 4; ++q) dst[q] = q == (code & 3) ? v0 : q == (code >> 2) ? v1 : 0;
+      for (int q = 0; q < 4; ++q) dst[q] = g4[q];
     }
   }
 }
@@ -316,7 +310,7 @@ Status launch_gemm(const GemmArgs& a, int64_t n_blocks, int64_t m_blocks, cudaSt
     if (s != Status::kSuccess) return s;
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
-  const dim3 grid(unsigned(n_blocks), unsigned(m_blocks), unsigned(a.splits));
+  const dim3 grid(unsigned(m_blocks), unsigned(n_blocks), unsigned(a.splits));
   kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(a);
   return cuda_launch_status();
 }
@@ -359,7 +353,9 @@ Status check(const Sparse24GemmCudaParams& p) {
     }
   }
   const int64_t bm = 8 * int64_t(sparse24_gemm_cuda_m_tiles(p.M));
-  if ((p.M + bm - 1) / bm > 65535 || p.N / 64 + 1 > 0x7fffffff) return Status::kInvalidArgument;
+  if ((p.M + bm - 1) / bm > 0x7fffffff || (p.N / kSparse24MmaTileN + kNT - 1) / kNT > 65535) {
+    return Status::kInvalidArgument;
+  }
   const size_t ws = sparse24_gemm_cuda_workspace_size(p);
   if (ws > 0 && (p.workspace == nullptr || p.workspace_bytes < ws ||
                  (reinterpret_cast<uintptr_t>(p.workspace) & 255u) != 0)) {
@@ -427,8 +423,8 @@ Status sparse24_decompress_cuda(const Sparse24DecompressCudaParams& p, void* str
   const int64_t blocks = (threads + kThreads - 1) / kThreads;
   sparse24_decompress_kernel<<<unsigned(blocks < 1048576 ? blocks : 1048576), kThreads, 0,
                                static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const uint16_t*>(p.values), reinterpret_cast<const uint32_t*>(p.meta), p.N, p.K,
-      KT, KP, static_cast<uint16_t*>(p.out), p.out_row_stride);
+      static_cast<const uint16_t*>(p.values), reinterpret_cast<const uint32_t*>(p.meta), p.N, KT,
+      KP, static_cast<uint16_t*>(p.out), p.out_row_stride);
   return cuda_launch_status();
 }
 

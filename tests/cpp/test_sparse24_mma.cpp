@@ -9,7 +9,8 @@
 //      compressed columns, the metadata of the lanes the selector names, B, C), selector 0 / 1 per
 //      k-tile of a pair, the k-warp reduction, split-K ranges, partials summed in split order,
 //      the C fragment -> (m, n) stores; compared with x W^T on the dense weight in double. Ragged
-//      M, K (partial stages and pairs), several tile rows per block, split-K;
+//      M, K (partial stages and pairs), several tile rows per block, split-K; and the large-M
+//      path's decompression (sparse24_mma_expand_group) against the dense weight;
 //   3. the split heuristic and workspace size.
 #include <bitpress/sparse24/sparse24_gemm_cuda.h>
 #include <bitpress/sparse24/sparse24_mma_layout.h>
@@ -247,6 +248,33 @@ void test_gemm(const Problem& pb, std::mt19937& rng) {
         mm[sparse24_mma_meta_index(nt, kp, l, KP)] = w;
       }
     }
+  }
+  // The large-M path's decompression (sparse24_decompress_kernel: one thread per tile and lane,
+  // whole groups from sparse24_mma_expand_group) rebuilds the dense weight exactly, every element
+  // written once.
+  {
+    std::vector<float> w(N * K, std::nanf(""));
+    std::vector<int> writes(N * K, 0);
+    for (int64_t nt = 0; nt < Nt; ++nt) {
+      for (int64_t kt = 0; kt < KT; ++kt) {
+        for (int l = 0; l < 32; ++l) {
+          for (int v = 0; v < 8; v += 2) {
+            int r, j;
+            float g4[4];
+            sparse24_mma_expand_group(vm.data(), mm.data(), nt, kt, l, v, KT, KP, &r, &j, g4);
+            for (int q = 0; q < 4; ++q) {
+              const int64_t idx = (16 * nt + r) * K + 32 * kt + 4 * j + q;
+              w[idx] = g4[q];
+              ++writes[idx];
+            }
+          }
+        }
+      }
+    }
+    bool same = true;
+    for (int64_t i = 0; i < N * K; ++i) same &= writes[i] == 1 && w[i] == dense[i];
+    CHECK(same, "N %lld K %lld: decompression differs from the dense weight", (long long)N,
+          (long long)K);
   }
   // x with a row stride > K (the kernel reads rows by stride).
   const int64_t xs = K + 8;

@@ -101,6 +101,26 @@ BITPRESS_INLINE int64_t sparse24_mma_meta_index(int64_t nt, int64_t kp, int lane
   return (nt * KP + kp) * kSparse24MmaPairWords + lane;
 }
 
+// Decompression of one group: values v and v + 1 (v even) of lane `lane` in tile (nt, kt) are the
+// two kept values of one group (sparse24_mma_a_coords): row *r of the tile, dense columns
+// 32 kt + 4 *j .. +3, written to out4 with zeros at the pruned positions. T: any 16-bit (or
+// wider) element type; KT = K / 32, KP = ceil(K / 64). Shared by the CUDA decompression kernel
+// (the large-M path) and its host test.
+template <typename T>
+BITPRESS_INLINE void sparse24_mma_expand_group(const T* values, const uint32_t* meta, int64_t nt,
+                                               int64_t kt, int lane, int v, int64_t KT, int64_t KP,
+                                               int* r, int* j, T (&out4)[4]) {
+  int c, ml, nib;
+  sparse24_mma_a_coords(lane, v, r, &c);
+  *j = c >> 1;
+  sparse24_mma_meta_locate(*r, int(kt & 1), *j, &ml, &nib);
+  const int code = int(meta[sparse24_mma_meta_index(nt, kt / 2, ml, KP)] >> (4 * nib)) & 0xF;
+  const int64_t base = sparse24_mma_value_index(nt, kt, lane, v, KT);
+  const T v0 = values[base], v1 = values[base + 1];
+  // Selects, not a store to out4[code & 3] (a dynamic index would put out4 in local memory).
+  for (int q = 0; q < 4; ++q) out4[q] = q == (code & 3) ? v0 : q == (code >> 2) ? v1 : T(0);
+}
+
 // B fragment (x^T, k32 x n8, "col"): register j (0..3) of lane holds x[m][k], x[m][k + 1] with
 // m = lane / 4 (row of the n8 tile) and k = 2 (lane % 4) + 8 j; the kernel loads it with one
 // ldmatrix.x4 whose matrix j is columns 8j..8j+7 of the 8 x 32 tile of x.
