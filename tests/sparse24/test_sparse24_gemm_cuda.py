@@ -251,3 +251,20 @@ def test_public_op_and_opcheck():
     out = ops.sparse24_gemm(x, vm, mm, layout=Sparse24Layout.MMA)
     assert _rel(out.cpu(), x.double().cpu() @ dense.T) < TOLERANCE[torch.float16]
     torch.library.opcheck(torch.ops.bitpress.sparse24_gemm, (x, vm, mm, 1, None))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 200])  # the kernel path and the cuBLAS path
+def test_torch_compile_fullgraph(m):
+    op = _op()
+    values, meta, dense = _weights(48, 96, torch.bfloat16, seed=4)
+    vm, mm = (t.cuda() for t in L.to_mma(values, meta))
+    bias = torch.randn(48, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def f(x):
+        return op(x, vm, mm, 1, bias) * 2
+
+    x = torch.randn(m, 96, device="cuda", dtype=torch.bfloat16)
+    ref = (x.double().cpu() @ dense.T + bias.double().cpu()) * 2
+    assert _rel(f(x).cpu(), ref) < TOLERANCE[torch.bfloat16]
