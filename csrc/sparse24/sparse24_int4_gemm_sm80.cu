@@ -73,6 +73,7 @@ struct GemmArgs {
   DType zeros_dtype;
   int z_esize;
   int64_t gk;  // dense K per group
+  int tpg;     // k-tiles per group: gk / 32
   const void* bias;
   DType bias_dtype;
   uint16_t* out;
@@ -242,7 +243,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& a) {
   const int r0 = lane >> 2;
   auto group_consts = [&](const unsigned char* sS, const unsigned char* sZ, int64_t g0, int64_t kt,
                           uint32_t (&z2)[2], uint32_t (&s2)[2], uint32_t (&c2)[2]) {
-    const int gi = int(sparse24_int4_group_of_ktile(kt, a.gk) - g0);
+    const int gi = sparse24_int4_group_of_ktile(int(kt), a.tpg) - int(g0);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int col = wn * kSparse24MmaTileN + r0 + 8 * h;
@@ -282,8 +283,8 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& a) {
       // K / 32 odd: the last pair has one k-tile (its selector-1 metadata is padding).
       if (kt0 + 1 < a.KT) {
         // group_size % 32 == 0: a group boundary may fall between the two k-tiles of a pair.
-        if (sparse24_int4_group_of_ktile(kt0 + 1, a.gk) !=
-            sparse24_int4_group_of_ktile(kt0, a.gk)) {
+        if (sparse24_int4_group_of_ktile(int(kt0) + 1, a.tpg) !=
+            sparse24_int4_group_of_ktile(int(kt0), a.tpg)) {
           group_consts(sS, sZ, g0, kt0 + 1, z2, s2, c2);
         }
         mma_tile<T, MT, 1>(acc, sQw[(wn * kKT + kk0 + 1) * 32 + lane], z2, s2, c2, sX, kk0 + 1,
@@ -439,6 +440,11 @@ Status check(const Sparse24Int4GemmCudaParams& p) {
       return Status::kInvalidArgument;
     }
   }
+  // k-tiles and group indices are 32-bit in the inner loop.
+  if (p.K / kSparse24MmaTileK > 0x7fffffff ||
+      sparse24_int4_group_k(p.group_size, p.K) > 0x7fffffff) {
+    return Status::kInvalidArgument;
+  }
   const int64_t bm = 8 * int64_t(sparse24_int4_gemm_cuda_m_tiles(p.M));
   if ((p.M + bm - 1) / bm > 0x7fffffff || (p.N / kSparse24MmaTileN + kNT - 1) / kNT > 65535) {
     return Status::kInvalidArgument;
@@ -473,6 +479,7 @@ Status sparse24_int4_gemm_cuda(const Sparse24Int4GemmCudaParams& p, void* stream
   a.zeros_dtype = p.zeros_dtype;
   a.z_esize = p.zeros != nullptr ? dtype_size(p.zeros_dtype) : 4;
   a.gk = sparse24_int4_group_k(p.group_size, p.K);
+  a.tpg = int(a.gk / kSparse24MmaTileK);
   a.bias = p.bias;
   a.bias_dtype = p.bias_dtype;
   a.out = static_cast<uint16_t*>(p.out);

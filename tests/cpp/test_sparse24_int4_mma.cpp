@@ -382,7 +382,7 @@ void test_gemm(const Problem& pb, std::mt19937& rng) {
                   const int kk = 2 * pp + dkt;
                   const int64_t kt = st * 8 + kk;
                   if (kt >= KT) continue;
-                  const int gi = int(sparse24_int4_group_of_ktile(kt, gk) - g0);
+                  const int gi = sparse24_int4_group_of_ktile(int(kt), int(gk / 32)) - int(g0);
                   float a[32][8];
                   for (int l = 0; l < 32; ++l) {
                     uint32_t z2[2], s2[2], c2[2];

@@ -70,12 +70,13 @@ BITPRESS_INLINE uint32_t sparse24_int4_mma_splat(uint32_t h) { return (h & 0xFFF
 template <DType T>
 BITPRESS_INLINE void sparse24_int4_mma_group_consts(float s, float z, uint32_t* z_bits,
                                                     uint32_t* s_bits, uint32_t* c_bits) {
-  const float fl = floorf(z);
-  const int zi = fl >= 15.f ? 15 : fl >= 0.f ? int(fl) : 0;  // NaN: 0
-  *z_bits = Int4MmaMagic<T>::kHalf | uint32_t(zi);
+  // fmaxf returns the other operand for a NaN: zi = 0. Kept in float (M + zi is exact in T), so
+  // that no integer conversion sits next to the decode.
+  const float zi = fminf(fmaxf(floorf(z), 0.f), 15.f);
+  *z_bits = int4_mma_scale_bits<T>(T == DType::kFloat16 ? 1024.f + zi : 128.f + zi);
   *s_bits = int4_mma_scale_bits<T>(s);
   const float s_t = int4_mma_half_to_float<T>(*s_bits);
-  const float zf = z - float(zi);
+  const float zf = z - zi;
   *c_bits = zf == 0.f ? 0x8000u : int4_mma_scale_bits<T>(-zf * s_t);
 }
 
@@ -169,9 +170,10 @@ BITPRESS_INLINE int sparse24_int4_sz_smem_byte(int gi, int col, int esize) {
   return gi * kSparse24Int4GroupRowBytes + col * esize;
 }
 
-// The group of absolute k-tile kt.
-BITPRESS_INLINE int64_t sparse24_int4_group_of_ktile(int64_t kt, int64_t gk) {
-  return kt * kSparse24MmaTileK / gk;
+// The group of absolute k-tile kt, with tiles_per_group = group K / 32 (32-bit: a division per
+// k-tile in the kernel's inner loop; K < 2^36 keeps kt in range).
+BITPRESS_INLINE int sparse24_int4_group_of_ktile(int kt, int tiles_per_group) {
+  return kt / tiles_per_group;
 }
 
 }  // namespace bitpress
