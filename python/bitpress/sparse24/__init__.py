@@ -10,7 +10,10 @@ Layers of this package, each importing only those before it:
    ops.
 """
 
-from bitpress.sparse24 import ops  # noqa: F401  (registers the 2:4 ops)
+from bitpress.sparse24 import (
+    hostile,  # noqa: F401  (registers the ops' hostile specs)
+    ops,  # noqa: F401  (registers the 2:4 ops)
+)
 from bitpress.sparse24.layout import Sparse24Layout
 
 __all__ = ["Sparse24Layout"]
