@@ -281,6 +281,8 @@ def test_gemm_errors():
 
 @pytest.mark.gpu
 def test_torch_compile_fullgraph_and_opcheck():
+    """Both go through the fake (bitpress/sparse24/ops.py), which must accept layout MMA (its
+    meta int32 [N/16, ceil(K/64), 32]) for CUDA tensors."""
     op = _op()
     qv, meta, s, z = _weights(48, 96, 32, 4, asym=True, sdtype=torch.bfloat16)
     qm, mm, sc, zp = _cuda(*LI.to_mma_int4(qv, meta), s, z)
@@ -292,5 +294,4 @@ def test_torch_compile_fullgraph_and_opcheck():
 
     x = torch.randn(5, 96, device="cuda", dtype=torch.bfloat16)
     assert _rel(f(x).cpu(), _ref(x, qv, meta, s, z, 32, bias) * 2) < TOLERANCE[torch.bfloat16]
-    # The fake of branch sparse24 must accept layout MMA for this (see bitpress/sparse24/ops.py).
     torch.library.opcheck(op, (x, qm, mm, sc, zp, 32, 1, bias))
