@@ -1,0 +1,304 @@
+"""Triton kernels of fp8_quantize (contract in bitpress.ops.fp8_quantize).
+
+``q = e4m3(x / scale)`` per scale block, with ``scale = amax / 448`` over the block (dynamic) or
+a given scale (static); e4m3 rounds to nearest even and saturates at +-448; NaN stays NaN.
+Granularities map onto one kernel over a 2-D view x [R, C] split into blocks of [BR, BC]
+elements, one scale each:
+
+* "token" (x [..., K] -> R = prod(...), C = K) and "channel" (w [N, K]): blocks [1, C];
+* "block" with block_size [br, bc]: blocks [br, bc] (ragged at the edges);
+* "tensor": one block, dynamic amax over the whole tensor (below).
+
+One program per scale block, fused: it reads the block (in TILE_R x TILE_C tiles), reduces
+amax, writes the scale, and quantizes. When the block fits one tile (``ONE_TILE``) the tile stays
+in registers between the reduction and the quantization; otherwise the block is read twice, the
+second time from cache (L1/L2: a block is at most a row of x or 128 x 128 elements). "tensor"
+with a dynamic scale needs the amax of every element before any can be quantized, which one
+launch cannot do without a grid-wide sync: ``fp8_amax_kernel`` writes one partial amax per
+block of [16, 1024] elements, ``fp8_tensor_scale_kernel`` (one program) reduces them in a fixed
+order (deterministic) and writes the scale, and the static path quantizes with it.
+
+Bit-exact encoding: :func:`f32_to_e4m3` builds the E4M3 code with integer operations (round to
+nearest even by the carry trick on the fp32 bits for normals, the 2^23 trick for subnormals), so
+the result does not depend on the hardware's fp8 conversion (sm_80 has none) or on the
+interpreter's; it equals ``torch.Tensor.to(torch.float8_e4m3fn)`` of the saturated quotient bit
+for bit, including -0 and the sign of NaN. Division is ``div_rn`` (IEEE), not the approximate
+``div.full.f32`` of ``/`` in compiled Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import keep_compilable, launch, new_output
+
+E4M3_MAX = 448.0
+# Scale of an all-zero block (amax = 0): finite and nonzero, so that q = 0 and q * scale = 0.
+ZERO_AMAX_SCALE = 1.0
+DYNAMIC, STATIC = 0, 1
+# Elements per tile (per program step): 4096 x fp32 = 32 registers per thread at 4 warps.
+_TILE_ELEMS = 4096
+# Partial-amax blocks of the "tensor" granularity.
+_AMAX_BLOCK = (16, 1024)
+
+
+@triton.jit
+def f32_to_e4m3(v):
+    """float32 -> E4M3 (float8_e4m3fn) code in an int32 (0..255): round to nearest even,
+    saturate at +-448, NaN -> 0x7F with v's sign bit (as torch's conversion)."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.minimum(tl.abs(v), 448.0)
+    abits = a.to(tl.int32, bitcast=True)
+    # Normal (a >= 2^-6): drop 20 of 23 mantissa bits, rounding to nearest even by the carry;
+    # rebias the exponent from 127 to 7. a <= 448 never rounds up into the NaN code 0x7F.
+    code_n = ((abits + 0x7FFFF + ((abits >> 20) & 1)) >> 20) - (120 << 3)
+    # Subnormal (a < 2^-6): the code is round(a * 2^9) (a code of 8 is 2^-6, the first normal);
+    # adding and subtracting 2^23 rounds to an integer, to nearest even.
+    y = a * 512.0
+    code_s = ((y + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(a < 0.015625, code_s, code_n) | sign
+    return tl.where(v != v, 0x7F | sign, code)
+
+
+@triton.jit
+def _scale_of(amax, ZERO_SCALE: tl.constexpr):
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    return tl.where(amax == 0.0, ZERO_SCALE, s)
+
+
+@triton.jit
+def _abs_or_zero(x):
+    # NaN elements do not take part in the amax (they stay NaN in q).
+    return tl.where(x != x, 0.0, tl.abs(x))
+
+
+@triton.jit
+def _quantize_tile(x_ptr, q_ptr, rows, cols, mask, stride_xr, stride_qr, scale):
+    xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0).to(tl.float32)
+    v = tl.math.div_rn(xv, scale + tl.zeros_like(xv))
+    tl.store(q_ptr + rows * stride_qr + cols, f32_to_e4m3(v).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def fp8_quantize_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    R,
+    C,
+    BR,
+    BC,
+    stride_xr,
+    stride_qr,
+    stride_sr,
+    stride_sc,
+    MODE: tl.constexpr,
+    ZERO_SCALE: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+    TILE_R: tl.constexpr,
+    TILE_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r0 = pid_r.to(tl.int64) * BR
+    c0 = pid_c.to(tl.int64) * BC
+    r_end = tl.minimum(r0 + BR, R)
+    c_end = tl.minimum(c0 + BC, C)
+    tr = tl.arange(0, TILE_R)[:, None]
+    tc = tl.arange(0, TILE_C)[None, :]
+    s_ptr = scale_ptr + pid_r * stride_sr + pid_c * stride_sc
+    if ONE_TILE:
+        rows = r0 + tr
+        cols = c0 + tc
+        mask = (rows < r_end) & (cols < c_end)
+        xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            scale = _scale_of(tl.max(tl.max(_abs_or_zero(xv), axis=1), axis=0), ZERO_SCALE)
+            tl.store(s_ptr, scale)
+        else:
+            scale = tl.load(s_ptr)
+        v = tl.math.div_rn(xv, scale + tl.zeros_like(xv))
+        tl.store(q_ptr + rows * stride_qr + cols, f32_to_e4m3(v).to(tl.uint8), mask=mask)
+    else:
+        if MODE == 0:
+            amax = tl.zeros((TILE_R, TILE_C), dtype=tl.float32)
+            for rr in range(r0, r_end, TILE_R):
+                for cc in range(c0, c_end, TILE_C):
+                    rows = rr + tr
+                    cols = cc + tc
+                    mask = (rows < r_end) & (cols < c_end)
+                    xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0)
+                    amax = tl.maximum(amax, _abs_or_zero(xv.to(tl.float32)))
+            scale = _scale_of(tl.max(tl.max(amax, axis=1), axis=0), ZERO_SCALE)
+            tl.store(s_ptr, scale)
+        else:
+            scale = tl.load(s_ptr)
+        for rr in range(r0, r_end, TILE_R):
+            for cc in range(c0, c_end, TILE_C):
+                rows = rr + tr
+                cols = cc + tc
+                mask = (rows < r_end) & (cols < c_end)
+                _quantize_tile(x_ptr, q_ptr, rows, cols, mask, stride_xr, stride_qr, scale)
+
+
+@triton.jit
+def fp8_amax_kernel(
+    x_ptr,
+    partial_ptr,
+    R,
+    C,
+    stride_xr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # One partial amax per [BLOCK_R, BLOCK_C] block, at partial_ptr[pid_r * n_cb + pid_c].
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    mask = (rows < R) & (cols < C)
+    xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(_abs_or_zero(xv), axis=1), axis=0)
+    tl.store(partial_ptr + pid_r * tl.num_programs(1) + pid_c, amax)
+
+
+@triton.jit
+def fp8_tensor_scale_kernel(
+    partial_ptr, scale_ptr, P, ZERO_SCALE: tl.constexpr, BLOCK: tl.constexpr
+):
+    # max is exact and order-independent: the scale is deterministic.
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK):
+        amax = tl.maximum(amax, tl.load(partial_ptr + p0 + offs, mask=p0 + offs < P, other=0.0))
+    tl.store(scale_ptr, _scale_of(tl.max(amax, axis=0), ZERO_SCALE))
+
+
+keep_compilable(globals(), ("f32_to_e4m3", "_scale_of", "_abs_or_zero", "_quantize_tile"))
+
+
+def _tile(br: int, bc: int) -> tuple[int, int]:
+    tc = min(triton.next_power_of_2(bc), _TILE_ELEMS)
+    tr = min(triton.next_power_of_2(br), max(_TILE_ELEMS // tc, 1))
+    return tr, tc
+
+
+def _rows_2d(t: torch.Tensor, R: int, C: int) -> torch.Tensor:
+    t = t.reshape(R, C)
+    return t if C <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.shape[1] if t.shape[0] <= 1 else t.stride(0)
+
+
+def _launch_blocks(x2, q2, scale2, br, bc, mode):
+    R, C = x2.shape
+    tr, tc = _tile(br, bc)
+    grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
+    # A [1]-shaped static scale is read by every block (strides 0).
+    ssr = scale2.stride(0) if scale2.shape[0] > 1 else 0
+    ssc = scale2.stride(1) if scale2.shape[1] > 1 else 0
+    launch(
+        fp8_quantize_kernel,
+        grid,
+        x2.device,
+        x2,
+        q2,
+        scale2,
+        R,
+        C,
+        br,
+        bc,
+        _row_stride(x2),
+        _row_stride(q2),
+        ssr,
+        ssc,
+        MODE=mode,
+        ZERO_SCALE=ZERO_AMAX_SCALE,
+        ONE_TILE=tr >= br and tc >= bc,
+        TILE_R=tr,
+        TILE_C=tc,
+    )
+
+
+def fp8_quantize(
+    x: torch.Tensor,
+    granularity: str,
+    scale: torch.Tensor | None = None,
+    block_size: list[int] | tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x to E4M3 with fp32 scales; arguments already checked by bitpress.ops.
+
+    Parameters
+    ----------
+    x : Tensor [..., K] (at least 1-D), float32 / float16 / bfloat16, any strides
+    granularity : "tensor" (scale [1]), "token" (scale [..., 1]), "channel" (x [N, K], scale
+        [N, 1]) or "block" (x [M, K] and block_size [br, bc], default [1, 128]: scale
+        [ceil(M/br), ceil(K/bc)])
+    scale : a static fp32 scale of the granularity's shape (or one value), or None (dynamic)
+
+    Returns
+    -------
+    (q float8_e4m3fn of x's shape, scale float32): the given scale when static.
+    """
+    K = x.shape[-1] if x.dim() else 1
+    R = x.numel() // K if K else 0
+    q = new_output(x.shape, torch.float8_e4m3fn, x.device)
+    if granularity == "tensor":
+        # One scale: any blocking of the quantization pass reads it (strides 0).
+        br, bc = _AMAX_BLOCK
+        sshape: tuple[int, ...] = (1,)
+    elif granularity in ("token", "channel"):
+        br, bc = 1, max(K, 1)
+        sshape = (*x.shape[:-1], 1)
+    elif granularity == "block":
+        br, bc = tuple(block_size) if block_size is not None else (1, 128)
+        if x.dim() != 2:
+            raise ValueError(f"fp8_quantize: x must be 2-D for granularity 'block', got {x.dim()}")
+        sshape = (triton.cdiv(R, br), triton.cdiv(K, bc))
+    else:
+        raise ValueError(f"fp8_quantize: granularity {granularity!r} is not known")
+    static = scale is not None
+    if static:
+        out_scale = scale
+    else:
+        out_scale = new_output(sshape, torch.float32, x.device)
+        if x.numel() == 0 and out_scale.numel():
+            out_scale.fill_(ZERO_AMAX_SCALE)
+    if x.numel() == 0:
+        return q, out_scale
+    x2 = _rows_2d(x, R, K)
+    q2 = q.view(torch.uint8).reshape(R, K)
+    if static:
+        s2 = scale.reshape(1, 1) if scale.numel() == 1 else scale.reshape(triton.cdiv(R, br), -1)
+        _launch_blocks(x2, q2, s2, br, bc, STATIC)
+        return q, out_scale
+    if granularity != "tensor":
+        _launch_blocks(x2, q2, out_scale.reshape(triton.cdiv(R, br), -1), br, bc, DYNAMIC)
+        return q, out_scale
+    # Dynamic per-tensor: partial amaxes, one reduce, then the static quantization.
+    ar, ac = _AMAX_BLOCK
+    grid = (triton.cdiv(R, ar), triton.cdiv(K, ac))
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
+    launch(
+        fp8_amax_kernel, grid, x.device, x2, partial, R, K, _row_stride(x2), BLOCK_R=ar, BLOCK_C=ac
+    )
+    launch(
+        fp8_tensor_scale_kernel,
+        (1,),
+        x.device,
+        partial,
+        out_scale,
+        partial.numel(),
+        ZERO_SCALE=ZERO_AMAX_SCALE,
+        BLOCK=1024,
+    )
+    _launch_blocks(x2, q2, out_scale.reshape(1, 1), br, bc, STATIC)
+    return q, out_scale
+
+
+__all__ = ["E4M3_MAX", "ZERO_AMAX_SCALE", "f32_to_e4m3", "fp8_quantize"]
