@@ -16,9 +16,9 @@ The weight is read as bytes and decoded to x's dtype in registers with integer o
 sm_80, wgmma on sm_90. E4M3 is a subset of bf16 and of fp16 (3 mantissa bits, exponents
 2^-9 .. 2^8), so the decode is exact, and scaling the fp32 sums instead of the weights keeps the
 products exact as well: the only roundings are fp32 accumulation and the output. The decode
-builds the fp32 bit pattern directly (no float multiply, so no dependence on denormal
-flushing): sign, exponent + (127 - 7), mantissa << 20 for normals; mantissa * 2^-9 for
-subnormals; S.1111.111 is NaN. fp32 x runs the dot with ``input_precision="ieee"``.
+builds the fp32 bit pattern directly (no multiply by 2^120, so no float denormals anywhere):
+exponent + (127 - 7) and mantissa << 20 for normals; for subnormals (m 2^-9) the normal 2^-6 (1 +
+m/8) minus 2^-6, both exact; S.1111.111 is NaN. fp32 x runs the dot with ``input_precision="ieee"``.
 
 Autotuning: ``@triton.autotune`` on CUDA tensors, key (M_BUCKET, N, K, SCALE). Under the Triton
 interpreter (CPU tensors) a fixed config is used and ``DOT_F32`` makes the dot take fp32 operands
@@ -44,12 +44,12 @@ def e4m3_to_f32(bits):
     """E4M3 (float8_e4m3fn) bit patterns (any integer type, low 8 bits) -> exact float32."""
     b = bits.to(tl.int32) & 0xFF
     e = (b >> 3) & 0xF
-    m = b & 0x7
-    neg = (b & 0x80) != 0
-    normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125  # m * 2^-9
-    sub = tl.where(neg, -sub, sub)
-    v = tl.where(e == 0, sub, normal)
+    sub = e == 0
+    # Exponent rebiased from 7 to 127; a subnormal (e = 0, value m 2^-9) is built as the normal
+    # 2^-6 (1 + m/8) and 2^-6 subtracted: exact, and no int -> float conversion.
+    t = ((tl.where(sub, 121, e + 120) << 23) | ((b & 0x7) << 20)).to(tl.float32, bitcast=True)
+    t = tl.where(sub, t - 0.015625, t)
+    v = tl.where((b & 0x80) != 0, -t, t)
     return tl.where((b & 0x7F) == 0x7F, float("nan"), v)
 
 
@@ -171,7 +171,6 @@ _CONFIGS = [
         (64, 128, 32, 4, 4),
         (128, 64, 32, 4, 4),
         (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
         (64, 64, 16, 4, 3),
     ]
 ]
