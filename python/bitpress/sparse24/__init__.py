@@ -1,0 +1,16 @@
+"""2:4 semi-structured sparsity: at most 2 nonzeros in every 4 consecutive weights along K.
+
+Layers of this package, each importing only those before it:
+
+1. :mod:`~bitpress.sparse24.layout` (the interchange format and the kernel layouts,
+   ``Sparse24Layout``), :mod:`~bitpress.sparse24.reference` (plain torch): torch and core only;
+2. :mod:`~bitpress.sparse24.ops`: ``sparse24_compress``, ``sparse24_gemm``,
+   ``sparse24_int4_gemm``;
+3. :mod:`~bitpress.sparse24.hostile`: what the hostile-input suite (``tests/hostile``) feeds the
+   ops.
+"""
+
+from bitpress.sparse24 import ops  # noqa: F401  (registers the 2:4 ops)
+from bitpress.sparse24.layout import Sparse24Layout
+
+__all__ = ["Sparse24Layout"]
