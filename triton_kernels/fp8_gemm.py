@@ -5,8 +5,8 @@
 ``out_dtype`` (bf16, fp16 or fp32). Scale layouts (fp32):
 
 * ``TENSOR``: scale_a and scale_b hold one value each; applied once to the fp32 sum.
-* ``ROW``: scale_a [M, 1], scale_b [N, 1] (torch._scaled_mm's rowwise recipe); applied once per
-  output element to the fp32 sum.
+* ``ROW``: scale_a [M, 1], scale_b [N, 1] (torch._scaled_mm's rowwise recipe), either of them
+  possibly one value; applied once per output element to the fp32 sum.
 * ``BLOCK``: scale_a [M, ceil(K/128)] (1 x 128 activation blocks), scale_b [ceil(N/128),
   ceil(K/128)] (128 x 128 weight blocks, the DeepSeek-V3 recipe); applied per 128-K step.
 
@@ -143,7 +143,6 @@ _CONFIGS = [
         (64, 128, 4, 4),
         (128, 64, 4, 4),
         (128, 128, 8, 3),
-        (128, 256, 8, 3),
     ]
 ]
 
@@ -155,14 +154,21 @@ fp8_gemm_autotuned = triton.autotune(
 
 
 def scale_layout(M: int, N: int, K: int, scale_a: torch.Tensor, scale_b: torch.Tensor) -> int:
-    """TENSOR if both scales hold one value; ROW if scale_a is [M, 1] and scale_b [N, 1]; BLOCK
-    otherwise (shapes already checked by the op). Where two layouts coincide in shape (N = 1,
-    or K <= 128 with one row block) they coincide in value as well."""
+    """BLOCK if scale_a is [M, ceil(K/128)] and scale_b [ceil(N/128), ceil(K/128)]; else TENSOR
+    if both hold one value; else ROW (scale_a [M, 1] or one value, scale_b [N, 1] or one value:
+    torch._scaled_mm's rowwise recipe and the mixed ones). Shapes already checked by the op;
+    where two layouts coincide in shape they coincide in value."""
+    kb = triton.cdiv(K, SCALE_BLOCK)
+    if tuple(scale_a.shape) == (M, kb) and tuple(scale_b.shape) == (triton.cdiv(N, 128), kb):
+        return BLOCK
     if scale_a.numel() == 1 and scale_b.numel() == 1:
         return TENSOR
-    if tuple(scale_a.shape) == (M, 1) and tuple(scale_b.shape) == (N, 1):
-        return ROW
-    return BLOCK
+    return ROW
+
+
+def _row_scale(s: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A ROW-layout scale as (tensor, stride per row): one value broadcasts with stride 0."""
+    return (s.reshape(1), 0) if s.numel() == 1 else (s, s.stride(0))
 
 
 def _k_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -188,8 +194,8 @@ def fp8_gemm(
     Parameters
     ----------
     a : float8_e4m3fn [M, K];  b : float8_e4m3fn [N, K]
-    scale_a, scale_b : float32, TENSOR ([] / [1] each), ROW ([M, 1] and [N, 1]) or BLOCK
-        ([M, ceil(K/128)] and [ceil(N/128), ceil(K/128)])
+    scale_a, scale_b : float32, TENSOR ([] / [1] each), ROW ([M, 1] or one value and [N, 1] or
+        one value) or BLOCK ([M, ceil(K/128)] and [ceil(N/128), ceil(K/128)])
     bias : [N] any float dtype, or None;  out_dtype : bf16 (default), fp16 or fp32
     config : fixed ``BLOCK_M`` / ``BLOCK_N`` / ``BLOCK_K`` (dividing 128 in the BLOCK layout),
         optional ``GROUP_M``, ``num_warps``, ``num_stages``, instead of autotuning (CUDA) or the
@@ -211,8 +217,12 @@ def fp8_gemm(
         return out
     mode = scale_layout(M, N, K, scale_a, scale_b)
     a, b = _k_contiguous(a), _k_contiguous(b)
-    sa = scale_a.reshape(1, 1) if mode == TENSOR else scale_a
-    sb = scale_b.reshape(1, 1) if mode == TENSOR else scale_b
+    if mode == BLOCK:
+        sa, sb = scale_a, scale_b
+        strides = (sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1))
+    else:
+        (sa, sam), (sb, sbn) = _row_scale(scale_a), _row_scale(scale_b)
+        strides = (sam, 0, sbn, 0)
     bias = bias.contiguous() if bias is not None else None
     on_cpu = a.device.type == "cpu"
     if config is None and on_cpu:
@@ -237,10 +247,7 @@ def fp8_gemm(
         min(triton.next_power_of_2(M), _M_BUCKET_CAP),
         _row_stride(a),
         _row_stride(b),
-        sa.stride(0),
-        sa.stride(1),
-        sb.stride(0),
-        sb.stride(1),
+        *strides,
         out.stride(0),
     )
 

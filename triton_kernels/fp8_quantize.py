@@ -1,7 +1,9 @@
 """Triton kernels of fp8_quantize (contract in bitpress.ops.fp8_quantize).
 
-``q = e4m3(x / scale)`` per scale block, with ``scale = amax / 448`` over the block (dynamic) or
-a given scale (static); e4m3 rounds to nearest even and saturates at +-448; NaN stays NaN.
+``q = e4m3(x / scale)`` per scale block, with ``scale = max(amax / 448, 2^-126)`` over the block
+(dynamic; the rule of bitpress.fp8.reference: an all-zero block gets the smallest normal float32,
+and a NaN in the block makes its scale NaN) or a given scale (static); e4m3 rounds to nearest
+even and saturates at +-448; NaN stays NaN.
 Granularities map onto one kernel over a 2-D view x [R, C] split into blocks of [BR, BC]
 elements, one scale each:
 
@@ -35,8 +37,9 @@ import triton.language as tl
 from ._runtime import keep_compilable, launch, new_output
 
 E4M3_MAX = 448.0
-# Scale of an all-zero block (amax = 0): finite and nonzero, so that q = 0 and q * scale = 0.
-ZERO_AMAX_SCALE = 1.0
+# The smallest computed scale (bitpress.fp8.reference.FP8_MIN_SCALE, the smallest normal
+# float32): an all-zero block gets it, and x / scale never divides by 0.
+MIN_SCALE = float(torch.finfo(torch.float32).tiny)
 DYNAMIC, STATIC = 0, 1
 # Elements per tile (per program step): 4096 x fp32 = 32 registers per thread at 4 warps.
 _TILE_ELEMS = 4096
@@ -64,15 +67,18 @@ def f32_to_e4m3(v):
 
 
 @triton.jit
-def _scale_of(amax, ZERO_SCALE: tl.constexpr):
-    s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-    return tl.where(amax == 0.0, ZERO_SCALE, s)
+def _scale_of(amax_bits, MIN: tl.constexpr):
+    # max(amax / 448, MIN), NaN if amax is NaN (the comparison is false).
+    s = tl.math.div_rn(amax_bits.to(tl.float32, bitcast=True), 448.0)
+    return tl.where(s < MIN, MIN, s)
 
 
 @triton.jit
-def _abs_or_zero(x):
-    # NaN elements do not take part in the amax (they stay NaN in q).
-    return tl.where(x != x, 0.0, tl.abs(x))
+def _abs_bits(x):
+    # |x| as int32 bits: ordered as the values for non-negative floats, and every NaN above +inf,
+    # so an integer max is amax with NaN propagated -- the same compiled and interpreted (a float
+    # max's NaN handling differs between the two).
+    return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -96,7 +102,7 @@ def fp8_quantize_kernel(
     stride_sr,
     stride_sc,
     MODE: tl.constexpr,
-    ZERO_SCALE: tl.constexpr,
+    MIN: tl.constexpr,
     ONE_TILE: tl.constexpr,
     TILE_R: tl.constexpr,
     TILE_C: tl.constexpr,
@@ -116,7 +122,7 @@ def fp8_quantize_kernel(
         mask = (rows < r_end) & (cols < c_end)
         xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0).to(tl.float32)
         if MODE == 0:
-            scale = _scale_of(tl.max(tl.max(_abs_or_zero(xv), axis=1), axis=0), ZERO_SCALE)
+            scale = _scale_of(tl.max(tl.max(_abs_bits(xv), axis=1), axis=0), MIN)
             tl.store(s_ptr, scale)
         else:
             scale = tl.load(s_ptr)
@@ -124,15 +130,15 @@ def fp8_quantize_kernel(
         tl.store(q_ptr + rows * stride_qr + cols, f32_to_e4m3(v).to(tl.uint8), mask=mask)
     else:
         if MODE == 0:
-            amax = tl.zeros((TILE_R, TILE_C), dtype=tl.float32)
+            amax = tl.zeros((TILE_R, TILE_C), dtype=tl.int32)
             for rr in range(r0, r_end, TILE_R):
                 for cc in range(c0, c_end, TILE_C):
                     rows = rr + tr
                     cols = cc + tc
                     mask = (rows < r_end) & (cols < c_end)
                     xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0)
-                    amax = tl.maximum(amax, _abs_or_zero(xv.to(tl.float32)))
-            scale = _scale_of(tl.max(tl.max(amax, axis=1), axis=0), ZERO_SCALE)
+                    amax = tl.maximum(amax, _abs_bits(xv))
+            scale = _scale_of(tl.max(tl.max(amax, axis=1), axis=0), MIN)
             tl.store(s_ptr, scale)
         else:
             scale = tl.load(s_ptr)
@@ -154,30 +160,29 @@ def fp8_amax_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # One partial amax per [BLOCK_R, BLOCK_C] block, at partial_ptr[pid_r * n_cb + pid_c].
+    # One partial amax (int32 bits, _abs_bits) per [BLOCK_R, BLOCK_C] block, at
+    # partial_ptr[pid_r * n_cb + pid_c].
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     mask = (rows < R) & (cols < C)
-    xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(_abs_or_zero(xv), axis=1), axis=0)
+    xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0)
+    amax = tl.max(tl.max(_abs_bits(xv), axis=1), axis=0)
     tl.store(partial_ptr + pid_r * tl.num_programs(1) + pid_c, amax)
 
 
 @triton.jit
-def fp8_tensor_scale_kernel(
-    partial_ptr, scale_ptr, P, ZERO_SCALE: tl.constexpr, BLOCK: tl.constexpr
-):
-    # max is exact and order-independent: the scale is deterministic.
+def fp8_tensor_scale_kernel(partial_ptr, scale_ptr, P, MIN: tl.constexpr, BLOCK: tl.constexpr):
+    # An integer max is exact and order-independent: the scale is deterministic.
     offs = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    amax = tl.zeros((BLOCK,), dtype=tl.int32)
     for p0 in range(0, P, BLOCK):
-        amax = tl.maximum(amax, tl.load(partial_ptr + p0 + offs, mask=p0 + offs < P, other=0.0))
-    tl.store(scale_ptr, _scale_of(tl.max(amax, axis=0), ZERO_SCALE))
+        amax = tl.maximum(amax, tl.load(partial_ptr + p0 + offs, mask=p0 + offs < P, other=0))
+    tl.store(scale_ptr, _scale_of(tl.max(amax, axis=0), MIN))
 
 
-keep_compilable(globals(), ("f32_to_e4m3", "_scale_of", "_abs_or_zero", "_quantize_tile"))
+keep_compilable(globals(), ("f32_to_e4m3", "_scale_of", "_abs_bits", "_quantize_tile"))
 
 
 def _tile(br: int, bc: int) -> tuple[int, int]:
@@ -218,7 +223,7 @@ def _launch_blocks(x2, q2, scale2, br, bc, mode):
         ssr,
         ssc,
         MODE=mode,
-        ZERO_SCALE=ZERO_AMAX_SCALE,
+        MIN=MIN_SCALE,
         ONE_TILE=tr >= br and tc >= bc,
         TILE_R=tr,
         TILE_C=tc,
@@ -237,15 +242,16 @@ def fp8_quantize(
     ----------
     x : Tensor [..., K] (at least 1-D), float32 / float16 / bfloat16, any strides
     granularity : "tensor" (scale [1]), "token" (scale [..., 1]), "channel" (x [N, K], scale
-        [N, 1]) or "block" (x [M, K] and block_size [br, bc], default [1, 128]: scale
-        [ceil(M/br), ceil(K/bc)])
-    scale : a static fp32 scale of the granularity's shape (or one value), or None (dynamic)
+        [N, 1]) or "block" with block_size [br, bc] (default [1, 128]): scale [..., ceil(K/bc)]
+        for br = 1, [ceil(R/br), ceil(K/bc)] for a 2-D x [R, K] otherwise
+    scale : a static fp32 scale of the granularity's shape ([] or [1] for "tensor"), or None
 
     Returns
     -------
-    (q float8_e4m3fn of x's shape, scale float32): the given scale when static.
+    (q float8_e4m3fn of x's shape, scale float32 of the granularity's shape; a copy of a given
+    scale).
     """
-    K = x.shape[-1] if x.dim() else 1
+    K = x.shape[-1]
     R = x.numel() // K if K else 0
     q = new_output(x.shape, torch.float8_e4m3fn, x.device)
     if granularity == "tensor":
@@ -256,34 +262,32 @@ def fp8_quantize(
         br, bc = 1, max(K, 1)
         sshape = (*x.shape[:-1], 1)
     elif granularity == "block":
-        br, bc = tuple(block_size) if block_size is not None else (1, 128)
-        if x.dim() != 2:
-            raise ValueError(f"fp8_quantize: x must be 2-D for granularity 'block', got {x.dim()}")
-        sshape = (triton.cdiv(R, br), triton.cdiv(K, bc))
+        br, bc = (int(v) for v in block_size) if block_size is not None else (1, 128)
+        lead = tuple(x.shape[:-1]) if br == 1 else (triton.cdiv(R, br),)
+        sshape = (*lead, triton.cdiv(K, bc))
     else:
         raise ValueError(f"fp8_quantize: granularity {granularity!r} is not known")
-    static = scale is not None
-    if static:
-        out_scale = scale
+    if scale is not None:
+        out_scale = scale.float().reshape(sshape).clone()
     else:
         out_scale = new_output(sshape, torch.float32, x.device)
-        if x.numel() == 0 and out_scale.numel():
-            out_scale.fill_(ZERO_AMAX_SCALE)
+        if x.numel() == 0:
+            out_scale.fill_(MIN_SCALE)  # the amax of nothing is 0
     if x.numel() == 0:
         return q, out_scale
     x2 = _rows_2d(x, R, K)
     q2 = q.view(torch.uint8).reshape(R, K)
-    if static:
-        s2 = scale.reshape(1, 1) if scale.numel() == 1 else scale.reshape(triton.cdiv(R, br), -1)
+    s2 = out_scale.reshape(1, 1) if granularity == "tensor" else out_scale.reshape(-1, sshape[-1])
+    if scale is not None:
         _launch_blocks(x2, q2, s2, br, bc, STATIC)
         return q, out_scale
     if granularity != "tensor":
-        _launch_blocks(x2, q2, out_scale.reshape(triton.cdiv(R, br), -1), br, bc, DYNAMIC)
+        _launch_blocks(x2, q2, s2, br, bc, DYNAMIC)
         return q, out_scale
     # Dynamic per-tensor: partial amaxes, one reduce, then the static quantization.
     ar, ac = _AMAX_BLOCK
     grid = (triton.cdiv(R, ar), triton.cdiv(K, ac))
-    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device)
     launch(
         fp8_amax_kernel, grid, x.device, x2, partial, R, K, _row_stride(x2), BLOCK_R=ar, BLOCK_C=ac
     )
@@ -294,11 +298,11 @@ def fp8_quantize(
         partial,
         out_scale,
         partial.numel(),
-        ZERO_SCALE=ZERO_AMAX_SCALE,
+        MIN=MIN_SCALE,
         BLOCK=1024,
     )
-    _launch_blocks(x2, q2, out_scale.reshape(1, 1), br, bc, STATIC)
+    _launch_blocks(x2, q2, s2, br, bc, STATIC)
     return q, out_scale
 
 
-__all__ = ["E4M3_MAX", "ZERO_AMAX_SCALE", "f32_to_e4m3", "fp8_quantize"]
+__all__ = ["E4M3_MAX", "MIN_SCALE", "f32_to_e4m3", "fp8_quantize"]

@@ -28,6 +28,8 @@ import torch
 
 from bitpress.testing import _triton_asm, cuobjdump, rel_err
 
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
 E4M3 = torch.float8_e4m3fn
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3}
@@ -65,7 +67,7 @@ def _block_expand(s: torch.Tensor, rows: int, cols: int, br: int, bc: int) -> to
 
 
 def _quantize_ref(x: torch.Tensor, granularity: str, scale=None, block_size=None):
-    """The plain-torch formula: scale = amax / 448 per block (NaN ignored; amax 0 -> 1.0),
+    """The plain-torch formula: scale = max(amax / 448, 2^-126) per block (NaN propagates),
     q = e4m3(clamp(x / scale, +-448)) rounded to nearest even, NaN kept."""
     xf = x.float()
     K = x.shape[-1]
@@ -78,20 +80,35 @@ def _quantize_ref(x: torch.Tensor, granularity: str, scale=None, block_size=None
     x2 = xf.reshape(-1, K)
     R = x2.shape[0]
     if scale is None:
-        a = x2.abs().nan_to_num(nan=0.0)
         pr, pc = -(-R // br) * br, -(-K // bc) * bc
         pad = torch.zeros(pr, pc)
-        pad[:R, :K] = a
+        pad[:R, :K] = x2.abs()
         amax = pad.reshape(pr // br, br, pc // bc, bc).amax((1, 3))
-        s = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0)
+        s = amax / 448.0
+        s = torch.where(s < MIN_SCALE, torch.full_like(s, MIN_SCALE), s)
     else:
-        s = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(1, 1)
-        if granularity == "block":
-            s = scale.float()
-    full = _block_expand(s, R, K, br, bc) if s.numel() > 1 else s
-    q = (x2 / full).clamp(-448.0, 448.0)
-    q = torch.where(x2.isnan(), x2, q).to(E4M3)  # clamp keeps NaN; to() maps it to 0x7F | sign
+        s = scale.float().reshape(-1, 1) if granularity != "block" else scale.float()
+    if granularity == "block" and br == 1:
+        s = s.reshape(R, -1)
+    full = _block_expand(s, R, K, br, bc) if s.numel() > 1 else s.reshape(1, 1)
+    q = (x2 / full).clamp(-448.0, 448.0).to(E4M3)  # clamp keeps NaN
     return q.reshape(x.shape), s
+
+
+def _same_e4m3(q: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal codes where finite, NaN at the same places (a NaN's sign bit may differ)."""
+    qn, wn = q.float().isnan(), want.float().isnan()
+    return torch.equal(qn, wn) and torch.equal(
+        q.view(torch.uint8)[~qn], want.view(torch.uint8)[~wn]
+    )
+
+
+def _same_scale(s: torch.Tensor, want: torch.Tensor) -> bool:
+    return (
+        s.shape == want.shape
+        and torch.equal(s.isnan(), want.isnan())
+        and torch.equal(s[~s.isnan()], want[~want.isnan()])
+    )
 
 
 def _quantize(*args, **kw):
@@ -135,6 +152,7 @@ QUANT_CASES = [
     ((3, 5000), "token", None),  # a row longer than one tile: two passes over the row
     ((33, 200), "channel", None),
     ((9, 300), "block", (1, 128)),
+    ((2, 3, 300), "block", (1, 128)),
     ((200, 260), "block", (128, 128)),
     ((20, 2100), "tensor", None),  # several partial amaxes
     ((5,), "tensor", None),
@@ -149,24 +167,45 @@ QUANT_CASES = [
 def test_quantize_dynamic(shape, granularity, block, dtype):
     gen = _gen(2)
     x = (torch.randn(shape, generator=gen) * 3).to(dtype)
-    flat = x.view(-1)
-    flat[3] = float("nan")  # stays NaN, and does not poison its block's scale
-    if flat.numel() > 200:
-        flat[100:140] = 0.0
-    if x.dim() == 2 and x.shape[0] > 1 and granularity != "tensor":
-        x[1] = 0.0  # an all-zero row / block: scale 1.0
+    x2 = x.view(-1, x.shape[-1])
+    if x2.shape[0] > 2 and granularity != "tensor":
+        x2[1] = 0.0  # an all-zero row / block: scale 2^-126
+        x2[2, 3] = float("nan")  # its row / block: scale NaN, q NaN
     q, s = _quantize(x, granularity, block_size=block)
     rq, rs = _quantize_ref(x, granularity, block_size=block)
     assert q.dtype == E4M3 and q.shape == x.shape and s.dtype == torch.float32
-    assert torch.equal(s.reshape(rs.shape), rs)
-    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
-    assert q.view(-1)[3].float().isnan()
+    assert _same_scale(s.reshape(rs.shape), rs)
+    assert _same_e4m3(q, rq)
     want_shape = {
         "tensor": (1,),
         "token": (*x.shape[:-1], 1),
         "channel": (x.shape[0], 1),
-    }.get(granularity, rs.shape)
+    }.get(granularity)
+    if granularity == "block":
+        want_shape = (
+            (*x.shape[:-1], -(-x.shape[-1] // block[1]))
+            if block[0] == 1
+            else (-(-x.shape[0] // block[0]), -(-x.shape[-1] // block[1]))
+        )
     assert s.shape == want_shape
+    if x2.shape[0] > 2 and granularity in ("token", "channel"):
+        s2 = s.reshape(-1)
+        assert s2[1] == MIN_SCALE and s2[2].isnan() and s2[0].isfinite()
+
+
+@pytest.mark.interpreter
+def test_quantize_tensor_nan_and_inf():
+    """A NaN anywhere makes the per-tensor scale NaN (every q NaN); an inf makes it inf (finite x
+    -> 0, inf / inf -> NaN), as the reference's formula does."""
+    x = torch.randn(40, 1100)
+    x[37, 1050] = float("nan")
+    q, s = _quantize(x, "tensor")
+    assert s.isnan().all() and q.float().isnan().all()
+    x[37, 1050] = float("inf")
+    q, s = _quantize(x, "tensor")
+    rq, rs = _quantize_ref(x, "tensor")
+    assert torch.equal(s, rs.reshape(1)) and s.isinf().all()
+    assert _same_e4m3(q, rq)
 
 
 @pytest.mark.interpreter
@@ -185,7 +224,7 @@ def test_quantize_static_scale_saturates(granularity, block):
         scale = torch.rand(2, 3, generator=gen) * 0.1 + 0.01
     q, s = _quantize(x, granularity, scale=scale, block_size=block)
     rq, _ = _quantize_ref(x, granularity, scale=scale, block_size=block)
-    assert s is scale
+    assert s is not scale and torch.equal(s, scale.reshape(s.shape))  # a copy
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
     assert (q.float().abs() == 448.0).any()
 
@@ -201,7 +240,9 @@ def test_quantize_strided_and_empty():
     q, s = _quantize(torch.randn(0, 64), "token")
     assert q.shape == (0, 64) and s.shape == (0, 1)
     q, s = _quantize(torch.zeros(4, 64), "tensor")
-    assert torch.equal(s, torch.ones(1)) and not q.float().any()
+    assert torch.equal(s, torch.full((1,), MIN_SCALE)) and not q.float().any()
+    q, s = _quantize(torch.randn(3, 0), "token")
+    assert q.shape == (3, 0) and torch.equal(s, torch.full((3, 1), MIN_SCALE))
 
 
 # ------------------------------------------------------------------------------------------
@@ -213,14 +254,14 @@ def _gemm_ref64(a, b, sa, sb, bias):
     A, B = a.double(), b.double()
     M, K = A.shape
     N = B.shape[0]
-    if sa.numel() == 1 and sb.numel() == 1:
-        y = (A @ B.T) * sa.double().item() * sb.double().item()
-    elif tuple(sa.shape) == (M, 1) and tuple(sb.shape) == (N, 1):
-        y = (A * sa.double()) @ (B * sb.double()).T
-    else:
-        SA = _block_expand(sa.double(), M, K, 1, 128)
-        SB = _block_expand(sb.double(), N, K, 128, 128)
-        y = (A * SA) @ (B * SB).T
+    kb = -(-K // 128)
+    if tuple(sa.shape) == (M, kb) and tuple(sb.shape) == (-(-N // 128), kb):
+        A = A * _block_expand(sa.double(), M, K, 1, 128)
+        B = B * _block_expand(sb.double(), N, K, 128, 128)
+    else:  # one value or one per row, each side
+        A = A * (sa.double().reshape(()) if sa.numel() == 1 else sa.double())
+        B = B * (sb.double().reshape(()) if sb.numel() == 1 else sb.double())
+    y = A @ B.T
     return y if bias is None else y + bias.double()
 
 
@@ -263,6 +304,23 @@ def test_gemm_matches_reference(shape, layout, out_dtype):
             out_dtype=torch.float32,
         )
         assert rel_err(out, sm) <= 1e-6
+
+
+@pytest.mark.interpreter
+def test_gemm_mixed_row_and_tensor_scales():
+    """One side per tensor, the other per row (both ways), and a 2-D [1, 1] single scale."""
+    from bitpress.triton_kernels.fp8_gemm import fp8_gemm
+
+    M, N, K = 9, 70, 150
+    gen = _gen(12)
+    a, b = _e4m3((M, K), gen), _e4m3((N, K), gen)
+    for sa, sb in [
+        (torch.rand(M, 1, generator=gen) + 0.5, torch.tensor([1.5])),
+        (torch.tensor(0.75), torch.rand(N, 1, generator=gen) + 0.5),
+        (torch.tensor([[0.5]]), torch.tensor(2.0)),
+    ]:
+        out = fp8_gemm(a, b, sa, sb, None, torch.float32)
+        assert rel_err(out, _gemm_ref64(a, b, sa, sb, None)) <= 1e-6
 
 
 @pytest.mark.interpreter
@@ -482,7 +540,7 @@ def _quantize_job(arch, one_tile, tile):
     sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "scale_ptr": "*fp32"}
     names = ["R", "C", "BR", "BC", "stride_xr", "stride_qr", "stride_sr", "stride_sc"]
     sig.update(dict.fromkeys(names, "i32"))
-    cx = {"MODE": 0, "ZERO_SCALE": 1.0, "ONE_TILE": one_tile, "TILE_R": tile[0], "TILE_C": tile[1]}
+    cx = {"MODE": 0, "MIN": MIN_SCALE, "ONE_TILE": one_tile, "TILE_R": tile[0], "TILE_C": tile[1]}
     div = ["x_ptr", "q_ptr", "stride_xr", "stride_qr"]
     return _job("fp8_quantize", "fp8_quantize_kernel", sig, cx, arch, 4, 3, div)
 
