@@ -639,6 +639,44 @@ def test_autotune_pruning():
                     assert prod <= 512 * 32 * c.num_warps
 
 
+_INTERPRETED_IMPORT_SCRIPT = r"""
+import torch
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+from bitpress.triton_kernels import _runtime, fp8_gemm, fp8_quantize, fp8_weight_gemm
+
+cuda = torch.device("cuda")
+assert type(fp8_gemm.fp8_gemm_kernel) is InterpretedFunction
+kernels = (fp8_gemm.fp8_gemm_kernel, fp8_weight_gemm.fp8_weight_gemm_kernel,
+           fp8_quantize.fp8_quantize_kernel, fp8_quantize.fp8_amax_kernel,
+           fp8_quantize.fp8_tensor_scale_kernel)
+for k in kernels:
+    assert type(_runtime.for_device(k, cuda)) is JITFunction
+for t in (fp8_gemm.fp8_gemm_autotuned, fp8_weight_gemm.fp8_weight_gemm_autotuned):
+    a = _runtime.for_device(t, cuda)
+    assert isinstance(a, Autotuner) and type(a.fn) is JITFunction
+helpers = (fp8_weight_gemm.e4m3_to_f32, fp8_quantize.f32_to_e4m3, fp8_quantize._scale_of,
+           fp8_quantize._abs_bits, fp8_quantize._quantize_tile)
+assert all(type(h) is JITFunction for h in helpers)
+print("ok")
+"""
+
+
+def test_cuda_launch_after_interpreted_import_is_compiled():
+    """Imported under TRITON_INTERPRET=1 (triton decides at decoration time), the kernels,
+    autotuners and helpers still give compiled JITFunctions for CUDA launches."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED_IMPORT_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------
