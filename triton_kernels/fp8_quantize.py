@@ -11,14 +11,16 @@ elements, one scale each:
 * "block" with block_size [br, bc]: blocks [br, bc] (ragged at the edges);
 * "tensor": one block, dynamic amax over the whole tensor (below).
 
-One program per scale block, fused: it reads the block (in TILE_R x TILE_C tiles), reduces
-amax, writes the scale, and quantizes. When the block fits one tile (``ONE_TILE``) the tile stays
-in registers between the reduction and the quantization; otherwise the block is read twice, the
-second time from cache (L1/L2: a block is at most a row of x or 128 x 128 elements). "tensor"
-with a dynamic scale needs the amax of every element before any can be quantized, which one
-launch cannot do without a grid-wide sync: ``fp8_amax_kernel`` writes one partial amax per
-block of [16, 1024] elements, ``fp8_tensor_scale_kernel`` (one program) reduces them in a fixed
-order (deterministic) and writes the scale, and the static path quantizes with it.
+Fused, one read of x per scale block: a block of at most 4096 elements (padded to powers of
+two) is quantized by ``fp8_quantize_blocks_kernel``, which holds GR x GC such blocks per program
+in registers (e.g. 8 rows of 300 for "token", a 2 x 32 grid of 1 x 16 blocks), reduces each
+block's amax, writes its scale and quantizes. A larger block (a long row, 128 x 128) gets one
+program of ``fp8_quantize_kernel``, which reduces the amax over TILE_R x TILE_C tiles and then
+quantizes in a second pass over the block, read from cache (L1/L2). "tensor" with a dynamic
+scale needs the amax of every element before any can be quantized, which one launch cannot do
+without a grid-wide sync: ``fp8_amax_kernel`` writes one partial amax per block of [16, 1024]
+elements, ``fp8_tensor_scale_kernel`` (one program) reduces them in a fixed order
+(deterministic) and writes the scale, and the static path quantizes with it.
 
 Bit-exact encoding: :func:`f32_to_e4m3` builds the E4M3 code with integer operations (round to
 nearest even by the carry trick on the fp32 bits for normals, the 2^23 trick for subnormals), so
@@ -89,6 +91,53 @@ def _quantize_tile(x_ptr, q_ptr, rows, cols, mask, stride_xr, stride_qr, scale):
 
 
 @triton.jit
+def fp8_quantize_blocks_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    R,
+    C,
+    BR,
+    BC,
+    NBR,
+    NBC,
+    stride_xr,
+    stride_qr,
+    stride_sr,
+    stride_sc,
+    MODE: tl.constexpr,
+    MIN: tl.constexpr,
+    GR: tl.constexpr,
+    PBR: tl.constexpr,
+    GC: tl.constexpr,
+    PBC: tl.constexpr,
+):
+    # GR x GC scale blocks of [BR, BC] elements per program, held as a [GR, PBR, GC, PBC] tile
+    # (PBR, PBC = BR, BC rounded up to powers of two; the padding is masked): one read of x,
+    # the amax of each block a reduction over axes 3 and 1.
+    gr = tl.arange(0, GR)[:, None, None, None]
+    i = tl.arange(0, PBR)[None, :, None, None]
+    gc = tl.arange(0, GC)[None, None, :, None]
+    j = tl.arange(0, PBC)[None, None, None, :]
+    brow = tl.program_id(0).to(tl.int64) * GR + gr
+    bcol = tl.program_id(1).to(tl.int64) * GC + gc
+    rows = brow * BR + i
+    cols = bcol * BC + j
+    mask = (i < BR) & (j < BC) & (rows < R) & (cols < C)
+    xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0)
+    s_off = tl.reshape(brow, (GR, 1)) * stride_sr + tl.reshape(bcol, (1, GC)) * stride_sc
+    s_mask = (tl.reshape(brow, (GR, 1)) < NBR) & (tl.reshape(bcol, (1, GC)) < NBC)
+    if MODE == 0:
+        scale = _scale_of(tl.max(tl.max(_abs_bits(xv), axis=3), axis=1), MIN)  # [GR, GC]
+        tl.store(scale_ptr + s_off, scale, mask=s_mask)
+    else:
+        scale = tl.load(scale_ptr + s_off, mask=s_mask, other=1.0)
+    sb = tl.reshape(scale, (GR, 1, GC, 1))
+    v = tl.math.div_rn(xv.to(tl.float32), sb + tl.zeros(xv.shape, tl.float32))
+    tl.store(q_ptr + rows * stride_qr + cols, f32_to_e4m3(v).to(tl.uint8), mask=mask)
+
+
+@triton.jit
 def fp8_quantize_kernel(
     x_ptr,
     q_ptr,
@@ -103,10 +152,11 @@ def fp8_quantize_kernel(
     stride_sc,
     MODE: tl.constexpr,
     MIN: tl.constexpr,
-    ONE_TILE: tl.constexpr,
     TILE_R: tl.constexpr,
     TILE_C: tl.constexpr,
 ):
+    # One scale block larger than a tile per program: amax over TILE_R x TILE_C tiles, then a
+    # second pass (from cache) that quantizes.
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     r0 = pid_r.to(tl.int64) * BR
@@ -116,38 +166,25 @@ def fp8_quantize_kernel(
     tr = tl.arange(0, TILE_R)[:, None]
     tc = tl.arange(0, TILE_C)[None, :]
     s_ptr = scale_ptr + pid_r * stride_sr + pid_c * stride_sc
-    if ONE_TILE:
-        rows = r0 + tr
-        cols = c0 + tc
-        mask = (rows < r_end) & (cols < c_end)
-        xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 0:
-            scale = _scale_of(tl.max(tl.max(_abs_bits(xv), axis=1), axis=0), MIN)
-            tl.store(s_ptr, scale)
-        else:
-            scale = tl.load(s_ptr)
-        v = tl.math.div_rn(xv, scale + tl.zeros_like(xv))
-        tl.store(q_ptr + rows * stride_qr + cols, f32_to_e4m3(v).to(tl.uint8), mask=mask)
-    else:
-        if MODE == 0:
-            amax = tl.zeros((TILE_R, TILE_C), dtype=tl.int32)
-            for rr in range(r0, r_end, TILE_R):
-                for cc in range(c0, c_end, TILE_C):
-                    rows = rr + tr
-                    cols = cc + tc
-                    mask = (rows < r_end) & (cols < c_end)
-                    xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0)
-                    amax = tl.maximum(amax, _abs_bits(xv))
-            scale = _scale_of(tl.max(tl.max(amax, axis=1), axis=0), MIN)
-            tl.store(s_ptr, scale)
-        else:
-            scale = tl.load(s_ptr)
+    if MODE == 0:
+        amax = tl.zeros((TILE_R, TILE_C), dtype=tl.int32)
         for rr in range(r0, r_end, TILE_R):
             for cc in range(c0, c_end, TILE_C):
                 rows = rr + tr
                 cols = cc + tc
                 mask = (rows < r_end) & (cols < c_end)
-                _quantize_tile(x_ptr, q_ptr, rows, cols, mask, stride_xr, stride_qr, scale)
+                xv = tl.load(x_ptr + rows * stride_xr + cols, mask=mask, other=0.0)
+                amax = tl.maximum(amax, _abs_bits(xv))
+        scale = _scale_of(tl.max(tl.max(amax, axis=1), axis=0), MIN)
+        tl.store(s_ptr, scale)
+    else:
+        scale = tl.load(s_ptr)
+    for rr in range(r0, r_end, TILE_R):
+        for cc in range(c0, c_end, TILE_C):
+            rows = rr + tr
+            cols = cc + tc
+            mask = (rows < r_end) & (cols < c_end)
+            _quantize_tile(x_ptr, q_ptr, rows, cols, mask, stride_xr, stride_qr, scale)
 
 
 @triton.jit
@@ -191,6 +228,14 @@ def _tile(br: int, bc: int) -> tuple[int, int]:
     return tr, tc
 
 
+def _blocks_per_program(pbr: int, pbc: int, nbr: int, nbc: int, elems: int) -> tuple[int, int]:
+    """(GR, GC): as many blocks per program as fit ``elems`` padded elements, along the columns
+    of the scale grid first."""
+    gc = min(triton.next_power_of_2(nbc), max(elems // (pbr * pbc), 1))
+    gr = min(triton.next_power_of_2(nbr), max(elems // (pbr * pbc * gc), 1))
+    return gr, gc
+
+
 def _rows_2d(t: torch.Tensor, R: int, C: int) -> torch.Tensor:
     t = t.reshape(R, C)
     return t if C <= 1 or t.stride(1) == 1 else t.contiguous()
@@ -202,29 +247,43 @@ def _row_stride(t: torch.Tensor) -> int:
 
 def _launch_blocks(x2, q2, scale2, br, bc, mode):
     R, C = x2.shape
-    tr, tc = _tile(br, bc)
-    grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
+    nbr, nbc = triton.cdiv(R, br), triton.cdiv(C, bc)
     # A [1]-shaped static scale is read by every block (strides 0).
     ssr = scale2.stride(0) if scale2.shape[0] > 1 else 0
     ssc = scale2.stride(1) if scale2.shape[1] > 1 else 0
+    pbr, pbc = triton.next_power_of_2(br), triton.next_power_of_2(bc)
+    common = (x2, q2, scale2, R, C, br, bc)
+    strides = (_row_stride(x2), _row_stride(q2), ssr, ssc)
+    if pbr * pbc <= _TILE_ELEMS:
+        # The interpreter's cost is per program and per operation, not per element: it takes
+        # larger tiles.
+        elems = _TILE_ELEMS * (4 if x2.device.type == "cpu" else 1)
+        gr, gc = _blocks_per_program(pbr, pbc, nbr, nbc, elems)
+        launch(
+            fp8_quantize_blocks_kernel,
+            (triton.cdiv(nbr, gr), triton.cdiv(nbc, gc)),
+            x2.device,
+            *common,
+            nbr,
+            nbc,
+            *strides,
+            MODE=mode,
+            MIN=MIN_SCALE,
+            GR=gr,
+            PBR=pbr,
+            GC=gc,
+            PBC=pbc,
+        )
+        return
+    tr, tc = _tile(br, bc)
     launch(
         fp8_quantize_kernel,
-        grid,
+        (nbr, nbc),
         x2.device,
-        x2,
-        q2,
-        scale2,
-        R,
-        C,
-        br,
-        bc,
-        _row_stride(x2),
-        _row_stride(q2),
-        ssr,
-        ssc,
+        *common,
+        *strides,
         MODE=mode,
         MIN=MIN_SCALE,
-        ONE_TILE=tr >= br and tc >= bc,
         TILE_R=tr,
         TILE_C=tc,
     )
@@ -256,7 +315,7 @@ def fp8_quantize(
     q = new_output(x.shape, torch.float8_e4m3fn, x.device)
     if granularity == "tensor":
         # One scale: any blocking of the quantization pass reads it (strides 0).
-        br, bc = _AMAX_BLOCK
+        br, bc = 4, 1024
         sshape: tuple[int, ...] = (1,)
     elif granularity in ("token", "channel"):
         br, bc = 1, max(K, 1)
