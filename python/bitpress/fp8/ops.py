@@ -15,7 +15,8 @@ Backends
 ``cuda``       CUDA C++, registered by the CUDA glue (``TORCH_LIBRARY_IMPL(bitpress, CUDA)``):
                fp8_gemm on sm_90a (wgmma), fp8_weight_gemm and fp8_quantize on sm_80+. Chosen only
                when ``bitpress._C`` holds a CUDA kernel of the op and an image for the device.
-``triton``     (its registrations go in the "triton" section below).
+``triton``     Triton kernels (bitpress/triton_kernels/fp8_*.py; the "triton" section below):
+               fp8_gemm on sm_89+ (tl.dot on E4M3), fp8_weight_gemm and fp8_quantize on sm_80+.
 ``reference``  :mod:`bitpress.fp8.reference` (plain torch, float64), any device.
 """
 
@@ -432,12 +433,79 @@ def _fp8_weight_gemm_reference(x, w, w_scale, bias):
 # --------------------------------------------------------------------------------------------
 # triton
 # --------------------------------------------------------------------------------------------
-# The Triton kernels (bitpress/triton_kernels/fp8_gemm.py, fp8_weight_gemm.py, fp8_quantize.py)
-# register here as the int4 ones do in bitpress.int4.ops: a torch.library.custom_op
-# "bitpress::<op>_triton" whose body runs the check of this module (_check_<op>) and the kernel,
-# the fake of the op above for it, and backends.register("<op>", "triton", Capability(
-# devices=("cuda",), min_cc=..., interpreter=True)) calling it with the arguments of the backend
-# functions above.
+# The Triton kernels (bitpress/triton_kernels/fp8_gemm.py, fp8_weight_gemm.py, fp8_quantize.py):
+# Python custom ops "bitpress::<op>_triton" (single ops under torch.compile) running this
+# module's check and the kernel, with the op's fake. CUDA tensors, or CPU tensors under the
+# Triton interpreter.
+
+try:  # triton is optional (it comes with CUDA builds of torch); without it the backend refuses
+    from bitpress.triton_kernels import fp8_gemm as _tk_gemm
+    from bitpress.triton_kernels import fp8_quantize as _tk_quantize
+    from bitpress.triton_kernels import fp8_weight_gemm as _tk_weight_gemm
+except ImportError:  # pragma: no cover
+    _tk_gemm = _tk_quantize = _tk_weight_gemm = None
+
+# fp8_gemm: tl.dot on E4M3 operands needs FP8 tensor cores (mma e4m3 on sm_89, wgmma on sm_90).
+_TRITON_SM89 = Capability(devices=("cuda",), min_cc=(8, 9), interpreter=True)
+# fp8_weight_gemm / fp8_quantize: E4M3 decoded / encoded with integer operations, bf16 / fp16
+# tl.dot (mma.sync): sm_80.
+_TRITON_SM80 = Capability(devices=("cuda",), min_cc=(8, 0), interpreter=True)
+
+
+@torch.library.custom_op("bitpress::fp8_quantize_triton", mutates_args=())
+def _fp8_quantize_triton(
+    x: torch.Tensor,
+    granularity: str,
+    scale: torch.Tensor | None = None,
+    block_size: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_fp8_quantize(x, granularity, scale, block_size)
+    return _tk_quantize.fp8_quantize(x, granularity, scale, block_size)
+
+
+torch.library.register_fake("bitpress::fp8_quantize_triton")(_fp8_quantize_fake)
+
+
+@backends.register("fp8_quantize", "triton", _TRITON_SM80)
+def _fp8_quantize_triton_backend(x, granularity, scale, block_size):
+    return torch.ops.bitpress.fp8_quantize_triton(x, granularity, scale, block_size)
+
+
+@torch.library.custom_op("bitpress::fp8_gemm_triton", mutates_args=())
+def _fp8_gemm_triton(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    _, _, od = _check_fp8_gemm(a, b, scale_a, scale_b, bias, out_dtype)
+    return _tk_gemm.fp8_gemm(a, b, scale_a, scale_b, bias, od)
+
+
+torch.library.register_fake("bitpress::fp8_gemm_triton")(_fp8_gemm_fake)
+
+
+@backends.register("fp8_gemm", "triton", _TRITON_SM89)
+def _fp8_gemm_triton_backend(a, b, scale_a, scale_b, bias, out_dtype):
+    return torch.ops.bitpress.fp8_gemm_triton(a, b, scale_a, scale_b, bias, out_dtype)
+
+
+@torch.library.custom_op("bitpress::fp8_weight_gemm_triton", mutates_args=())
+def _fp8_weight_gemm_triton(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    _check_fp8_weight_gemm(x, w, w_scale, bias)
+    return _tk_weight_gemm.fp8_weight_gemm(x, w, w_scale, bias)
+
+
+torch.library.register_fake("bitpress::fp8_weight_gemm_triton")(_fp8_weight_gemm_fake)
+
+
+@backends.register("fp8_weight_gemm", "triton", _TRITON_SM80)
+def _fp8_weight_gemm_triton_backend(x, w, w_scale, bias):
+    return torch.ops.bitpress.fp8_weight_gemm_triton(x, w, w_scale, bias)
 
 
 register_op(

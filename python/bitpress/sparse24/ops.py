@@ -374,8 +374,66 @@ if _has_kernel("sparse24_gemm", "CUDA"):
 if _has_kernel("sparse24_int4_gemm", "CUDA"):
     backends.register("sparse24_int4_gemm", "cuda", _CUDA_SM80)(_int4_gemm_compiled)
 
-# triton: bitpress.triton_kernels.sparse24_gemm / sparse24_int4_gemm (ROW layout, expanded in
-# registers before tl.dot) register their "triton" backends here.
+# --------------------------------------------------------------------------------------------
+# Triton backend: bitpress.triton_kernels.sparse24_gemm / sparse24_int4_gemm (ROW layout, the
+# compressed tiles expanded in registers before tl.dot; sm_80+, or CPU tensors under the
+# interpreter). Python custom ops, so that torch.compile sees them as single ops.
+# --------------------------------------------------------------------------------------------
+
+try:  # triton is optional (it comes with CUDA builds of torch); without it the backend refuses
+    from bitpress.triton_kernels import sparse24_gemm as _tk_gemm
+    from bitpress.triton_kernels import sparse24_int4_gemm as _tk_int4_gemm
+except ImportError:  # pragma: no cover
+    _tk_gemm = _tk_int4_gemm = None
+
+_TRITON_SM80 = Capability(devices=("cuda",), min_cc=(8, 0), interpreter=True)
+
+
+@torch.library.custom_op("bitpress::sparse24_gemm_triton", mutates_args=())
+def _gemm_triton(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    layout: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    _check_gemm(x, values, meta, bias, layout, Sparse24Layout.ROW)
+    _check_meta_values("sparse24_gemm", meta)  # CPU (interpreter) only: on CUDA it would sync
+    return _tk_gemm.sparse24_gemm(x, values, meta, bias)
+
+
+torch.library.register_fake("bitpress::sparse24_gemm_triton")(_gemm_fake)
+
+
+@backends.register("sparse24_gemm", "triton", _TRITON_SM80)
+def _gemm_triton_backend(x, values, meta, bias, layout):
+    return torch.ops.bitpress.sparse24_gemm_triton(x, values, meta, layout, bias)
+
+
+@torch.library.custom_op("bitpress::sparse24_int4_gemm_triton", mutates_args=())
+def _int4_gemm_triton(
+    x: torch.Tensor,
+    qvalues: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    layout: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    _check_int4_gemm(x, qvalues, meta, scales, zeros, group_size, bias, layout)
+    _check_meta_values("sparse24_int4_gemm", meta)
+    return _tk_int4_gemm.sparse24_int4_gemm(x, qvalues, meta, scales, zeros, group_size, bias)
+
+
+torch.library.register_fake("bitpress::sparse24_int4_gemm_triton")(_int4_gemm_fake)
+
+
+@backends.register("sparse24_int4_gemm", "triton", _TRITON_SM80)
+def _int4_gemm_triton_backend(x, qvalues, meta, scales, zeros, group_size, bias, layout):
+    return torch.ops.bitpress.sparse24_int4_gemm_triton(
+        x, qvalues, meta, scales, zeros, group_size, layout, bias
+    )
 
 
 register_op(
