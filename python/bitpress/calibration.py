@@ -90,13 +90,16 @@ def run_calibration(model: nn.Module, batch, **transformers_kwargs):
     return model(batch)
 
 
-def find_linears(module: nn.Module, prefix: str, filter_fn) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` submodules of ``module`` that ``filter_fn(full_name, m)`` accepts, by
-    name relative to ``module`` (``full_name`` is prefixed by ``prefix``)."""
+def find_linears(
+    module: nn.Module, prefix: str, filter_fn, module_types: tuple[type, ...] = (nn.Linear,)
+) -> dict[str, nn.Module]:
+    """The submodules of ``module`` of ``module_types`` (Linear layers, or modules with
+    ``in_features`` that replace them) that ``filter_fn(full_name, m)`` accepts, by name relative
+    to ``module`` (``full_name`` is prefixed by ``prefix``)."""
     out = {}
     for name, m in module.named_modules():
         full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        if isinstance(m, nn.Linear) and filter_fn(full, m):
+        if isinstance(m, module_types) and filter_fn(full, m):
             out[name] = m
     return out
 
@@ -133,6 +136,7 @@ def calibrate_layerwise(
     calibration: Sequence,
     filter_fn: Callable[[str, nn.Module], bool],
     compress: Compress,
+    module_types: tuple[type, ...] = (nn.Linear,),
 ) -> nn.Module:
     """Collect the Hessians of the Linear layers of ``model`` that ``filter_fn`` accepts and let
     ``compress`` replace them, in place.
@@ -144,7 +148,7 @@ def calibrate_layerwise(
     compressed and replaced, and the layer is run again, now compressed, to produce the next
     layer's inputs, so every layer compensates the error of the layers before it. Without such a
     list, every Linear is hooked, one calibration pass records all Hessians at once, and all are
-    compressed.
+    compressed. ``module_types``: the classes collected (default ``nn.Linear``).
     """
     if not calibration:
         raise ValueError(
@@ -156,7 +160,7 @@ def calibrate_layerwise(
     try:
         found = find_layers(model)
         if found is None:
-            linears = find_linears(model, "", filter_fn)
+            linears = find_linears(model, "", filter_fn, module_types)
             hessians, handles = hook_hessians(linears)
             try:
                 for batch in calibration:
@@ -186,7 +190,7 @@ def calibrate_layerwise(
 
         for li, layer in enumerate(layers):
             prefix = f"{layers_name}.{li}"
-            linears = find_linears(layer, prefix, filter_fn)
+            linears = find_linears(layer, prefix, filter_fn, module_types)
             hessians, handles = hook_hessians(linears)
             try:
                 for args, kwargs in inputs:
@@ -207,7 +211,7 @@ def calibrate_layerwise(
         # the inputs of the full compressed model.
         rest = {
             n: m
-            for n, m in find_linears(model, "", filter_fn).items()
+            for n, m in find_linears(model, "", filter_fn, module_types).items()
             if not n.startswith(layers_name + ".")
         }
         if rest:
