@@ -32,17 +32,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bitpress import ops
 from bitpress.calibration import HessianAccumulator
 from bitpress.int4.quantized import QuantizedWeight, check_group_size
 from bitpress.int4.rtn import rtn_quantize
 from bitpress.sparse24 import layout as _layout
+from bitpress.sparse24 import ops
 from bitpress.sparse24.layout import Sparse24Layout
 from bitpress.sparse24.prune import METHODS, prune_weight, sparsegpt_int4
 
 try:  # the mma.sp layout ships with the CUDA kernel; without it CUDA weights stay ROW
-    from bitpress.sparse24 import layout_mma as _layout_mma
-except ModuleNotFoundError:  # pragma: no cover - depends on the branch / build
+    import bitpress.sparse24.layout_mma as _layout_mma
+except ModuleNotFoundError as e:  # pragma: no cover - depends on the build
+    if e.name != "bitpress.sparse24.layout_mma":
+        raise
     _layout_mma = None
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
