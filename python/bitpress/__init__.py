@@ -20,6 +20,7 @@ The backend choice is documented in :mod:`bitpress.backends`.
 """
 
 from bitpress import int4, ops, reference, sparse24, speculative  # noqa: F401  (features register here)
+from bitpress import compressed_tensors  # noqa: F401  (after the features: registers the format)
 from bitpress._core import ext as _ext  # noqa: F401  (loads bitpress._C: the torch ops)
 from bitpress.backends import available_backends, set_backend, use_backend
 from bitpress.checkpoint import from_pretrained, save_pretrained

@@ -359,7 +359,7 @@ def _load(model_config, tensors: Mapping, qc: dict, dtype, device, progress):
     fmt = checkpoint_formats()[qc["quant_method"]]
     modules = dict(model.named_modules())
     used: set[str] = set()
-    names = fmt.module_names(tensors)
+    names = fmt.select(model, tensors, qc) if fmt.select else fmt.module_names(tensors)
     for name in _progress(names, progress):
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
@@ -458,11 +458,55 @@ def _in_quantized_module(model: nn.Module, key: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _type_names(t) -> list[str]:
+    return [x.__name__ for x in (t if isinstance(t, tuple) else (t,))]
+
+
+def _save_format(model: nn.Module, quant_method: str | None):
+    """The checkpoint format that writes ``model`` (module docstring of save_pretrained)."""
+    formats = checkpoint_formats()
+    every = tuple(f.module_type for f in formats.values())
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, every)}
+    if not quantized:
+        kinds = ", ".join(dict.fromkeys(n for t in every for n in _type_names(t)))
+        raise ValueError(f"model has no quantized layer ({kinds}): nothing quantized to save")
+
+    def refused(f) -> list[str]:
+        return [
+            n
+            for n, m in quantized.items()
+            if not isinstance(m, f.module_type) or (f.accepts is not None and not f.accepts(m))
+        ]
+
+    if quant_method is not None:
+        fmt = formats.get(quant_method)
+        if fmt is None:
+            raise ValueError(f"quant_method must be one of {sorted(formats)}, got {quant_method!r}")
+        bad = refused(fmt)
+        if bad:
+            m = quantized[bad[0]]
+            raise ValueError(
+                f"quant_method {quant_method!r} cannot write layer {bad[0]!r} "
+                f"({type(m).__name__}: {m.extra_repr()})"
+                + (f" nor {len(bad) - 1} other(s)" if len(bad) > 1 else "")
+            )
+        return fmt
+    for fmt in formats.values():
+        if fmt.save_by_default and not refused(fmt):
+            return fmt
+    kinds = sorted({type(m).__name__ for m in quantized.values()})
+    raise ValueError(
+        f"no checkpoint format writes every quantized layer of this model ({', '.join(kinds)}); "
+        "pass quant_method= to choose one"
+    )
+
+
 def save_pretrained(
     model: nn.Module,
     path: str | os.PathLike,
     *,
     max_shard_size: int | str | None = None,
+    quant_method: str | None = None,
     **options,
 ) -> None:
     """Write ``model`` (a transformers model with Int4Linear layers) as a GPTQ checkpoint.
@@ -476,29 +520,23 @@ def save_pretrained(
     otherwise in their own dtype, which bitpress reads back but other readers may not. Other
     tensors keep their dtype. Tied weights are written once (re-tied at load).
 
+    ``quant_method`` chooses the format ("gptq", "compressed-tensors", "fp8"); by default the first
+    registered format that can write every quantized layer: "gptq" for Int4Linear models,
+    "compressed-tensors" for Fp8Linear models and for models mixing layer kinds.
+
     ``options`` go to the format's writer; GPTQ (Int4Linear layers): ``checkpoint_format`` "gptq"
-    (v1, zeros stored minus one: what AutoGPTQ and most loaders read, the default) or "gptq_v2".
+    (v1, zeros stored minus one: what AutoGPTQ and most loaders read) or "gptq_v2"; by default
+    "gptq" for symmetric models and "gptq_v2" for asymmetric ones (see
+    :func:`bitpress.int4.checkpoint.save_gptq`).
     """
     from safetensors.torch import save_file
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError("model must be a transformers model (it has no .config to save)")
-    by_format = {
-        f.name: {n: m for n, m in model.named_modules() if isinstance(m, f.module_type)}
-        for f in checkpoint_formats().values()
-    }
-    by_format = {k: v for k, v in by_format.items() if v}
-    if not by_format:
-        kinds = ", ".join(f.module_type.__name__ for f in checkpoint_formats().values())
-        raise ValueError(f"model has no quantized layer ({kinds}): nothing quantized to save")
-    if len(by_format) > 1:
-        raise ValueError(
-            f"model mixes quantization formats {sorted(by_format)}: a checkpoint has one "
-            "quantization_config"
-        )
-    ((name, quantized),) = by_format.items()
-    tensors, qc = checkpoint_formats()[name].save(quantized, **options)
+    fmt = _save_format(model, quant_method)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, fmt.module_type)}
+    tensors, qc = fmt.save(quantized, **options)
 
     seen: dict[tuple, str] = {}
     for k, v in model.state_dict().items():
