@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from bitpress._core.registry import checkpoint_formats
+from bitpress.sparse24.format_bitmask import dense_24_layers, sparsify_dense_24
 
 CONFIG_NAME = "config.json"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
@@ -80,6 +81,12 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: must hold a JSON object, got a {type(data).__name__}")
     return data
+
+
+def _has_quantization_config(path: Path) -> bool:
+    cfg = path / CONFIG_NAME
+    has = cfg.exists() and _read_json(cfg).get("quantization_config") is not None
+    return has or (path / QUANTIZE_CONFIG_NAME).exists()
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict:
@@ -284,6 +291,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float16,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    sparse24: bool = False,
 ):
     """Load a GPTQ-quantized transformers checkpoint directory.
 
@@ -306,6 +314,12 @@ def from_pretrained(
     progress : bool, optional
         Show a progress bar (tqdm, on stderr) over the quantized layers. ``None`` (default): when
         stderr is a terminal and the checkpoint has at least 64 quantized layers.
+    sparse24 : bool
+        Turn dense Linear layers with the 2:4 pattern into ``Sparse24Linear`` (after checking the
+        pattern: ValueError naming ``<name>.weight``): those the config's ``sparsity_config``
+        (format "dense", structure "2:4") targets, else every Linear but lm_head; the checkpoint
+        may then have no quantization config at all. A ``sparsity_config`` of that kind is
+        applied without this flag too (:mod:`bitpress.sparse24.format_bitmask`).
 
     Returns
     -------
@@ -327,7 +341,7 @@ def from_pretrained(
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (a transformers config is required)")
-    qc = read_quantization_config(path)
+    qc = None if sparse24 and not _has_quantization_config(path) else read_quantization_config(path)
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
     except Exception as e:  # transformers / huggingface_hub raise their own validation errors
@@ -339,6 +353,7 @@ def from_pretrained(
     with _SafetensorsFiles(path) as tensors:
         model = _load(model_config=config, tensors=tensors, qc=qc, dtype=dtype, device=device,
                       progress=progress)  # fmt: skip
+    sparsify_dense_24(model, dense_24_layers(model, qc, sparse24))
     model.config.quantization_config = qc
     model.eval()
     return model.to(device)
@@ -356,10 +371,13 @@ def _load(model_config, tensors: Mapping, qc: dict, dtype, device, progress):
             "fields (hidden_size, vocab_size, num_hidden_layers, ...)"
         ) from e
 
-    fmt = checkpoint_formats()[qc["quant_method"]]
+    fmt = checkpoint_formats()[qc["quant_method"]] if qc is not None else None
     modules = dict(model.named_modules())
     used: set[str] = set()
-    names = fmt.select(model, tensors, qc) if fmt.select else fmt.module_names(tensors)
+    if fmt is None:  # a dense checkpoint (from_pretrained(sparse24=True))
+        names = []
+    else:
+        names = fmt.select(model, tensors, qc) if fmt.select else fmt.module_names(tensors)
     for name in _progress(names, progress):
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):

@@ -16,7 +16,11 @@ Layers of this package, each importing only those before it:
    (compressed-tensors / vLLM "marlin-24").
 """
 
-from bitpress.sparse24 import ops  # noqa: F401  (registers the 2:4 ops)
+from bitpress.sparse24 import (  # noqa: F401  (register the compressed-tensors schemes)
+    format_bitmask,
+    format_marlin24,
+    ops,  # noqa: F401  (registers the 2:4 ops)
+)
 from bitpress.sparse24.config import Sparse24Config
 from bitpress.sparse24.layout import Sparse24Layout
 from bitpress.sparse24.modules import Sparse24Int4Linear, Sparse24Linear

@@ -32,10 +32,16 @@ sparse24=True)`` does the same for every Linear but lm_head of any checkpoint.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
 
+from bitpress._core.registry import (
+    CompressedTensorsHostile,
+    CompressedTensorsScheme,
+    register_compressed_tensors_scheme,
+)
 from bitpress.calibration import replace_module
 from bitpress.sparse24 import layout as _layout
 from bitpress.sparse24.modules import Sparse24Linear
@@ -226,3 +232,108 @@ def sparsify_dense_24(model: nn.Module, names, tensors_dtype=None) -> list[str]:
         replace_module(model, name, new)
         done.append(name)
     return done
+
+
+# --------------------------------------------------------------------------------------------
+# Dense 2:4 checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _matches(name: str, module: nn.Module, targets: list[str]) -> bool:
+    # compressed-tensors' rule (bitpress.compressed_tensors): a module name, a 're:' regex
+    # matched from the start of the name, or a class name of the module.
+    for t in targets:
+        if t.startswith("re:"):
+            if re.match(t[3:], name):
+                return True
+        elif t == name or any(c.__name__ == t for c in type(module).__mro__):
+            return True
+    return False
+
+
+def dense_24_layers(model: nn.Module, qc: dict | None, sparse24: bool) -> list[str]:
+    """The plain Linear layers of a loaded model to turn into Sparse24Linear: those the config's
+    ``sparsity_config`` (format "dense", ``sparsity_structure`` "2:4") targets; with
+    ``sparse24=True`` also, without such a config, every Linear but ``lm_head``."""
+    sc = (qc or {}).get("sparsity_config")
+    targeted = (
+        sc is not None
+        and sc.get("format") == "dense"
+        and str(sc.get("sparsity_structure", "")).replace(" ", "") == "2:4"
+    )
+    if not targeted and not sparse24:
+        return []
+    out = []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear:
+            continue
+        if targeted:
+            if _matches(name, m, sc.get("targets", [])) and not _matches(
+                name, m, sc.get("ignore", [])
+            ):
+                out.append(name)
+        elif name.split(".")[-1] != "lm_head":
+            out.append(name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The compressed-tensors scheme
+# --------------------------------------------------------------------------------------------
+
+SUFFIXES = ("compressed", "bitmask", "shape", "weight_scale", "bias")
+
+
+def _load(name: str, linear: nn.Linear, tensors, cfg: dict, dtype, device) -> Sparse24Linear:
+    sc = cfg.get("sparsity_config") or {}
+    structure = str(sc.get("sparsity_structure", "2:4")).replace(" ", "")
+    if structure != "2:4":
+        raise ValueError(
+            "quantization_config.sparsity_config.sparsity_structure: sparse-24-bitmask layers "
+            f"are 2:4, got {sc.get('sparsity_structure')!r}"
+        )
+    if cfg.get("input_activations") is not None or cfg.get("output_activations") is not None:
+        where = f"quantization_config.config_groups.{cfg.get('group')}"
+        raise ValueError(
+            f"{where}.input_activations: activation quantization of sparse-24-bitmask layers is "
+            "not supported (weights only)"
+        )
+    return load_bitmask_linear(name, linear, tensors, cfg.get("weights"), dtype, device)
+
+
+def _save(name: str, module: Sparse24Linear) -> tuple[dict[str, torch.Tensor], dict]:
+    cfg = {
+        "format": FORMAT,
+        "weights": None,
+        "sparsity_config": {"format": FORMAT, "sparsity_structure": "2:4"},
+    }
+    return save_bitmask_linear(module), cfg
+
+
+def _hostile() -> CompressedTensorsHostile:
+    def quantize(name: str, linear: nn.Linear):
+        if linear.in_features % 8:
+            return None
+        return Sparse24Linear.from_linear(linear, "magnitude")
+
+    return CompressedTensorsHostile(
+        quantize=quantize,
+        tensors={
+            "compressed": ((torch.float16, torch.bfloat16, torch.float32), 2),
+            "bitmask": ((torch.uint8,), 2),
+            "shape": ((torch.int64, torch.int32), 2),
+        },
+        required=("compressed", "bitmask"),
+    )
+
+
+SPARSE_24_BITMASK = register_compressed_tensors_scheme(
+    CompressedTensorsScheme(
+        format=FORMAT,
+        module_types=(Sparse24Linear,),
+        load=_load,
+        save=_save,
+        suffixes=SUFFIXES,
+        hostile=_hostile,
+    )
+)

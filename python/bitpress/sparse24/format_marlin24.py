@@ -20,20 +20,27 @@ Definition (compressed-tensors ``Marlin24Compressor``, read by vLLM's
 3. ``meta`` int16 [K/32, 2N]: the reordered [N, K/16] metadata buffer reinterpreted (``resize_``)
    with that shape.
 4. ``scale_packed`` float16 [G, N]: ``s.t()`` with every run of 64 permuted by ``scale_perm``
-   (groups) or left alone (channel: ``scale_perm_single`` is the identity).
+   when ``group_size < K/2`` (sic: see :func:`_scale_perm`), else left alone (channel, or a
+   group as wide as K/2: ``scale_perm_single`` is the identity).
 
 In bitpress terms the codes are the INT4 codes ``q = c + 8`` of
 :mod:`bitpress.sparse24.layout` (``w = (q − 8) · s``) and the de-reordered metadata, read as
 bytes in little-endian order, is the interchange ``meta`` uint8 [N, K/8]. Shapes the format can
-hold: N a multiple of 64 and K a multiple of 64 (CUTLASS metadata rows of 32, Marlin's 16 x 16
-tiles and 1024-wide permutation, 64-wide scale permutation).
+hold: :func:`check_shape`.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from bitpress._core.registry import (
+    CompressedTensorsHostile,
+    CompressedTensorsScheme,
+    register_compressed_tensors_scheme,
+)
 from bitpress.sparse24 import layout as _layout
+from bitpress.sparse24.modules import Sparse24Int4Linear
 
 FORMAT = "marlin-24"
 
@@ -84,16 +91,27 @@ def meta_reorder_offsets(m: int, meta_ncols: int) -> torch.Tensor:
     )
 
 
-def _check_shape(N: int, K: int, what: str) -> None:
-    if N % 64 or K % 64 or N <= 0 or K <= 0:
+def check_shape(N: int, K: int, G: int, what: str) -> None:
+    """ValueError naming ``what`` unless the format can hold a [N, K] weight with G groups: the
+    CUTLASS metadata reorder works on blocks of 64 rows (N % 64 == 0; compressed-tensors checks
+    only N % 32, and its reorder then indexes past the buffer), the [K/32, 2N] reshape needs
+    K % 32 == 0, Marlin's 1024-wide permutation K · N % 2048 == 0, the 64-wide scale
+    permutation G · N % 64 == 0. (vLLM's kernel asks more: N % 128 == 0, K % 128 == 0,
+    group_size 128 or channel.)"""
+    if N <= 0 or K <= 0 or N % 64 or K % 32 or (K * N) % 2048 or (G * N) % 64:
         raise ValueError(
-            f"{what}: marlin-24 holds weights with N and K multiples of 64, got N={N}, K={K}"
+            f"{what}: marlin-24 cannot hold a [N, K] = [{N}, {K}] weight with {G} scale group(s) "
+            "(needs N % 64 == 0, K % 32 == 0, K·N % 2048 == 0, G·N % 64 == 0)"
         )
 
 
 def _scale_perm(K: int, group_size: int) -> torch.Tensor:
+    # compressed-tensors compares group_size with the row count of the transposed *compressed*
+    # codes, K/2 (``pack_scales_24(scale, args, value.shape)`` after ``value = value.t()``),
+    # where vLLM's own test packer compares with K: the two disagree for K/2 <= group_size < K
+    # (e.g. K = 256, group_size 128). bitpress reads and writes what the producer writes.
     _, scale_perm, single = marlin24_permutations()
-    return scale_perm if group_size != -1 and group_size < K else single
+    return scale_perm if group_size != -1 and group_size < K // 2 else single
 
 
 def unpack_marlin24(
@@ -124,12 +142,12 @@ def unpack_marlin24(
             f"{p}weight_packed: expected shape [K/32, 2N], got {list(weight_packed.shape)}"
         )
     K, N = weight_packed.shape[0] * 32, weight_packed.shape[1] // 2
-    _check_shape(N, K, f"{p}weight_packed")
     if list(meta.shape) != [K // 32, 2 * N]:
         raise ValueError(
             f"{p}meta: expected shape [K/32, 2N] = [{K // 32}, {2 * N}], got {list(meta.shape)}"
         )
     G = 1 if group_size == -1 else -(-K // group_size)
+    check_shape(N, K, G, f"{p}weight_packed")
     if list(scale_packed.shape) != [G, N]:
         raise ValueError(
             f"{p}scale_packed: expected shape [G, N] = [{G}, {N}] (group_size {group_size}), got "
@@ -185,7 +203,7 @@ def pack_marlin24(
     "meta", "scale_packed"}``, as compressed-tensors' compressor writes them from the same
     weight (positions re-derived from the nonzero codes, module docstring)."""
     N, K = qvalues.shape[0], qvalues.shape[1] * 16
-    _check_shape(N, K, "weight")
+    check_shape(N, K, scales.shape[0], "weight")
     codes = _layout.unpack_qvalues(qvalues.cpu())  # [N, K/2], 0..15
     cols = _layout.dense_columns(meta.cpu())
     signed = torch.zeros(N, K, dtype=torch.int64).scatter_(1, cols, codes - 8)
@@ -217,3 +235,159 @@ def pack_marlin24(
         "meta": meta16.view(K // 32, 2 * N),
         "scale_packed": s.contiguous(),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# The compressed-tensors scheme
+# --------------------------------------------------------------------------------------------
+
+SUFFIXES = ("weight_packed", "meta", "scale_packed", "bias")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _group_size(name: str, cfg: dict) -> int:
+    w, where = cfg.get("weights"), f"quantization_config.config_groups.{cfg.get('group')}"
+    if w is None:
+        raise ValueError(f"{where}.weights: layer {name!r} is marlin-24 without weight args")
+    if w["num_bits"] != 4 or w["type"] != "int":
+        raise ValueError(
+            f"{where}.weights: marlin-24 layers are read as 2:4 + INT4 (num_bits 4, type 'int'), "
+            f"got num_bits {w['num_bits']}, type {w['type']!r}"
+        )
+    if not w["symmetric"]:
+        raise ValueError(f"{where}.weights.symmetric: marlin-24 is symmetric, got false")
+    if w["strategy"] not in ("group", "channel"):
+        raise ValueError(
+            f"{where}.weights.strategy must be 'group' or 'channel' for marlin-24, got "
+            f"{w['strategy']!r}"
+        )
+    if w.get("actorder") is not None:
+        raise ValueError(f"{where}.weights.actorder: marlin-24 has no activation order")
+    if cfg.get("input_activations") is not None or cfg.get("output_activations") is not None:
+        raise ValueError(f"{where}.input_activations: marlin-24 is weight-only (W4A16)")
+    sc = cfg.get("sparsity_config")
+    if sc is not None and sc.get("format") not in ("dense", FORMAT):
+        raise ValueError(
+            f"quantization_config.sparsity_config.format: {sc.get('format')!r} on a marlin-24 "
+            "layer (its sparsity is part of the format)"
+        )
+    gs = w["group_size"] if w["strategy"] == "group" else -1
+    if gs != -1 and gs % 8:
+        raise ValueError(f"{where}.weights.group_size must be a multiple of 8, got {gs}")
+    return gs
+
+
+def _load(name: str, linear: nn.Linear, tensors, cfg: dict, dtype, device) -> Sparse24Int4Linear:
+    gs = _group_size(name, cfg)
+    N, K = linear.out_features, linear.in_features
+    got = {}
+    for suffix in ("weight_packed", "meta", "scale_packed"):
+        key = f"{name}.{suffix}"
+        if key not in tensors:
+            raise ValueError(f"checkpoint: missing tensor {key!r} (marlin-24 layer)")
+        got[suffix] = tensors[key]
+    wp = got["weight_packed"]
+    if wp.dim() == 2 and list(wp.shape) != [K // 32, 2 * N]:
+        raise ValueError(
+            f"{name}.weight_packed: expected shape [K/32, 2N] = [{K // 32}, {2 * N}] for the "
+            f"model's [{N}, {K}] layer, got {list(wp.shape)}"
+        )
+    if got["scale_packed"].dtype not in _FLOATS:
+        raise ValueError(
+            f"{name}.scale_packed: dtype must be float16 (or bfloat16 / float32), got "
+            f"{got['scale_packed'].dtype}"
+        )
+    qvalues, meta, scales = unpack_marlin24(
+        got["weight_packed"], got["meta"], got["scale_packed"], group_size=gs, name=name
+    )
+    if qvalues.shape[0] != N or qvalues.shape[1] * 16 != K:
+        raise ValueError(
+            f"{name}.weight_packed: holds a [{qvalues.shape[0]}, {qvalues.shape[1] * 16}] "
+            f"weight, the model's layer is [{N}, {K}]"
+        )
+    # The module's dtype, unless that would round the stored scales (float16 -> bfloat16):
+    # then float32, which holds them exactly.
+    sdtype = dtype if torch.equal(scales.to(dtype).to(scales.dtype), scales) else torch.float32
+    bias = tensors[f"{name}.bias"] if f"{name}.bias" in tensors else None
+    if bias is not None and (not bias.dtype.is_floating_point or list(bias.shape) != [N]):
+        raise ValueError(
+            f"{name}.bias: expected a float [{N}] tensor, got {bias.dtype} {list(bias.shape)}"
+        )
+    return Sparse24Int4Linear.from_interchange(
+        qvalues, meta, scales, None, bias, group_size=gs, dtype=sdtype, device=device
+    )
+
+
+def _weight_args(m: Sparse24Int4Linear) -> dict:
+    channel = m.group_size == -1
+    return {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "channel" if channel else "group",
+        "group_size": None if channel else m.group_size,
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def _can_save(m: nn.Module) -> bool:
+    if not isinstance(m, Sparse24Int4Linear) or not m.sym:
+        return False
+    G = m.packed_scales.shape[0]
+    try:
+        check_shape(m.out_features, m.in_features, G, "weight")
+    except ValueError:
+        return False
+    return True
+
+
+def _save(name: str, m: Sparse24Int4Linear) -> tuple[dict[str, torch.Tensor], dict]:
+    t = m.interchange()
+    out = pack_marlin24(t["qvalues"], t["meta"], t["scales"], group_size=m.group_size)
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().cpu()
+    cfg = {
+        "format": FORMAT,
+        "weights": _weight_args(m),
+        "input_activations": None,
+        "output_activations": None,
+    }
+    return out, cfg
+
+
+def _hostile() -> CompressedTensorsHostile:
+    def quantize(name: str, linear: nn.Linear):
+        N, K = linear.out_features, linear.in_features
+        gs = 32
+        try:
+            check_shape(N, K, K // gs, name)
+        except ValueError:
+            return None
+        return Sparse24Int4Linear.from_linear(linear, group_size=gs, sym=True)
+
+    return CompressedTensorsHostile(
+        quantize=quantize,
+        tensors={
+            "weight_packed": ((torch.int32,), 2),
+            "meta": ((torch.int16,), 2),
+            "scale_packed": (_FLOATS, 2),
+        },
+        required=("weight_packed", "meta", "scale_packed"),
+    )
+
+
+MARLIN_24 = register_compressed_tensors_scheme(
+    CompressedTensorsScheme(
+        format=FORMAT,
+        module_types=(Sparse24Int4Linear,),
+        load=_load,
+        save=_save,
+        suffixes=SUFFIXES,
+        can_save=_can_save,
+        hostile=_hostile,
+    )
+)
