@@ -308,9 +308,21 @@ def layer_config(name: str, module: nn.Module, qc: dict) -> dict | None:
 def select_compressed_tensors(model: nn.Module, tensors: Mapping, qc: dict) -> list[str]:
     """The Linear layers of ``model`` the config quantizes or sparse-compresses."""
     names = []
+    own = set(compressed_tensors_suffixes()) - {"weight", "bias"}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and layer_config(name, module, qc) is not None:
+        if not isinstance(module, nn.Linear):
+            continue
+        if layer_config(name, module, qc) is not None:
             names.append(name)
+            continue
+        # A layer stored compressed that the config does not select would be left with random
+        # weights (what transformers does with sparse-24-bitmask): name the config instead.
+        stray = [f"{name}.{s}" for s in sorted(own) if f"{name}.{s}" in tensors]
+        if stray:
+            raise ValueError(
+                f"quantization_config: layer {name!r} holds compressed tensors {stray} but no "
+                "config_groups entry nor the sparsity_config targets it (or ignore excludes it)"
+            )
     return names
 
 
