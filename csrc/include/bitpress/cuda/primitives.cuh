@@ -94,6 +94,37 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
                : "memory");
 }
 
+// ----- mma.sp (2:4 sparse A): begin section -----
+// c += a * b with A 2:4 sparse, mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col, fp16 or
+// bf16 inputs (T), fp32 accumulators. a: the 16 x 16 kept values of the 16 x 32 A tile (the dense
+// m16n8k16 A fragment over the compressed columns), b: the k32 x n8 B fragment (4 registers),
+// e: this lane's metadata word, Sel: the sparsity selector (0: lanes 4g, 4g+1 supply the
+// metadata, 1: lanes 4g+2, 4g+3; an immediate in PTX, hence a template argument). Register and
+// metadata layouts: bitpress/sparse24/sparse24_mma_layout.h. ::ordered_metadata (PTX ISA 8.5)
+// requires idx0 < idx1 in every nibble; it is the form sm_90 and later document for mma.sp.
+template <DType T, int Sel>
+__device__ __forceinline__ void mma_sp_m16n8k32(float (&c)[4], const uint32_t (&a)[4],
+                                                const uint32_t (&b)[4], uint32_t e) {
+  static_assert(T == DType::kFloat16 || T == DType::kBFloat16, "mma_sp_m16n8k32: fp16 or bf16");
+  static_assert(Sel == 0 || Sel == 1, "mma_sp_m16n8k32: selector 0 or 1 for m16n8k32 f16/bf16");
+  if constexpr (T == DType::kFloat16) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+          "r"(e), "n"(Sel));
+  } else {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+          "r"(e), "n"(Sel));
+  }
+}
+// ----- mma.sp (2:4 sparse A): end section -----
+
 // c += a * b, mma.sync.m16n8k16 (row.col), fp16 or bf16 inputs (T), fp32 accumulators.
 template <DType T>
 __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
