@@ -97,8 +97,9 @@ def test_gptqmodel_loads_what_bitpress_saves(tmp_path, sym):
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_transformers_loads_what_bitpress_saves(tmp_path, sym):
-    """transformers' GPTQ integration (through GPTQModel). Skipped without GPTQModel."""
+    """transformers' GPTQ integration (optimum + GPTQModel). Skipped without them."""
     pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
     model, ref = quantize_rtn(tiny_llama(), sym)
     bitpress.save_pretrained(model, tmp_path)
     _save_tokenizer(tmp_path)
