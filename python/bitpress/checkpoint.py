@@ -480,8 +480,25 @@ def _type_names(t) -> list[str]:
     return [x.__name__ for x in (t if isinstance(t, tuple) else (t,))]
 
 
-def _save_format(model: nn.Module, quant_method: str | None):
-    """The checkpoint format that writes ``model`` (module docstring of save_pretrained)."""
+def _save_quantized(model: nn.Module, quant_method: str | None, options: dict):
+    """(tensors, quantization_config) of the quantized layers of ``model``: in the format
+    ``quant_method``, or in the first format (registration order) that accepts every layer and
+    whose writer takes them (GPTQ refuses layers of different group sizes, which
+    compressed-tensors writes as separate config groups)."""
+    first_error = None
+    for fmt in _save_formats(model, quant_method):
+        quantized = {n: m for n, m in model.named_modules() if isinstance(m, fmt.module_type)}
+        try:
+            return fmt.save(quantized, **options)
+        except (TypeError, ValueError) as e:
+            if quant_method is not None:
+                raise
+            first_error = first_error or e
+    raise first_error
+
+
+def _save_formats(model: nn.Module, quant_method: str | None) -> list:
+    """The checkpoint formats that may write ``model``, in order (see _save_quantized)."""
     formats = checkpoint_formats()
     every = tuple(f.module_type for f in formats.values())
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, every)}
@@ -508,10 +525,10 @@ def _save_format(model: nn.Module, quant_method: str | None):
                 f"({type(m).__name__}: {m.extra_repr()})"
                 + (f" nor {len(bad) - 1} other(s)" if len(bad) > 1 else "")
             )
-        return fmt
-    for fmt in formats.values():
-        if fmt.save_by_default and not refused(fmt):
-            return fmt
+        return [fmt]
+    candidates = [f for f in formats.values() if f.save_by_default and not refused(f)]
+    if candidates:
+        return candidates
     kinds = sorted({type(m).__name__ for m in quantized.values()})
     raise ValueError(
         f"no checkpoint format writes every quantized layer of this model ({', '.join(kinds)}); "
@@ -539,8 +556,9 @@ def save_pretrained(
     tensors keep their dtype. Tied weights are written once (re-tied at load).
 
     ``quant_method`` chooses the format ("gptq", "compressed-tensors", "fp8"); by default the first
-    registered format that can write every quantized layer: "gptq" for Int4Linear models,
-    "compressed-tensors" for Fp8Linear models and for models mixing layer kinds.
+    registered format that can write every quantized layer: "gptq" for Int4Linear models that
+    share one group size and symmetry, "compressed-tensors" for Fp8Linear models and for models
+    mixing layer kinds or settings.
 
     ``options`` go to the format's writer; GPTQ (Int4Linear layers): ``checkpoint_format`` "gptq"
     (v1, zeros stored minus one: what AutoGPTQ and most loaders read) or "gptq_v2"; by default
@@ -552,9 +570,7 @@ def save_pretrained(
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError("model must be a transformers model (it has no .config to save)")
-    fmt = _save_format(model, quant_method)
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, fmt.module_type)}
-    tensors, qc = fmt.save(quantized, **options)
+    tensors, qc = _save_quantized(model, quant_method, options)
 
     seen: dict[tuple, str] = {}
     for k, v in model.state_dict().items():

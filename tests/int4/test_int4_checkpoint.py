@@ -399,7 +399,7 @@ def test_save_errors(tmp_path):
     lin = model.model.layers[0].mlp.up_proj
     lin.group_size = 64
     with pytest.raises(ValueError, match="share group_size and sym"):
-        bitpress.save_pretrained(model, tmp_path)
+        bitpress.save_pretrained(model, tmp_path, quant_method="gptq")
 
 
 def test_parse_quantization_config_defaults():

@@ -359,3 +359,23 @@ def test_compressed_tensors_decompressor_agrees(tmp_path):
             }
             w = comp.decompress_weight(data, quantization_args=args)
             assert torch.equal(w.float(), lin.weight), (ct.__version__, name)
+
+
+def test_mixed_group_sizes_default_to_compressed_tensors(tmp_path):
+    """GPTQ has one group size per checkpoint; compressed-tensors writes one group per setting."""
+    model = tiny_llama()
+    ref = tiny_llama()
+    for i, (name, lin) in enumerate(linears(model).items()):
+        parent, _, child = name.rpartition(".")
+        new = Int4Linear.from_linear(lin, group_size=(32, 64, -1)[i % 3], sym=i % 2 == 0)
+        setattr(model.get_submodule(parent), child, new)
+        ref.get_submodule(name).weight.data = new.dequantize(torch.float32)
+    with pytest.raises(ValueError, match="share group_size and sym"):
+        bitpress.save_pretrained(model, tmp_path / "gptq", quant_method="gptq")
+    bitpress.save_pretrained(model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and len(qc["config_groups"]) == 6
+    loaded = bitpress.from_pretrained(tmp_path, dtype=torch.float32)
+    for name in linears(model):
+        m = loaded.get_submodule(name)
+        assert torch.equal(m.dequantize(torch.float32), ref.get_submodule(name).weight), name
