@@ -141,12 +141,31 @@ def test_dtype_and_device_moves_keep_the_pattern():
     assert_24(h.dense_weight())
 
 
+def test_mma_layout_round_trip_without_gpu(monkeypatch):
+    """The MMA layout's conversions exercised on the CPU: a module whose weight is held in the
+    mma.sp layout (as on CUDA) computes, saves and converts back exactly."""
+    import bitpress.sparse24.modules as mod
+
+    monkeypatch.setattr(mod, "default_layout", lambda device, N, K: Sparse24Layout.MMA)
+    ref = Sparse24Linear.from_linear(linear(128, 64)).to(torch.float16)
+    m = Sparse24Linear.from_interchange(*ref.interchange(), ref.bias)
+    assert m.layout == Sparse24Layout.MMA and m.packed_meta.dtype == torch.int32
+    assert torch.equal(m.dense_weight(), ref.dense_weight())
+    sd = m.state_dict()
+    assert torch.equal(sd["values"], ref.state_dict()["values"])
+    assert torch.equal(sd["meta"], ref.state_dict()["meta"])
+    x = torch.randn(3, 128, dtype=torch.float16)
+    torch.testing.assert_close(m(x), ref(x), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_layout_round_trip():
     m = Sparse24Linear.from_linear(linear(128, 64)).to(torch.float16)
     w = m.dense_weight()
     g = m.to("cuda")
-    assert g.layout == bitpress.sparse24.modules.default_layout("cuda")
+    assert g.layout == Sparse24Layout.MMA
+    assert g.packed_meta.dtype == torch.int32  # the mma.sp metadata words
     assert torch.equal(g.dense_weight().cpu(), w)
     x = torch.randn(4, 128, dtype=torch.float16)
     torch.testing.assert_close(g(x.cuda()).cpu(), m(x), rtol=2e-3, atol=2e-3)

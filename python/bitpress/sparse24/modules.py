@@ -6,8 +6,8 @@ Each module holds **one** copy of its weight, in the kernel layout of its device
 
 * ``Sparse24Linear``: ``packed_values`` [N, K/2] (the module's dtype) and ``packed_meta``; the
   layout is ``ROW`` (the interchange tensors as they are, what the CPU kernel reads) on the CPU,
-  and ``MMA`` (the mma.sp ordered metadata of :mod:`bitpress.sparse24.layout_mma`) on CUDA when
-  that module is installed, ``ROW`` otherwise.
+  and ``MMA`` (the mma.sp ordered metadata of :mod:`bitpress.sparse24.layout_mma`) on CUDA for
+  weights of whole 16 x 32 tiles (N % 16 == 0, K % 32 == 0), ``ROW`` otherwise.
 * ``Sparse24Int4Linear``: ``packed_qvalues`` int32 [N, K/16], ``packed_meta`` uint8 [N, K/8],
   ``packed_scales`` [G, N] and, asymmetric, ``packed_zeros`` [G, N], in the ``ROW`` layout on
   every device (the only layout ``sparse24_int4_gemm`` reads).
@@ -50,9 +50,14 @@ except ModuleNotFoundError as e:  # pragma: no cover - depends on the build
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def default_layout(device: torch.device | str) -> Sparse24Layout:
-    """The layout the ``sparse24_gemm`` kernels of ``device`` read."""
-    if torch.device(device).type == "cuda" and _layout_mma is not None:
+def default_layout(device: torch.device | str, N: int, K: int) -> Sparse24Layout:
+    """The layout the ``sparse24_gemm`` kernels of ``device`` read for an [N, K] weight: ``MMA``
+    on CUDA for whole 16 x 32 tiles (``layout_mma.supports``), ``ROW`` otherwise."""
+    if (
+        torch.device(device).type == "cuda"
+        and _layout_mma is not None
+        and _layout_mma.supports(N, K)
+    ):
         return Sparse24Layout.MMA
     return Sparse24Layout.ROW
 
@@ -233,7 +238,7 @@ class Sparse24Linear(_Sparse24Base):
         self._set_bias(torch.zeros(out_features) if bias else None, self.device, dtype)
 
     def _set_interchange(self, values, meta, device: torch.device) -> None:
-        self.layout = default_layout(device)
+        self.layout = default_layout(device, values.shape[0], values.shape[1] * 2)
         v, m = to_layout(values.to(device), meta.to(device), self.layout)
         self._set_packed(values=v, meta=m)
 
