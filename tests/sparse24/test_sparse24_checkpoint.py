@@ -17,7 +17,7 @@ from torch import nn
 import bitpress
 from bitpress import Sparse24Int4Linear, Sparse24Linear
 from bitpress.sparse24.format_bitmask import from_bitmask, pack_bitmask, unpack_bitmask
-from bitpress.sparse24.format_marlin24 import pack_marlin24, unpack_marlin24
+from bitpress.sparse24.format_marlin24 import marlin24_permutations, pack_marlin24, unpack_marlin24
 from bitpress.sparse24.prune import magnitude_prune
 
 transformers = pytest.importorskip("transformers")
@@ -588,8 +588,6 @@ def test_compressed_tensors_reads_what_bitpress_writes(tmp_path):
             )
             assert torch.equal(t.decompress(), w), name
     from compressed_tensors.utils import get_permutations_24
-
-    from bitpress.sparse24.format_marlin24 import marlin24_permutations
 
     for theirs, ours in zip(get_permutations_24(4), marlin24_permutations(), strict=True):
         assert torch.equal(torch.as_tensor(theirs).long(), ours.long())

@@ -12,6 +12,7 @@ from torch import nn
 import bitpress
 from bitpress import Int4Config, Sparse24Config, Sparse24Int4Linear, Sparse24Linear
 from bitpress.int4.rtn import rtn_quantize
+from bitpress.sparse24 import modules as sparse24_modules
 from bitpress.sparse24.layout import Sparse24Layout
 from bitpress.sparse24.prune import magnitude_prune
 
@@ -144,9 +145,7 @@ def test_dtype_and_device_moves_keep_the_pattern():
 def test_mma_layout_round_trip_without_gpu(monkeypatch):
     """The MMA layout's conversions exercised on the CPU: a module whose weight is held in the
     mma.sp layout (as on CUDA) computes, saves and converts back exactly."""
-    import bitpress.sparse24.modules as mod
-
-    monkeypatch.setattr(mod, "default_layout", lambda device, N, K: Sparse24Layout.MMA)
+    monkeypatch.setattr(sparse24_modules, "default_layout", lambda device, N, K: Sparse24Layout.MMA)
     ref = Sparse24Linear.from_linear(linear(128, 64)).to(torch.float16)
     m = Sparse24Linear.from_interchange(*ref.interchange(), ref.bias)
     assert m.layout == Sparse24Layout.MMA and m.packed_meta.dtype == torch.int32

@@ -444,7 +444,7 @@ class Sparse24Int4Linear(_Sparse24Base):
         """ValueError/TypeError naming the tensor that does not fit this module."""
         N, K = self.out_features, self.in_features
         G = -(-K // check_group_size(K, self.group_size))
-        q, meta, scales = t["qvalues"], t["meta"], t["scales"]
+        q, meta = t["qvalues"], t["meta"]
         if q.dtype != torch.int32:
             raise TypeError(f"{prefix}qvalues: dtype must be int32, got {q.dtype}")
         if list(q.shape) != [N, K // 16] or K % 16:
@@ -477,7 +477,6 @@ class Sparse24Int4Linear(_Sparse24Base):
             raise ValueError(f"{prefix}zeros: missing (asymmetric groups need zero points)")
         if self.sym and t.get("zeros") is not None:
             raise ValueError(f"{prefix}zeros: unexpected for symmetric groups (w = (q - 8) * s)")
-        del scales
 
     def _apply(self, fn, recurse=True):
         # Only the scales, zeros (and bias) follow a dtype change; codes and metadata never do.
