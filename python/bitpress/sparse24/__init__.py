@@ -16,9 +16,10 @@ Layers of this package, each importing only those before it:
    (compressed-tensors / vLLM "marlin-24").
 """
 
-from bitpress.sparse24 import (  # noqa: F401  (register the compressed-tensors schemes)
-    format_bitmask,
-    format_marlin24,
+from bitpress.sparse24 import (
+    format_bitmask,  # noqa: F401  (registers the compressed-tensors scheme)
+    format_marlin24,  # noqa: F401  (registers the compressed-tensors scheme)
+    hostile,  # noqa: F401  (registers the ops' hostile specs)
     ops,  # noqa: F401  (registers the 2:4 ops)
 )
 from bitpress.sparse24.config import Sparse24Config

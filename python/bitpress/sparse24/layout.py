@@ -135,7 +135,9 @@ def compress(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # positions as tie-break gives them in position order once the first two are re-sorted.
     key = (~nz).to(torch.int64) * 4 + torch.arange(4)
     idx = key.argsort(dim=-1)[..., :2].sort(dim=-1).values  # [N, K/4, 2], idx0 < idx1
-    vals = torch.gather(w.reshape(N, K // 4, 4), 2, idx.to(w.device))
+    # Gathered as integers: bit for bit, and for every float dtype (float8 has no gather).
+    wi = w.contiguous().view(_INT_VIEW[w.element_size()]).reshape(N, K // 4, 4)
+    vals = torch.gather(wi, 2, idx.to(w.device)).view(w.dtype)
     nib = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [N, K/4]
     meta = nib[:, 0::2] | (nib[:, 1::2] << 4)
     return vals.reshape(N, K // 2).contiguous(), meta.contiguous()
@@ -164,12 +166,12 @@ def decompress(values: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype | No
     N, K = values.shape[0], values.shape[1] * 2
     out_dtype = dtype or values.dtype
     cols = dense_columns(meta).to(values.device)
-    if values.dtype.is_floating_point and values.element_size() >= 2 and out_dtype == values.dtype:
-        ordered = bool(invalid_nibble(meta) is None) if not torch.compiler.is_compiling() else False
-        if ordered:
-            # Bit-exact placement (keeps -0.0 and NaN payloads).
-            w = torch.zeros((N, K), dtype=values.dtype, device=values.device)
-            return w.scatter_(1, cols, values)
+    if out_dtype == values.dtype and not torch.compiler.is_compiling():
+        if invalid_nibble(meta) is None:
+            # Bit-exact placement as integers (keeps -0.0 and NaN payloads; any float dtype).
+            vi = values.contiguous().view(_INT_VIEW[values.element_size()])
+            w = torch.zeros((N, K), dtype=vi.dtype, device=values.device)
+            return w.scatter_(1, cols, vi).view(values.dtype)
     acc = torch.float64 if values.dtype.is_floating_point else values.dtype
     w = torch.zeros((N, K), dtype=acc, device=values.device)
     w.scatter_add_(1, cols, values.to(acc))

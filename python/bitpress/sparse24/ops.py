@@ -343,33 +343,36 @@ def _int4_gemm_reference(x, qvalues, meta, scales, zeros, group_size, bias, layo
 # Compiled backends (bitpress._C: csrc/sparse24/*_torch.cpp define the schemas)
 # --------------------------------------------------------------------------------------------
 
-if hasattr(torch.ops.bitpress, "sparse24_gemm"):
-    torch.library.register_fake("bitpress::sparse24_compress")(_compress_fake)
-    torch.library.register_fake("bitpress::sparse24_gemm")(_gemm_fake)
-    torch.library.register_fake("bitpress::sparse24_int4_gemm")(_int4_gemm_fake)
+torch.library.register_fake("bitpress::sparse24_compress")(_compress_fake)
+torch.library.register_fake("bitpress::sparse24_gemm")(_gemm_fake)
+torch.library.register_fake("bitpress::sparse24_int4_gemm")(_int4_gemm_fake)
 
-    @backends.register("sparse24_compress", "cpu")
-    def _compress_cpu(w):
-        return torch.ops.bitpress.sparse24_compress(w)
 
-    @backends.register("sparse24_gemm", "cpu")
-    def _gemm_cpu(x, values, meta, bias, layout):
-        return torch.ops.bitpress.sparse24_gemm(x, values, meta, layout, bias)
+@backends.register("sparse24_compress", "cpu")
+def _compress_compiled(w):
+    return torch.ops.bitpress.sparse24_compress(w)
 
-    @backends.register("sparse24_int4_gemm", "cpu")
-    def _int4_gemm_cpu(x, qvalues, meta, scales, zeros, group_size, bias, layout):
-        return torch.ops.bitpress.sparse24_int4_gemm(
-            x, qvalues, meta, scales, zeros, group_size, layout, bias
-        )
 
-    # The CUDA kernel of sparse24_gemm (mma.sp, MMA layout) registers
-    # TORCH_LIBRARY_IMPL(bitpress, CUDA) in its own glue file: the backend exists only when it is
-    # compiled in. sparse24_int4_gemm has no CUDA kernel yet: register it here the same way when
-    # one lands (its capability: _CUDA_SM80, layout MMA).
-    if _has_kernel("sparse24_gemm", "CUDA"):
-        backends.register("sparse24_gemm", "cuda", _CUDA_SM80)(_gemm_cpu)
-    if _has_kernel("sparse24_int4_gemm", "CUDA"):
-        backends.register("sparse24_int4_gemm", "cuda", _CUDA_SM80)(_int4_gemm_cpu)
+@backends.register("sparse24_gemm", "cpu")
+def _gemm_compiled(x, values, meta, bias, layout):
+    return torch.ops.bitpress.sparse24_gemm(x, values, meta, layout, bias)
+
+
+@backends.register("sparse24_int4_gemm", "cpu")
+def _int4_gemm_compiled(x, qvalues, meta, scales, zeros, group_size, bias, layout):
+    return torch.ops.bitpress.sparse24_int4_gemm(
+        x, qvalues, meta, scales, zeros, group_size, layout, bias
+    )
+
+
+# The CUDA kernel of sparse24_gemm (mma.sp, MMA layout) registers
+# TORCH_LIBRARY_IMPL(bitpress, CUDA) in its own glue file: the backend exists only when it is
+# compiled in. sparse24_int4_gemm has no CUDA kernel yet: register it here the same way when
+# one lands (its capability: _CUDA_SM80, layout MMA).
+if _has_kernel("sparse24_gemm", "CUDA"):
+    backends.register("sparse24_gemm", "cuda", _CUDA_SM80)(_gemm_compiled)
+if _has_kernel("sparse24_int4_gemm", "CUDA"):
+    backends.register("sparse24_int4_gemm", "cuda", _CUDA_SM80)(_int4_gemm_compiled)
 
 # triton: bitpress.triton_kernels.sparse24_gemm / sparse24_int4_gemm (ROW layout, expanded in
 # registers before tl.dot) register their "triton" backends here.

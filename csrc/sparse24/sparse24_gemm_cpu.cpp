@@ -1,0 +1,452 @@
+// sparse24_gemm on the CPU (ROW layout): y = x Wᵀ + bias with W the dense weight of
+// (values [N, K/2], meta [N, K/8]). The paths and the dispatch are described in
+// bitpress/sparse24/sparse24_cpu.h.
+#include <string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+
+#include "bitpress/common/dtype.h"
+#include "bitpress/cpu/gemm_microkernel.h"
+#include "bitpress/sparse24/sparse24.h"
+#include "bitpress/sparse24/sparse24_cpu.h"
+#include "common/isa.h"
+#include "common/thread_buffer.h"
+#include "sparse24/sparse24_cpu_common.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace bitpress {
+namespace {
+
+using sparse24_detail::meta_rows_ok;
+using sparse24_detail::store_row_value;
+
+thread_local ThreadBuffer t_x;      // the calling thread: x widened to float32, or x^T pairs
+thread_local ThreadBuffer t_panel;  // a pool thread: the expanded weight panel and its C block
+
+constexpr int kPanelRows = 32;     // weight rows per panel: the microkernel's 2 x 16-row tiles
+constexpr int64_t kMaxCols = 256;  // rows of x per microkernel call (C block 32 x 256 float32)
+constexpr int kFmaRowBlock = 8;    // rows of x per register block of the float32 paths
+constexpr int kBf16RowBlock = 16;  // rows of x per register block of the vdpbf16ps path
+
+// ---------------------------------------------------------------------------------------------
+// Direct path, portable: float32 sums in C++ (xf: x widened to float32 [M, K]).
+// ---------------------------------------------------------------------------------------------
+
+void direct_scalar_row(const Sparse24GemmParams& p, const float* xf, int64_t n, float* acc) {
+  const int64_t K = p.K, H = K / 2;
+  const uint8_t* meta = p.meta + n * (K / 8);
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* xr = xf + m * K;
+    float s = 0.f;
+    for (int64_t j = 0; j < H; ++j) {
+      s += xr[sparse24_value_col(meta, j)] * load_as_float(p.values, p.x_dtype, n * H + j);
+    }
+    acc[m] = s;
+  }
+}
+
+#if defined(__x86_64__)
+
+// ---------------------------------------------------------------------------------------------
+// Direct path, AVX2 + FMA on float32: 8 values (16 dense columns, 16 metadata bits) per step.
+// ---------------------------------------------------------------------------------------------
+
+template <int MB>
+BITPRESS_TARGET_AVX2 void direct_avx2_block(const Sparse24GemmParams& p, const float* xf, int64_t n,
+                                            int64_t m0, float* acc) {
+  const int64_t K = p.K, H = K / 2;
+  const uint8_t* meta = p.meta + n * (K / 8);
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i three = _mm256_set1_epi32(3);
+  __m256 a[MB];
+  for (int i = 0; i < MB; ++i) a[i] = _mm256_setzero_ps();
+  const int64_t steps = K / 16;
+  for (int64_t s = 0; s < steps; ++s) {
+    uint16_t mw;
+    memcpy(&mw, meta + 2 * s, 2);
+    __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(mw), shifts);
+    idx = _mm256_add_epi32(_mm256_and_si256(idx, three), base);
+    // The blend takes b (columns 8..15) where bit 3 of the index is set.
+    const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    __m256 v;
+    const int64_t j = n * H + 8 * s;
+    if (p.x_dtype == DType::kFloat32) {
+      v = _mm256_loadu_ps(static_cast<const float*>(p.values) + j);
+    } else {
+      const __m128i h = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.values) + j));
+      v = p.x_dtype == DType::kFloat16
+              ? _mm256_cvtph_ps(h)
+              : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    for (int i = 0; i < MB; ++i) {
+      const float* xr = xf + (m0 + i) * K + 16 * s;
+      const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx);
+      const __m256 up = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx);
+      a[i] = _mm256_fmadd_ps(_mm256_blendv_ps(lo, up, hi), v, a[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a[i]), _mm256_extractf128_ps(a[i], 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    float s = _mm_cvtss_f32(r);
+    // A tail of 8 dense columns (K % 16 == 8): 4 values.
+    for (int64_t j = steps * 8; j < H; ++j) {
+      s += xf[(m0 + i) * K + sparse24_value_col(meta, j)] *
+           load_as_float(p.values, p.x_dtype, n * H + j);
+    }
+    acc[m0 + i] = s;
+  }
+}
+
+using DirectFn = void (*)(const Sparse24GemmParams&, const float*, int64_t, int64_t, float*);
+
+template <int... I>
+DirectFn avx2_block_fn(int mb, std::integer_sequence<int, I...>) {
+  static constexpr DirectFn fns[] = {direct_avx2_block<I + 1>...};
+  return fns[mb - 1];
+}
+
+void direct_avx2_row(const Sparse24GemmParams& p, const float* xf, int64_t n, float* acc) {
+  for (int64_t m0 = 0; m0 < p.M; m0 += kFmaRowBlock) {
+    const int mb = int(std::min<int64_t>(kFmaRowBlock, p.M - m0));
+    avx2_block_fn(mb, std::make_integer_sequence<int, kFmaRowBlock>{})(p, xf, n, m0, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct path, bf16 x on AVX512-BF16: 32 values (64 dense columns, 64 metadata bits) per step.
+// Word lane j of the index is 4 (j / 2) + ((meta >> 2j) & 3): vpermt2w gathers the x pair of
+// each group from two registers of x, and vdpbf16ps multiplies it by the group's value pair.
+// ---------------------------------------------------------------------------------------------
+
+template <int MB>
+BITPRESS_TARGET_AVX512BF16 void direct_bf16_block(const Sparse24GemmParams& p, int64_t n,
+                                                  int64_t m0, float* acc) {
+  const int64_t K = p.K, H = K / 2;
+  const uint8_t* meta = p.meta + n * (K / 8);
+  const uint16_t* vals = static_cast<const uint16_t*>(p.values) + n * H;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  alignas(64) static constexpr uint16_t kWord[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1,
+                                                     1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
+                                                     2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+  alignas(64) static constexpr uint16_t kShift[32] = {0,  2,  4,  6,  8,  10, 12, 14, 0,  2, 4,
+                                                      6,  8,  10, 12, 14, 0,  2,  4,  6,  8, 10,
+                                                      12, 14, 0,  2,  4,  6,  8,  10, 12, 14};
+  alignas(64) static constexpr uint16_t kBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
+                                                     20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
+                                                     44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+  const __m512i word = _mm512_load_si512(kWord), shift = _mm512_load_si512(kShift);
+  const __m512i base = _mm512_load_si512(kBase), three = _mm512_set1_epi16(3);
+  __m512 a[MB];
+  for (int i = 0; i < MB; ++i) a[i] = _mm512_setzero_ps();
+  const int64_t steps = (K + 63) / 64;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t dense = std::min<int64_t>(64, K - 64 * s);  // 8..64, a multiple of 8
+    uint64_t mw = 0;
+    memcpy(&mw, meta + 8 * s, size_t(dense / 8));
+    __m512i idx = _mm512_permutexvar_epi16(word, _mm512_set1_epi64(int64_t(mw)));
+    idx = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(idx, shift), three), base);
+    // Lanes past the row's end load as zero (values and x): their products are 0.
+    const __mmask32 vm = dense == 64 ? ~__mmask32(0) : __mmask32((1u << (dense / 2)) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi16(vm, vals + 32 * s);
+    const __mmask32 xm0 = dense >= 32 ? ~__mmask32(0) : __mmask32((1u << dense) - 1);
+    const __mmask32 xm1 = dense <= 32   ? 0
+                          : dense == 64 ? ~__mmask32(0)
+                                        : __mmask32((1u << (dense - 32)) - 1);
+    for (int i = 0; i < MB; ++i) {
+      const uint16_t* xr = x + (m0 + i) * p.x_row_stride + 64 * s;
+      const __m512i xa = _mm512_maskz_loadu_epi16(xm0, xr);
+      const __m512i xb = _mm512_maskz_loadu_epi16(xm1, xr + 32);
+      const __m512i xs = _mm512_permutex2var_epi16(xa, idx, xb);
+      a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)xs, (__m512bh)v);
+    }
+  }
+  for (int i = 0; i < MB; ++i) acc[m0 + i] = _mm512_reduce_add_ps(a[i]);
+}
+
+using Bf16Fn = void (*)(const Sparse24GemmParams&, int64_t, int64_t, float*);
+
+template <int... I>
+Bf16Fn bf16_block_fn(int mb, std::integer_sequence<int, I...>) {
+  static constexpr Bf16Fn fns[] = {direct_bf16_block<I + 1>...};
+  return fns[mb - 1];
+}
+
+void direct_bf16_row(const Sparse24GemmParams& p, int64_t n, float* acc) {
+  for (int64_t m0 = 0; m0 < p.M; m0 += kBf16RowBlock) {
+    const int mb = int(std::min<int64_t>(kBf16RowBlock, p.M - m0));
+    bf16_block_fn(mb, std::make_integer_sequence<int, kBf16RowBlock>{})(p, n, m0, acc);
+  }
+}
+
+// Expands 32 values (64 dense columns, 8 metadata bytes) into the dense bf16 row with vpexpandw:
+// the kept-position mask of each metadata byte comes from a 256-entry table.
+BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vbmi2(
+    const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row) {
+  static const auto kMask = [] {
+    struct T {
+      uint8_t m[256];
+    } t{};
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t lo = b & 0xF, hi = b >> 4;
+      t.m[b] = uint8_t((1u << sparse24_idx0(lo)) | (1u << sparse24_idx1(lo)) |
+                       ((1u << sparse24_idx0(hi)) << 4) | ((1u << sparse24_idx1(hi)) << 4));
+    }
+    return t;
+  }();
+  int64_t s = 0;
+  for (; 64 * (s + 1) <= K; ++s) {
+    const uint8_t* m = meta + 8 * s;
+    const uint32_t lo = uint32_t(kMask.m[m[0]]) | uint32_t(kMask.m[m[1]]) << 8 |
+                        uint32_t(kMask.m[m[2]]) << 16 | uint32_t(kMask.m[m[3]]) << 24;
+    const uint32_t hi = uint32_t(kMask.m[m[4]]) | uint32_t(kMask.m[m[5]]) << 8 |
+                        uint32_t(kMask.m[m[6]]) << 16 | uint32_t(kMask.m[m[7]]) << 24;
+    const __m512i v0 =
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + 32 * s)));
+    const __m512i v1 = _mm512_castsi256_si512(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + 32 * s + 16)));
+    _mm512_storeu_si512(row + 64 * s, _mm512_maskz_expand_epi16(lo, v0));
+    _mm512_storeu_si512(row + 64 * s + 32, _mm512_maskz_expand_epi16(hi, v1));
+  }
+  for (int64_t k = 64 * s; k < K; ++k) row[k] = 0;
+  for (int64_t j = 32 * s; j < K / 2; ++j) row[sparse24_value_col(meta, j)] = vals[j];
+}
+
+#endif  // __x86_64__
+
+void expand_row_scalar(const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row) {
+  memset(row, 0, size_t(K) * 2);
+  for (int64_t j = 0; j < K / 2; ++j) row[sparse24_value_col(meta, j)] = vals[j];
+}
+
+bool have_vbmi2() {
+#if defined(__x86_64__)
+  static const bool on = __builtin_cpu_supports("avx512vbmi2") && cpu_features().avx512bw;
+  return on && active_cpu_isa() >= CpuIsa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+// ---------------------------------------------------------------------------------------------
+
+bool bf16_direct_isa() {
+#if defined(__x86_64__)
+  return active_cpu_isa() >= CpuIsa::kAvx512 && cpu_features().avx512_bf16;
+#else
+  return false;
+#endif
+}
+
+// The microkernel variant of the panel path, or -1 when there is none to use.
+int panel_kernel(const Sparse24GemmParams& p) {
+  if (p.gemm_kernel >= 0) return p.gemm_kernel;
+  if (active_cpu_isa() < CpuIsa::kAvx2) return -1;
+  return int(cpu::gemm_bf16_kernel_for_active_isa());
+}
+
+Status check(const Sparse24GemmParams& p) {
+  if (p.M < 0 || p.K < 0 || p.N < 0 || p.K % 8 || !dtype_valid(p.x_dtype)) {
+    return Status::kInvalidArgument;
+  }
+  if (p.M > 0 && p.N > 0 &&
+      (!p.out || p.out_row_stride < p.N ||
+       (p.K > 0 && (!p.x || p.x_row_stride < p.K || !p.values || !p.meta)))) {
+    return Status::kInvalidArgument;
+  }
+  if (p.bias && !dtype_valid(p.bias_dtype)) return Status::kInvalidArgument;
+  if (p.path == Sparse24GemmPath::kPanels && p.x_dtype != DType::kBFloat16) {
+    return Status::kInvalidArgument;
+  }
+  if (p.gemm_kernel > int(cpu::GemmKernel::kAvx512Bf16Emulated)) return Status::kInvalidArgument;
+  return Status::kSuccess;
+}
+
+Status run_direct(const Sparse24GemmParams& p, const CpuThreadPool* pool) {
+  const bool bf16 = p.x_dtype == DType::kBFloat16 && bf16_direct_isa();
+  const float* xf = nullptr;
+  if (!bf16) {
+    float* buf = static_cast<float*>(t_x.get(size_t(p.M) * p.K * sizeof(float)));
+    if (!buf) return Status::kOutOfMemory;
+    for (int64_t m = 0; m < p.M; ++m) {
+      for (int64_t k = 0; k < p.K; ++k) {
+        buf[m * p.K + k] = load_as_float(p.x, p.x_dtype, m * p.x_row_stride + k);
+      }
+    }
+    xf = buf;
+  }
+  const CpuIsa isa = active_cpu_isa();
+  std::atomic<bool> bad{false};
+  // Each task takes consecutive weight rows: one long read stream per thread.
+  parallel_for(pool, 0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    float acc[256];
+    float* a = p.M <= 256 ? acc : static_cast<float*>(t_panel.get(size_t(p.M) * sizeof(float)));
+    if (!a) {
+      bad = true;
+      return;
+    }
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!meta_rows_ok(p.meta + n * (p.K / 8), p.K / 8)) {
+        bad = true;
+        return;
+      }
+#if defined(__x86_64__)
+      if (bf16) {
+        direct_bf16_row(p, n, a);
+      } else if (isa >= CpuIsa::kAvx2) {
+        direct_avx2_row(p, xf, n, a);
+      } else {
+        direct_scalar_row(p, xf, n, a);
+      }
+#else
+      (void)isa;
+      direct_scalar_row(p, xf, n, a);
+#endif
+      for (int64_t m = 0; m < p.M; ++m)
+        store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n, a[m], p.bias, p.bias_dtype);
+    }
+  });
+  return bad ? Status::kInvalidArgument : Status::kSuccess;
+}
+
+Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* pool) {
+  const int64_t Mp = (p.M + 15) / 16 * 16, Kp = (p.K + 31) / 32 * 32;
+  // x^T as VNNI pairs [Kp/2, Mp]: pair (x[m, 2q], x[m, 2q+1]) of column m at b[q * Mp + m].
+  uint32_t* xb = static_cast<uint32_t*>(t_x.get(size_t(Kp / 2) * Mp * 4));
+  if (!xb) return Status::kOutOfMemory;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  parallel_for(pool, 0, Kp / 2, 64, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      uint32_t* dst = xb + q * Mp;
+      if (2 * q >= p.K) {
+        memset(dst, 0, size_t(Mp) * 4);
+        continue;
+      }
+      for (int64_t m = 0; m < p.M; ++m) {
+        uint32_t pair;
+        memcpy(&pair, x + m * p.x_row_stride + 2 * q, 4);
+        dst[m] = pair;
+      }
+      for (int64_t m = p.M; m < Mp; ++m) dst[m] = 0;
+    }
+  });
+  const bool vbmi2 = have_vbmi2();
+  const cpu::GemmKernel gk = cpu::GemmKernel(kernel);
+  const int64_t panels = (p.N + kPanelRows - 1) / kPanelRows;
+  const int64_t cols = std::min(Mp, kMaxCols);
+  std::atomic<int> status{int(Status::kSuccess)};
+  parallel_for(pool, 0, panels, 1, [&](int64_t i0, int64_t i1) {
+    const size_t a_bytes = size_t(kPanelRows) * Kp * 2, c_bytes = size_t(kPanelRows) * cols * 4;
+    char* ws = static_cast<char*>(t_panel.get(align64(a_bytes) + c_bytes));
+    if (!ws) {
+      status = int(Status::kOutOfMemory);
+      return;
+    }
+    uint16_t* a = reinterpret_cast<uint16_t*>(ws);
+    float* c = reinterpret_cast<float*>(ws + align64(a_bytes));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n0 = i * kPanelRows, nb = std::min<int64_t>(kPanelRows, p.N - n0);
+      for (int64_t r = 0; r < nb; ++r) {
+        const uint8_t* meta = p.meta + (n0 + r) * (p.K / 8);
+        if (!meta_rows_ok(meta, p.K / 8)) {
+          status = int(Status::kInvalidArgument);
+          return;
+        }
+        const uint16_t* vals = static_cast<const uint16_t*>(p.values) + (n0 + r) * (p.K / 2);
+        uint16_t* row = a + r * Kp;
+#if defined(__x86_64__)
+        if (vbmi2) {
+          expand_row_vbmi2(vals, meta, p.K, row);
+        } else {
+          expand_row_scalar(vals, meta, p.K, row);
+        }
+#else
+        (void)vbmi2;
+        expand_row_scalar(vals, meta, p.K, row);
+#endif
+        for (int64_t k = p.K; k < Kp; ++k) row[k] = 0;
+      }
+      for (int64_t c0 = 0; c0 < Mp; c0 += cols) {
+        const int64_t cn = std::min(cols, Mp - c0);
+        cpu::GemmBf16Args g;
+        g.a = a;
+        g.lda = Kp;
+        g.b = xb + c0;
+        g.ldb = Mp;
+        g.c = c;
+        g.ldc = cn;
+        g.M = nb;
+        g.N = cn;
+        g.K = Kp;
+        g.accumulate = false;
+        const Status st = cpu::gemm_bf16(gk, g);
+        if (st != Status::kSuccess) {
+          status = int(st);
+          return;
+        }
+        // C^T block: C[r, m - c0] is y[m, n0 + r].
+        for (int64_t m = c0; m < std::min(p.M, c0 + cn); ++m) {
+          for (int64_t r = 0; r < nb; ++r) {
+            store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n0 + r, c[r * cn + (m - c0)],
+                            p.bias, p.bias_dtype);
+          }
+        }
+      }
+    }
+  });
+  return Status(status.load());
+}
+
+}  // namespace
+
+Sparse24GemmPath sparse24_gemm_cpu_path(const Sparse24GemmParams& p) {
+  if (p.path != Sparse24GemmPath::kAuto) return p.path;
+  if (p.x_dtype == DType::kBFloat16 && p.M > kSparse24DirectMaxRows && panel_kernel(p) >= 0) {
+    return Sparse24GemmPath::kPanels;
+  }
+  return Sparse24GemmPath::kDirect;
+}
+
+const char* sparse24_gemm_cpu_path_name(const Sparse24GemmParams& p) {
+  if (sparse24_gemm_cpu_path(p) == Sparse24GemmPath::kPanels) {
+    const int k = panel_kernel(p);
+    return k < 0 ? "panels" : cpu::gemm_kernel_name(cpu::GemmKernel(k));
+  }
+  if (p.x_dtype == DType::kBFloat16 && bf16_direct_isa()) return "direct-avx512bf16";
+#if defined(__x86_64__)
+  if (active_cpu_isa() >= CpuIsa::kAvx2) return "direct-avx2";
+#endif
+  return "direct-scalar";
+}
+
+Status sparse24_gemm_cpu(const Sparse24GemmParams& p, const CpuThreadPool* pool) {
+  const Status st = check(p);
+  if (st != Status::kSuccess || p.M == 0 || p.N == 0) return st;
+  if (p.K == 0) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      for (int64_t n = 0; n < p.N; ++n) {
+        store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n, 0.f, p.bias, p.bias_dtype);
+      }
+    }
+    return Status::kSuccess;
+  }
+  if (sparse24_gemm_cpu_path(p) == Sparse24GemmPath::kPanels) {
+    const int k = panel_kernel(p);
+    if (k < 0) return Status::kUnsupported;
+    if (!cpu::gemm_kernel_available(cpu::GemmKernel(k))) return Status::kUnsupported;
+    return run_panels(p, k, pool);
+  }
+  return run_direct(p, pool);
+}
+
+}  // namespace bitpress

@@ -1,0 +1,294 @@
+// sparse24_int4_gemm on the CPU (ROW layout): y = x Wᵀ + bias with W = (q - z) * s at the kept
+// positions of (qvalues [N, K/16], meta [N, K/8]) (bitpress/sparse24/sparse24_cpu.h).
+//
+// One path, a read stream (0.375 bytes per dense weight: 4-bit codes plus 2-bit positions): each
+// thread takes whole weight rows; per step the codes and positions of 16 values (AVX-512: 32
+// dense columns, one vpermt2ps gathers their x from two registers) or 8 values (AVX2: vpermps
+// from two registers and a blend) are decoded once, dequantized in float32 ((q - z) * s, the
+// group's scale and zero broadcast; per lane when a step straddles groups) and multiplied into
+// every row of x. x is widened to float32 once per call. Large M is the caller's: the torch glue
+// dequantizes the weight once (sparse24_int4_dequantize_cpu) and calls the dense GEMM.
+#include <string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <utility>
+
+#include "bitpress/common/dtype.h"
+#include "bitpress/sparse24/sparse24.h"
+#include "bitpress/sparse24/sparse24_cpu.h"
+#include "common/isa.h"
+#include "common/thread_buffer.h"
+#include "sparse24/sparse24_cpu_common.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace bitpress {
+namespace {
+
+using sparse24_detail::meta_rows_ok;
+using sparse24_detail::store_row_value;
+
+thread_local ThreadBuffer t_x;    // the calling thread: x widened to float32 [M, K]
+thread_local ThreadBuffer t_row;  // a pool thread: one row's scales, zeros and accumulators
+
+constexpr int kRowBlock = 8;  // rows of x per register block
+
+// Scale and zero of every group of weight row n, as float32 (scales / zeros are [G, N]).
+void row_groups(const Sparse24Int4GemmParams& p, int64_t n, float* s, float* z) {
+  for (int64_t g = 0; g < p.G; ++g) {
+    s[g] = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
+    z[g] = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
+  }
+}
+
+inline float weight(const Sparse24Int4GemmParams& p, const int32_t* q, const uint8_t* meta,
+                    const float* s, const float* z, int64_t j, int64_t* col) {
+  *col = sparse24_value_col(meta, j);
+  const int64_t g = *col / p.group_size;
+  return (float(sparse24_int4_code(q, j)) - z[g]) * s[g];
+}
+
+// Values [j0, K/2) of row n into acc[m] for every row of x, in C++.
+void tail_scalar(const Sparse24Int4GemmParams& p, const float* xf, int64_t n, const float* s,
+                 const float* z, int64_t j0, int64_t m0, int64_t m1, float* acc) {
+  const int32_t* q = p.qvalues + n * (p.K / 16);
+  const uint8_t* meta = p.meta + n * (p.K / 8);
+  for (int64_t j = j0; j < p.K / 2; ++j) {
+    int64_t col;
+    const float w = weight(p, q, meta, s, z, j, &col);
+    for (int64_t m = m0; m < m1; ++m) acc[m] += xf[m * p.K + col] * w;
+  }
+}
+
+#if defined(__x86_64__)
+
+template <int MB>
+BITPRESS_TARGET_AVX512 void block_avx512(const Sparse24Int4GemmParams& p, const float* xf,
+                                         int64_t n, const float* s, const float* z, int64_t m0,
+                                         float* acc) {
+  const int64_t K = p.K;
+  const int32_t* q = p.qvalues + n * (K / 16);
+  const uint8_t* meta = p.meta + n * (K / 8);
+  const __m512i mshift =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i qsel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i qshift =
+      _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const __m512i blk = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const bool whole = p.group_size % 32 == 0;
+  __m512 a[MB];
+  for (int i = 0; i < MB; ++i) a[i] = _mm512_setzero_ps();
+  const int64_t steps = K / 32;
+  for (int64_t st = 0; st < steps; ++st) {
+    uint32_t mw;
+    memcpy(&mw, meta + 4 * st, 4);
+    __m512i idx = _mm512_srlv_epi32(_mm512_set1_epi32(int(mw)), mshift);
+    idx = _mm512_add_epi32(_mm512_and_si512(idx, _mm512_set1_epi32(3)), base);
+    const __m128i qw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 2 * st));
+    __m512i qi = _mm512_permutexvar_epi32(qsel, _mm512_castsi128_si512(qw));
+    qi = _mm512_and_si512(_mm512_srlv_epi32(qi, qshift), _mm512_set1_epi32(15));
+    __m512 sv, zv;
+    if (whole) {
+      const int64_t g = 32 * st / p.group_size;
+      sv = _mm512_set1_ps(s[g]);
+      zv = _mm512_set1_ps(z[g]);
+    } else {
+      // Lane j lies in the 8-column block j / 4 of the step; each block is in one group.
+      int64_t g[4];
+      for (int b = 0; b < 4; ++b) g[b] = (32 * st + 8 * b) / p.group_size;
+      sv = _mm512_permutexvar_ps(
+          blk, _mm512_castps128_ps512(_mm_setr_ps(s[g[0]], s[g[1]], s[g[2]], s[g[3]])));
+      zv = _mm512_permutexvar_ps(
+          blk, _mm512_castps128_ps512(_mm_setr_ps(z[g[0]], z[g[1]], z[g[2]], z[g[3]])));
+    }
+    const __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(qi), zv), sv);
+    for (int i = 0; i < MB; ++i) {
+      const float* xr = xf + (m0 + i) * K + 32 * st;
+      const __m512 xs = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), idx, _mm512_loadu_ps(xr + 16));
+      a[i] = _mm512_fmadd_ps(xs, w, a[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) acc[m0 + i] = _mm512_reduce_add_ps(a[i]);
+  tail_scalar(p, xf, n, s, z, steps * 16, m0, m0 + MB, acc);
+}
+
+template <int MB>
+BITPRESS_TARGET_AVX2 void block_avx2(const Sparse24Int4GemmParams& p, const float* xf, int64_t n,
+                                     const float* s, const float* z, int64_t m0, float* acc) {
+  const int64_t K = p.K;
+  const int32_t* q = p.qvalues + n * (K / 16);
+  const uint8_t* meta = p.meta + n * (K / 8);
+  const __m256i mshift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i qshift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  __m256 a[MB];
+  for (int i = 0; i < MB; ++i) a[i] = _mm256_setzero_ps();
+  const int64_t steps = K / 16;
+  for (int64_t st = 0; st < steps; ++st) {
+    uint16_t mw;
+    memcpy(&mw, meta + 2 * st, 2);
+    __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(mw), mshift);
+    idx = _mm256_add_epi32(_mm256_and_si256(idx, _mm256_set1_epi32(3)), base);
+    const __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    __m256i qi = _mm256_srlv_epi32(_mm256_set1_epi32(q[st]), qshift);
+    qi = _mm256_and_si256(qi, _mm256_set1_epi32(15));
+    // Lanes 0..3 lie in columns 16 st .. 16 st + 7, lanes 4..7 in the next 8: one group each.
+    const int64_t g0 = 16 * st / p.group_size, g1 = (16 * st + 8) / p.group_size;
+    const __m256 sv = _mm256_setr_m128(_mm_set1_ps(s[g0]), _mm_set1_ps(s[g1]));
+    const __m256 zv = _mm256_setr_m128(_mm_set1_ps(z[g0]), _mm_set1_ps(z[g1]));
+    const __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(qi), zv), sv);
+    for (int i = 0; i < MB; ++i) {
+      const float* xr = xf + (m0 + i) * K + 16 * st;
+      const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx);
+      const __m256 up = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx);
+      a[i] = _mm256_fmadd_ps(_mm256_blendv_ps(lo, up, hi), w, a[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a[i]), _mm256_extractf128_ps(a[i], 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    acc[m0 + i] = _mm_cvtss_f32(r);
+  }
+}
+
+using BlockFn = void (*)(const Sparse24Int4GemmParams&, const float*, int64_t, const float*,
+                         const float*, int64_t, float*);
+
+template <int... I>
+BlockFn avx512_fn(int mb, std::integer_sequence<int, I...>) {
+  static constexpr BlockFn fns[] = {block_avx512<I + 1>...};
+  return fns[mb - 1];
+}
+
+template <int... I>
+BlockFn avx2_fn(int mb, std::integer_sequence<int, I...>) {
+  static constexpr BlockFn fns[] = {block_avx2<I + 1>...};
+  return fns[mb - 1];
+}
+
+#endif  // __x86_64__
+
+void row_scalar(const Sparse24Int4GemmParams& p, const float* xf, int64_t n, const float* s,
+                const float* z, float* acc) {
+  for (int64_t m = 0; m < p.M; ++m) acc[m] = 0.f;
+  tail_scalar(p, xf, n, s, z, 0, 0, p.M, acc);
+}
+
+Status check(const Sparse24Int4GemmParams& p) {
+  if (p.M < 0 || p.K < 0 || p.N < 0 || p.K % 16 || !dtype_valid(p.x_dtype)) {
+    return Status::kInvalidArgument;
+  }
+  if (p.group_size <= 0 || p.group_size % 8 || p.G != (p.K + p.group_size - 1) / p.group_size) {
+    return Status::kInvalidArgument;
+  }
+  if (p.N > 0 && p.K > 0 &&
+      (!p.qvalues || !p.meta || !p.scales || !dtype_valid(p.scales_dtype) ||
+       (p.zeros && !dtype_valid(p.zeros_dtype)))) {
+    return Status::kInvalidArgument;
+  }
+  if (p.M > 0 && p.N > 0 &&
+      (!p.out || p.out_row_stride < p.N || (p.K > 0 && (!p.x || p.x_row_stride < p.K)))) {
+    return Status::kInvalidArgument;
+  }
+  if (p.bias && !dtype_valid(p.bias_dtype)) return Status::kInvalidArgument;
+  return Status::kSuccess;
+}
+
+}  // namespace
+
+Status sparse24_int4_gemm_cpu(const Sparse24Int4GemmParams& p, const CpuThreadPool* pool) {
+  const Status st = check(p);
+  if (st != Status::kSuccess || p.M == 0 || p.N == 0) return st;
+  if (p.K == 0) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      for (int64_t n = 0; n < p.N; ++n) {
+        store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n, 0.f, p.bias, p.bias_dtype);
+      }
+    }
+    return Status::kSuccess;
+  }
+  float* xf = static_cast<float*>(t_x.get(size_t(p.M) * p.K * sizeof(float)));
+  if (!xf) return Status::kOutOfMemory;
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int64_t k = 0; k < p.K; ++k) {
+      xf[m * p.K + k] = load_as_float(p.x, p.x_dtype, m * p.x_row_stride + k);
+    }
+  }
+  const CpuIsa isa = active_cpu_isa();
+  std::atomic<int> status{int(Status::kSuccess)};
+  parallel_for(pool, 0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    float* buf = static_cast<float*>(t_row.get(size_t(2 * p.G + p.M) * sizeof(float)));
+    if (!buf) {
+      status = int(Status::kOutOfMemory);
+      return;
+    }
+    float *s = buf, *z = buf + p.G, *acc = buf + 2 * p.G;
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!meta_rows_ok(p.meta + n * (p.K / 8), p.K / 8)) {
+        status = int(Status::kInvalidArgument);
+        return;
+      }
+      row_groups(p, n, s, z);
+#if defined(__x86_64__)
+      if (isa >= CpuIsa::kAvx2) {
+        for (int64_t m0 = 0; m0 < p.M; m0 += kRowBlock) {
+          const int mb = int(std::min<int64_t>(kRowBlock, p.M - m0));
+          const auto seq = std::make_integer_sequence<int, kRowBlock>{};
+          const BlockFn fn = isa >= CpuIsa::kAvx512 ? avx512_fn(mb, seq) : avx2_fn(mb, seq);
+          fn(p, xf, n, s, z, m0, acc);
+        }
+      } else {
+        row_scalar(p, xf, n, s, z, acc);
+      }
+#else
+      (void)isa;
+      row_scalar(p, xf, n, s, z, acc);
+#endif
+      for (int64_t m = 0; m < p.M; ++m) {
+        store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n, acc[m], p.bias, p.bias_dtype);
+      }
+    }
+  });
+  return Status(status.load());
+}
+
+Status sparse24_int4_dequantize_cpu(const Sparse24Int4GemmParams& p, float* w,
+                                    const CpuThreadPool* pool) {
+  Sparse24Int4GemmParams q = p;
+  q.M = 0;  // no x, no out
+  const Status st = check(q);
+  if (st != Status::kSuccess || p.N == 0 || p.K == 0) return st;
+  if (!w) return Status::kInvalidArgument;
+  std::atomic<int> status{int(Status::kSuccess)};
+  parallel_for(pool, 0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    float* buf = static_cast<float*>(t_row.get(size_t(2 * p.G) * sizeof(float)));
+    if (!buf) {
+      status = int(Status::kOutOfMemory);
+      return;
+    }
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* meta = p.meta + n * (p.K / 8);
+      if (!meta_rows_ok(meta, p.K / 8)) {
+        status = int(Status::kInvalidArgument);
+        return;
+      }
+      row_groups(p, n, buf, buf + p.G);
+      float* row = w + n * p.K;
+      for (int64_t k = 0; k < p.K; ++k) row[k] = 0.f;
+      const int32_t* qr = p.qvalues + n * (p.K / 16);
+      for (int64_t j = 0; j < p.K / 2; ++j) {
+        int64_t col;
+        const float v = weight(p, qr, meta, buf, buf + p.G, j, &col);
+        row[col] = v;
+      }
+    }
+  });
+  return Status(status.load());
+}
+
+}  // namespace bitpress
