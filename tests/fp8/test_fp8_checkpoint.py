@@ -449,19 +449,29 @@ def test_compressed_tensors_decompressor_agrees(tmp_path):
     """compressed-tensors' FloatQuantizationCompressor on what bitpress writes."""
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import FloatQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs
 
     for granularity in ("tensor", "channel", "block"):
         model = llama(hidden=256, inter=384)  # whole 128 blocks: compressed-tensors needs them
         bitpress.quantize_(model, bitpress.Fp8Config(granularity, None))
         bitpress.save_pretrained(model, tmp_path / granularity)
         qc = json.loads((tmp_path / granularity / "config.json").read_text())["quantization_config"]
-        qargs = QuantizationArgs(**_group(qc)["weights"])
+        weights = _group(qc)["weights"]
         files = safetensors_torch.load_file(tmp_path / granularity / "model.safetensors")
-        comp = FloatQuantizationCompressor(config=None)
         for name, m in linears(model).items():
             data = {
                 k.removeprefix(f"{name}."): v for k, v in files.items() if k.startswith(f"{name}.")
             }
-            w = comp.decompress_weight(data, quantization_args=qargs)
+            w = ct_decompress(FloatQuantizationCompressor, data, weights)
             assert torch.equal(w.float(), m.dequantize(torch.float32)), (granularity, name)
+
+
+def ct_decompress(compressor, data: dict, weights: dict) -> torch.Tensor:
+    """compressed-tensors' own decompression of one layer: the classmethod interface
+    (``decompress(state_dict, scheme)``, >= 0.20) or the instance one (``decompress_weight``)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    qargs = QuantizationArgs(**weights)
+    if hasattr(compressor, "decompress_weight"):
+        return compressor(config=None).decompress_weight(data, quantization_args=qargs)
+    scheme = QuantizationScheme(targets=["Linear"], weights=qargs)
+    return compressor.decompress(dict(data), scheme)["weight"]
