@@ -343,21 +343,19 @@ def test_compressed_tensors_decompressor_agrees(tmp_path):
     """compressed-tensors' own PackedQuantizationCompressor on what bitpress writes."""
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs
     from tiny_llama import quantize_rtn
 
     for sym in (True, False):
         model, ref = quantize_rtn(tiny_llama(), sym)
         bitpress.save_pretrained(model, tmp_path / str(sym), quant_method="compressed-tensors")
         qc = json.loads((tmp_path / str(sym) / "config.json").read_text())["quantization_config"]
-        args = QuantizationArgs(**next(iter(qc["config_groups"].values()))["weights"])
+        weights = next(iter(qc["config_groups"].values()))["weights"]
         files = safetensors_torch.load_file(tmp_path / str(sym) / "model.safetensors")
-        comp = PackedQuantizationCompressor(config=None)
         for name, lin in linears(ref).items():
             data = {
                 k.removeprefix(f"{name}."): v for k, v in files.items() if k.startswith(f"{name}.")
             }
-            w = comp.decompress_weight(data, quantization_args=args)
+            w = ct_decompress(PackedQuantizationCompressor, data, weights)
             assert torch.equal(w.float(), lin.weight), (ct.__version__, name)
 
 
@@ -379,3 +377,15 @@ def test_mixed_group_sizes_default_to_compressed_tensors(tmp_path):
     for name in linears(model):
         m = loaded.get_submodule(name)
         assert torch.equal(m.dequantize(torch.float32), ref.get_submodule(name).weight), name
+
+
+def ct_decompress(compressor, data: dict, weights: dict) -> torch.Tensor:
+    """compressed-tensors' own decompression of one layer: the classmethod interface
+    (``decompress(state_dict, scheme)``, >= 0.20) or the instance one (``decompress_weight``)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    qargs = QuantizationArgs(**weights)
+    if hasattr(compressor, "decompress_weight"):
+        return compressor(config=None).decompress_weight(data, quantization_args=qargs)
+    scheme = QuantizationScheme(targets=["Linear"], weights=qargs)
+    return compressor.decompress(dict(data), scheme)["weight"]

@@ -8,6 +8,7 @@ module to the import below).
 """
 
 from bitpress._core import registry
+from bitpress.fp8 import ops as _fp8_ops  # noqa: F401  (registers the fp8 ops)
 from bitpress.int4 import ops as _int4_ops  # noqa: F401  (registers the int4 ops)
 from bitpress.sparse24 import ops as _sparse24_ops  # noqa: F401  (registers the 2:4 ops)
 from bitpress.speculative import ops as _speculative_ops  # noqa: F401  (registers spec_verify)
