@@ -141,7 +141,8 @@ def dense_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, 
         )
     bad = _layout.pattern_violation(weight)
     if bad is not None:
-        raise ValueError(f"{name}: {_layout.pattern_message(*bad)}")
+        # the shared message names the tensor "w": name the checkpoint / module tensor instead
+        raise ValueError(f"{name}: {_layout.pattern_message(*bad).removeprefix('w ')}")
     return _layout.compress(weight.detach())
 
 
