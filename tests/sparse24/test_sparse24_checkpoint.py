@@ -250,13 +250,9 @@ def test_load_fp8_sparse_24_bitmask(tmp_path):
         expect[name] = q.float() * scale
     fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
            "dynamic": False}  # fmt: skip
-    _write(tmp_path, model, tensors, _bitmask_qc(weights=fp8))
-    # The FP8 group also targets the attention Linears: give them FP8 tensors only when the
-    # float-quantized scheme exists in this tree; otherwise restrict the group to the MLPs.
-    if "float-quantized" not in bitpress._core.registry.compressed_tensors_schemes():
-        qc = _bitmask_qc(weights=fp8)
-        qc["config_groups"]["group_0"]["targets"] = ["re:.*mlp.*"]
-        _write(tmp_path, model, tensors, qc)
+    qc = _bitmask_qc(weights=fp8)
+    qc["config_groups"]["group_0"]["targets"] = ["re:.*mlp.*"]  # FP8 2:4 MLPs, dense attention
+    _write(tmp_path, model, tensors, qc)
     loaded = bitpress.from_pretrained(tmp_path, dtype=torch.float32)
     for name in mlp:
         got = loaded.get_submodule(name)
