@@ -198,6 +198,8 @@ def _bitmask_checkpoint(tmp_path):
         ("compressed", lambda t: t[:, :-2], r"compressed: expected shape \[N, K/2\]"),
         ("compressed", lambda t: t.to(torch.int32), r"compressed: dtype must be"),
         ("shape", lambda t: torch.tensor([[128], [32]]), r"shape: holds \[128, 32\]"),
+        ("shape", lambda t: t.unsqueeze(0), r"shape: expected int64 \[2, 1\]"),
+        ("shape", lambda t: t.float(), r"shape: expected int64 \[2, 1\]"),
     ],
 )
 def test_bad_bitmask_tensors_are_named(tmp_path, key, change, match):

@@ -11,7 +11,7 @@ read into and written from :class:`~bitpress.sparse24.modules.Sparse24Linear`.
 * ``<name>.bitmask`` uint8 [N, ceil(K/8)]: the kept positions, one bit per weight, packed
   little-endian along K (``numpy.packbits(mask, axis=-1, bitorder="little")``: weight ``k`` is bit
   ``k % 8`` of byte ``k // 8``), exactly two bits set in every group of 4;
-* ``<name>.shape`` int64 [2, 1] (written as ``[[N], [K]]``; any tensor of the 2 values is read);
+* ``<name>.shape`` int64 [2, 1], ``[[N], [K]]`` (int32 is read too);
 * ``sparsity_config`` in config.json's ``quantization_config``: ``{"format": "sparse-24-bitmask",
   "sparsity_structure": "2:4", "targets": [...], "ignore": [...]}``.
 
@@ -89,15 +89,16 @@ def from_bitmask(
     name: str = "",
     expect: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``compressed`` [N, K/2], ``bitmask`` uint8 [N, ceil(K/8)], ``shape`` ([N, K] in any
-    layout of two integers, or None: from ``expect``) -> interchange (values [N, K/2] in
+    """``compressed`` [N, K/2], ``bitmask`` uint8 [N, ceil(K/8)], ``shape`` (int [2, 1] =
+    ``[[N], [K]]``, or None: from ``expect``) -> interchange (values [N, K/2] in
     ``compressed.dtype``, meta uint8 [N, K/8]), exactly. ValueError naming the tensor
     (``<name>.compressed`` ...) on any inconsistency."""
     p = f"{name}." if name else ""
     if shape is not None:
-        if shape.dtype.is_floating_point or shape.dtype == torch.bool or shape.numel() != 2:
+        if shape.dtype not in (torch.int64, torch.int32) or list(shape.shape) != [2, 1]:
             raise ValueError(
-                f"{p}shape: expected two integers [N, K], got {shape.dtype} {list(shape.shape)}"
+                f"{p}shape: expected int64 [2, 1] ([[N], [K]], as compressed-tensors writes it), "
+                f"got {shape.dtype} {list(shape.shape)}"
             )
         N, K = (int(v) for v in shape.reshape(-1).tolist())
     elif expect is not None:
