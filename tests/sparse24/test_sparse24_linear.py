@@ -316,7 +316,8 @@ def test_sparsify_then_quantize_sequential():
     assert errs["gptq"] < errs["rtn"], errs
 
 
-def test_sparsify_tiny_llama_and_filter():
+@pytest.mark.parametrize("int4_method", ["rtn", "gptq"])
+def test_sparsify_tiny_llama_and_filter(int4_method):
     pytest.importorskip("transformers")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(24))
     model = tiny_llama(correlated=True)
@@ -333,7 +334,8 @@ def test_sparsify_tiny_llama_and_filter():
     assert all(v == "Linear" for n, v in kinds.items() if ".mlp." not in n), kinds
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-    bitpress.quantize_(model, Int4Config(group_size=32))
+    calib = [ids] if int4_method == "gptq" else None
+    bitpress.quantize_(model, Int4Config(group_size=32, method=int4_method, calibration=calib))
     kinds = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith("_proj")}
     assert all(v == "Sparse24Int4Linear" for n, v in kinds.items() if ".mlp." in n), kinds
     assert all(v == "Int4Linear" for n, v in kinds.items() if ".mlp." not in n), kinds
