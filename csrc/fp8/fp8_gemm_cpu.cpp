@@ -32,6 +32,8 @@ thread_local ThreadBuffer t_xp;     // the caller's xᵀ pairs (fp8_gemm)
 // 2, 3 (the terms of a row stay in one chunk); 96 columns of Kp/2 pairs stay in L2 beside the
 // panel for K up to ~4K (the microkernel reads its B once per 32 rows of A).
 constexpr int64_t kColChunk = 96;
+// K per microkernel call (a multiple of 32, the AMX k-step; and of 128, the scale block).
+constexpr int64_t kKChunk = 256;
 
 struct Lut {
   uint16_t v[256];
@@ -59,7 +61,7 @@ BITPRESS_TARGET_AVX512 void decode_bf16_avx512(const uint8_t* src, uint16_t* dst
   const __m512i qnan = _mm512_set1_epi16(0x7FC0);
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(src + i) + 1024, _MM_HINT_T0);
+    if (i % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(src + i) + 1024, _MM_HINT_T0);
     const __m512i v =
         _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
     const __m512i mag = _mm512_and_si512(v, m7f);
@@ -68,6 +70,46 @@ BITPRESS_TARGET_AVX512 void decode_bf16_avx512(const uint8_t* src, uint16_t* dst
     r = _mm512_mask_mov_epi16(r, _mm512_cmpeq_epi16_mask(mag, m7f), qnan);
     r = _mm512_ternarylogic_epi32(r, v, sgn, 0xF8);  // r | (v & 0x8000)
     _mm512_storeu_si512(dst + i, r);
+  }
+  for (; i < n; ++i) dst[i] = kLut.v[src[i]];
+}
+
+// 64 codes per step with AVX512-VBMI: the low and high bytes of each bf16 from two 128-entry
+// byte tables indexed by the 7-bit magnitude (vpermi2b ignores the sign bit of the index), the
+// sign ORed into the high byte, the bytes interleaved by vpunpck{l,h}bw. The codes are permuted
+// first so that the in-lane interleave comes out in order. NaN and subnormals are in the tables.
+struct ByteTables {
+  alignas(64) uint8_t lo[128];
+  alignas(64) uint8_t hi[128];
+  alignas(64) uint8_t perm[64];
+  ByteTables() {
+    for (int m = 0; m < 128; ++m) {
+      const uint16_t b = e4m3_to_bf16_bits(uint8_t(m));
+      lo[m] = uint8_t(b & 0xFF);
+      hi[m] = uint8_t(b >> 8);
+    }
+    // Lane l of the permuted codes: codes 8l..8l+7, then codes 32+8l..32+8l+7.
+    for (int l = 0; l < 4; ++l)
+      for (int b = 0; b < 16; ++b)
+        perm[16 * l + b] = uint8_t(b < 8 ? 8 * l + b : 32 + 8 * l + b - 8);
+  }
+};
+const ByteTables kBytes;
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c"))) void
+decode_bf16_vbmi(const uint8_t* src, uint16_t* dst, int64_t n) {
+  const __m512i lo0 = _mm512_load_si512(kBytes.lo), lo1 = _mm512_load_si512(kBytes.lo + 64);
+  const __m512i hi0 = _mm512_load_si512(kBytes.hi), hi1 = _mm512_load_si512(kBytes.hi + 64);
+  const __m512i perm = _mm512_load_si512(kBytes.perm), sgn = _mm512_set1_epi8(int8_t(0x80));
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(src + i) + 1024, _MM_HINT_T0);
+    const __m512i c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(src + i));
+    const __m512i l = _mm512_permutex2var_epi8(lo0, c, lo1);
+    const __m512i h =
+        _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, c, hi1), c, sgn, 0xF8);
+    _mm512_storeu_si512(dst + i, _mm512_unpacklo_epi8(l, h));
+    _mm512_storeu_si512(dst + i + 32, _mm512_unpackhi_epi8(l, h));
   }
   for (; i < n; ++i) dst[i] = kLut.v[src[i]];
 }
@@ -93,26 +135,163 @@ inline void store(void* out, DType t, int64_t i, float v) {
 
 }  // namespace
 
-bool vector_decode_available() {
+bool decode_available(Fp8CpuOptions::Decode decode) {
+  if (decode == Fp8CpuOptions::Decode::kTable) return true;
 #if defined(__x86_64__)
   const CpuFeatures& f = cpu_features();
-  return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx2 && f.fma && f.f16c;
+  const bool avx512 =
+      f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx2 && f.fma && f.f16c;
+  if (decode == Fp8CpuOptions::Decode::kAvx512) return avx512;
+  // AVX512-VBMI: not in CpuFeatures; the OS state is that of AVX-512 (checked above).
+  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
+  return avx512 && vbmi && decode == Fp8CpuOptions::Decode::kAvx512Vbmi;
 #else
   return false;
 #endif
 }
 
-void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, bool vector_decode) {
+void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, Fp8CpuOptions::Decode decode) {
 #if defined(__x86_64__)
-  if (vector_decode) return decode_bf16_avx512(src, dst, n);
+  if (decode == Fp8CpuOptions::Decode::kAvx512Vbmi) return decode_bf16_vbmi(src, dst, n);
+  if (decode == Fp8CpuOptions::Decode::kAvx512) return decode_bf16_avx512(src, dst, n);
 #endif
-  (void)vector_decode;
+  (void)decode;
   decode_bf16_table(src, dst, n);
 }
 
+namespace {
+
+// y[m, n] = (sum of m's terms) * scales + bias, rounded once to the output; for outputs (m, n) of
+// the yᵀ block c [nt rows (n0 + r), columns c0 .. c0 + cc), row stride kColChunk.
+void epilogue_scalar(const EngineArgs& e, const float* c, int64_t n0, int64_t r0, int64_t r1,
+                     int64_t c0, int64_t m0, int64_t m1, bool block) {
+  const int64_t T = e.terms;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float sx = (!block && e.x_scale.data) ? scale_at(e.x_scale, m) : 1.f;
+    const float* cm = c + (m * T - c0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = n0 + r;
+      const float* cr = cm + r * kColChunk;
+      float v = cr[0];
+      for (int64_t t = 1; t < T; ++t) v += cr[t];
+      if (!block) v = v * sx * scale_at(e.w_scale, n);
+      if (e.bias) v += load_as_float(e.bias, e.bias_dtype, n);
+      store(e.out, e.out_dtype, m * e.ldo + n, v);
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// 16 rows of floats -> 16 columns (r[i] holds row i; afterwards r[j] holds column j).
+BITPRESS_TARGET_AVX512 inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_f32x4(v0, v1, 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(v2, v3, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(v2, v3, 0xDD);
+  }
+}
+
+// 16 float32 -> the output dtype at out + i, rounded to nearest even as dtype.h's helpers (NaN
+// stays NaN).
+BITPRESS_TARGET_AVX512 inline void store16(void* out, DType t, int64_t i, __m512 v) {
+  if (t == DType::kFloat32) {
+    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+  } else if (t == DType::kFloat16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                        _mm512_cvtepi32_epi16(r));
+  }
+}
+
+// Blocks of 16 n x 16 m: 16 rows of yᵀ per part loaded and transposed in registers, the parts
+// added, scaled and stored as 16 contiguous outputs of row m; the ragged edges go scalar.
+BITPRESS_TARGET_AVX512 void epilogue_avx512(const EngineArgs& e, const float* c, int64_t n0,
+                                            int64_t nt, int64_t c0, int64_t m0, int64_t m1,
+                                            bool block) {
+  const int64_t T = e.terms, r16 = nt / 16 * 16, m16 = m0 + (m1 - m0) / 16 * 16;
+  for (int64_t r0 = 0; r0 < r16; r0 += 16) {
+    alignas(64) float sw[16], bias[16];
+    for (int i = 0; i < 16; ++i) {
+      sw[i] = block ? 1.f : scale_at(e.w_scale, n0 + r0 + i);
+      bias[i] = e.bias ? load_as_float(e.bias, e.bias_dtype, n0 + r0 + i) : 0.f;
+    }
+    const __m512 vsw = _mm512_load_ps(sw), vb = _mm512_load_ps(bias);
+    for (int64_t mb = m0; mb < m16; mb += 16) {
+      __m512 acc[16];
+      for (int64_t t = 0; t < T; ++t) {
+        // Part t of the 16 m's: columns (mb + i) * T + t, gathered 16 at a time when T > 1.
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) {
+          const float* row = c + (r0 + i) * kColChunk + (mb * T - c0);
+          if (T == 1) {
+            r[i] = _mm512_loadu_ps(row);
+          } else {
+            const __m512i idx = _mm512_add_epi32(
+                _mm512_mullo_epi32(
+                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                    _mm512_set1_epi32(int(T))),
+                _mm512_set1_epi32(int(t)));
+            r[i] = _mm512_i32gather_ps(idx, row, 4);
+          }
+        }
+        transpose16(r);
+        for (int j = 0; j < 16; ++j) acc[j] = t == 0 ? r[j] : _mm512_add_ps(acc[j], r[j]);
+      }
+      for (int j = 0; j < 16; ++j) {
+        const int64_t m = mb + j;
+        const float sx = (!block && e.x_scale.data) ? scale_at(e.x_scale, m) : 1.f;
+        const __m512 v =
+            block ? acc[j] : _mm512_mul_ps(_mm512_mul_ps(acc[j], _mm512_set1_ps(sx)), vsw);
+        store16(e.out, e.out_dtype, m * e.ldo + n0 + r0, _mm512_add_ps(v, vb));
+      }
+    }
+    epilogue_scalar(e, c, n0, r0, r0 + 16, c0, m16, m1, block);
+  }
+  epilogue_scalar(e, c, n0, r16, nt, c0, m0, m1, block);
+}
+#endif
+
+void epilogue(const EngineArgs& e, const float* c, int64_t n0, int64_t nt, int64_t c0, int64_t cc,
+              bool block, bool avx512) {
+  const int64_t m0 = c0 / e.terms, m1 = std::min(e.M, (c0 + cc) / e.terms);
+#if defined(__x86_64__)
+  if (avx512) return epilogue_avx512(e, c, n0, nt, c0, m0, m1, block);
+#endif
+  (void)avx512;
+  epilogue_scalar(e, c, n0, 0, nt, c0, m0, m1, block);
+}
+
+}  // namespace
+
 Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOptions& o) {
   if (!cpu::gemm_kernel_available(o.kernel)) return Status::kUnsupported;
-  if (o.vector_decode && !vector_decode_available()) return Status::kUnsupported;
+  if (!decode_available(o.decode)) return Status::kUnsupported;
   const int64_t M = e.M, N = e.N, K = e.K, Kp = e.Kp, T = e.terms, ldx = e.ldx;
   if (M == 0 || N == 0) return Status::kSuccess;
   const bool block = e.w_scale.layout == Fp8ScaleLayout::kBlock;
@@ -125,7 +304,10 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   Status status = Status::kSuccess;
 
   parallel_for(pool, 0, n_tiles, 1, [&](int64_t tb, int64_t te) {
-    uint16_t* panel = static_cast<uint16_t*>(t_panel.get(size_t(NT * Kp) * 2 + 64));
+    // Panel rows one cache line longer than Kp: rows Kp = 4096 apart (8 KiB) would all fall in the
+    // same L1 sets, and the microkernel reads 16-32 of them at once (a tile).
+    const int64_t lda = Kp + 32;
+    uint16_t* panel = static_cast<uint16_t*>(t_panel.get(size_t(NT * lda) * 2 + 64));
     float* c = static_cast<float*>(t_c.get(size_t(NT * kColChunk) * 4 + 64));
     float* cb = block ? static_cast<float*>(t_cb.get(size_t(NT * kColChunk) * 4 + 64)) : nullptr;
     if (!panel || !c || (block && !cb)) {
@@ -135,28 +317,36 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
     for (int64_t tile = tb; tile < te; ++tile) {
       const int64_t n0 = tile * NT, nt = std::min(NT, N - n0);
       for (int64_t r = 0; r < nt; ++r) {
-        uint16_t* dst = panel + r * Kp;
-        decode_bf16(e.w + (n0 + r) * e.ldw, dst, K, o.vector_decode);
+        uint16_t* dst = panel + r * lda;
+        decode_bf16(e.w + (n0 + r) * e.ldw, dst, K, o.decode);
         memset(dst + K, 0, size_t(Kp - K) * 2);
       }
       for (int64_t c0 = 0; c0 < ldx; c0 += kColChunk) {
         const int64_t cc = std::min(kColChunk, ldx - c0);
         cpu::GemmBf16Args g;
         g.a = panel;
-        g.lda = Kp;
+        g.lda = lda;
         g.ldb = ldx;
         g.ldc = kColChunk;
         g.M = nt;
         g.N = cc;
         if (!block) {
-          g.b = e.xp + c0;
-          g.c = c;
-          g.K = Kp;
-          g.accumulate = false;
-          const Status st = cpu::gemm_bf16(o.kernel, g);
-          if (st != Status::kSuccess) {
-            status = st;
-            return;
+          // K in chunks: each call's A block (32 rows x kKChunk) and B block (kKChunk x 32
+          // columns) stay in L1 across the microkernel's loops; C accumulates in L1 / L2.
+          if (Kp == 0) {
+            for (int64_t r = 0; r < nt; ++r) memset(c + r * kColChunk, 0, size_t(cc) * 4);
+          }
+          for (int64_t k0 = 0; k0 < Kp; k0 += kKChunk) {
+            g.a = panel + k0;
+            g.b = e.xp + (k0 / 2) * ldx + c0;
+            g.c = c;
+            g.K = std::min(kKChunk, Kp - k0);
+            g.accumulate = k0 > 0;
+            const Status st = cpu::gemm_bf16(o.kernel, g);
+            if (st != Status::kSuccess) {
+              status = st;
+              return;
+            }
           }
         } else {
           for (int64_t r = 0; r < nt; ++r) memset(c + r * kColChunk, 0, size_t(cc) * 4);
@@ -189,21 +379,7 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
             }
           }
         }
-        // Epilogue: y[m, n] = (sum of m's terms) * scales + bias, rounded once to the output.
-        const int64_t m0 = c0 / T, m1 = std::min(M, (c0 + cc) / T);
-        for (int64_t m = m0; m < m1; ++m) {
-          const float sx = (!block && e.x_scale.data) ? scale_at(e.x_scale, m) : 1.f;
-          const float* cm = c + (m * T - c0);
-          for (int64_t r = 0; r < nt; ++r) {
-            const int64_t n = n0 + r;
-            const float* cr = cm + r * kColChunk;
-            float v = cr[0];
-            for (int64_t t = 1; t < T; ++t) v += cr[t];
-            if (!block) v = v * sx * scale_at(e.w_scale, n);
-            if (e.bias) v += load_as_float(e.bias, e.bias_dtype, n);
-            store(e.out, e.out_dtype, m * e.ldo + n, v);
-          }
-        }
+        epilogue(e, c, n0, nt, c0, cc, block, o.decode != Fp8CpuOptions::Decode::kTable);
       }
     }
   });
@@ -217,7 +393,11 @@ Fp8CpuOptions fp8_cpu_default_options() {
   const CpuIsa isa = active_cpu_isa();
   o.kernel = isa >= CpuIsa::kAvx2 ? cpu::gemm_bf16_kernel_for_active_isa()
                                   : cpu::GemmKernel::kAvx512Bf16Emulated;
-  o.vector_decode = isa >= CpuIsa::kAvx512 && fp8_cpu::vector_decode_available();
+  using D = Fp8CpuOptions::Decode;
+  o.decode = isa < CpuIsa::kAvx512                       ? D::kTable
+             : fp8_cpu::decode_available(D::kAvx512Vbmi) ? D::kAvx512Vbmi
+             : fp8_cpu::decode_available(D::kAvx512)     ? D::kAvx512
+                                                         : D::kTable;
   o.dot_isa = isa >= CpuIsa::kAvx512 ? CpuIsa::kAvx512
               : isa >= CpuIsa::kAvx2 ? CpuIsa::kAvx2
                                      : CpuIsa::kScalar;
@@ -270,7 +450,7 @@ Status fp8_gemm_cpu_with(const Fp8GemmParams& p, const CpuThreadPool* pool,
     for (int64_t i = 0; i < 16; ++i) {
       uint16_t* dst = rows + i * e.Kp;
       if (m0 + i < p.M) {
-        decode_bf16(p.a + (m0 + i) * p.lda, dst, p.K, options.vector_decode);
+        decode_bf16(p.a + (m0 + i) * p.lda, dst, p.K, options.decode);
         memset(dst + p.K, 0, size_t(e.Kp - p.K) * 2);
       } else {
         memset(dst, 0, size_t(e.Kp) * 2);

@@ -41,16 +41,21 @@ struct EngineArgs {
   int64_t Kp = 0;  // K rounded up to 32 (the AMX k-step); xp has Kp/2 pair rows (zero past K)
 };
 
-// Runs the engine with `options.kernel` and `options.vector_decode`.
+// Runs the engine with `options.kernel` and `options.decode`.
 Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOptions& options);
 
 // E4M3 codes -> bf16 bits, n of them (exact; NaN codes -> NaN).
-void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, bool vector_decode);
+void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, Fp8CpuOptions::Decode decode);
 
 // The pair-row count and column count of xp for M rows, `terms` parts, K.
 inline int64_t engine_kp(int64_t K) { return (K + 31) / 32 * 32; }
-inline int64_t engine_ldx(int64_t M, int terms) { return (M * terms + 15) / 16 * 16; }
+// (A row stride that is a multiple of 512 bytes gets 16 more columns: the microkernel reads 16
+// pair rows of a column block at once, which would otherwise share a few L1 sets.)
+inline int64_t engine_ldx(int64_t M, int terms) {
+  const int64_t ldx = (M * terms + 15) / 16 * 16;
+  return ldx % 128 == 0 ? ldx + 16 : ldx;
+}
 
-bool vector_decode_available();
+bool decode_available(Fp8CpuOptions::Decode decode);
 
 }  // namespace bitpress::fp8_cpu

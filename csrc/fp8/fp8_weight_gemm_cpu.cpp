@@ -247,7 +247,8 @@ BITPRESS_TARGET_AVX512 bool block_dot_avx512(const DotArgs& d, int64_t n, int64_
 Status dot_path(const Fp8WeightGemmParams& p, const CpuThreadPool* pool, CpuIsa isa) {
   const CpuFeatures& f = cpu_features();
   if (isa == CpuIsa::kAvx2 && !(f.avx2 && f.fma && f.f16c)) return Status::kUnsupported;
-  if (isa >= CpuIsa::kAvx512 && !fp8_cpu::vector_decode_available()) return Status::kUnsupported;
+  if (isa >= CpuIsa::kAvx512 && !fp8_cpu::decode_available(Fp8CpuOptions::Decode::kAvx512))
+    return Status::kUnsupported;
   const int64_t M = p.M, K = p.K;
   float* x = static_cast<float*>(t_xp.get(size_t(M * K) * 4 + 64));
   if (!x) return Status::kOutOfMemory;

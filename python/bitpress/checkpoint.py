@@ -526,7 +526,8 @@ def _save_formats(model: nn.Module, quant_method: str | None) -> list:
                 + (f" nor {len(bad) - 1} other(s)" if len(bad) > 1 else "")
             )
         return [fmt]
-    candidates = [f for f in formats.values() if f.save_by_default and not refused(f)]
+    candidates = [f for f in formats.values() if f.save_priority is not None and not refused(f)]
+    candidates.sort(key=lambda f: f.save_priority)  # stable: registration order breaks ties
     if candidates:
         return candidates
     kinds = sorted({type(m).__name__ for m in quantized.values()})

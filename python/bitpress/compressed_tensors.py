@@ -467,6 +467,7 @@ COMPRESSED_TENSORS_FORMAT = register_checkpoint_format(
         save=save_compressed_tensors,
         select=select_compressed_tensors,
         accepts=accepts_compressed_tensors,
+        save_priority=1,  # after GPTQ: Int4Linear models are written as GPTQ unless asked
     )
 )
 COMPRESSED_TENSORS_FORMAT.hostile = compressed_tensors_hostile

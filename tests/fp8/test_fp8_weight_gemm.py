@@ -56,7 +56,7 @@ def test_cpu_paths(cpu_isa, M, dtype, layout):  # noqa: F811
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 9])
+@pytest.mark.parametrize("M", [1, 9, 40])
 def test_products_are_exact(dtype, M):
     """With one nonzero weight per row, y is x[m, k] * w[n, k] * s rounded once to float32 (then
     to x's dtype): no rounding of x (fp16 / float32 x split exactly into bf16 parts) nor of w.

@@ -14,9 +14,11 @@ suite turns the description into hypothesis strategies (hypothesis is a test dep
 An op passes ``hostile=`` to its :class:`OpSpec`, or its feature registers it by name with
 :func:`register_hostile`; the suite fails for a registered op that has none.
 
-The same module holds the two other registries the upper layers dispatch on: ``quantize_``
-handlers by config type (torchao's ``register_quantize_module_handler``) and checkpoint formats
-by ``quant_method`` (each format also names its hostile-checkpoint builder, ``tiny_model``).
+The same module holds the other registries the upper layers dispatch on: ``quantize_``
+handlers by config type (torchao's ``register_quantize_module_handler``), checkpoint formats
+by ``quant_method`` (each format also names its hostile-checkpoint builder, ``tiny_model``), and
+the per-layer schemes of compressed-tensors checkpoints by their ``format`` string
+(:class:`CompressedTensorsScheme`, read by :mod:`bitpress.compressed_tensors`).
 """
 
 from __future__ import annotations
@@ -197,8 +199,10 @@ class CheckpointFormat:
         checkpoint's config), for a format whose config says which layers are quantized
         (compressed-tensors' targets and ignore lists); None: ``module_names(tensors)``.
     accepts(module) -> bool : whether ``save`` can write this module (None: every module of
-        ``module_type``); ``save_pretrained`` picks the first registered format that accepts
-        every quantized module of a model, among those with ``save_by_default``.
+        ``module_type``).
+    save_priority : ``save_pretrained`` without ``quant_method`` tries the formats that accept
+        every quantized module of a model by increasing priority (registration order breaks
+        ties); None: only when asked for by name.
     """
 
     name: str
@@ -211,7 +215,7 @@ class CheckpointFormat:
     hostile: Callable[[], CheckpointHostile] | None = None
     select: Callable | None = None
     accepts: Callable | None = None
-    save_by_default: bool = True
+    save_priority: int | None = 0
 
 
 @dataclasses.dataclass

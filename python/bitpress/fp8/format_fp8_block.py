@@ -192,6 +192,6 @@ FP8 = register_checkpoint_format(
         hostile=_hostile,
         select=select_fp8,
         accepts=_accepts,
-        save_by_default=False,
+        save_priority=None,
     )
 )

@@ -26,9 +26,9 @@ Activations (``activations``):
   inputs / 448), from ``from_linear(..., input_scale=)``, or from a checkpoint; a static module
   without one refuses to run.
 
-Scale layouts given to ``fp8_gemm`` are one of the three it reads (per-tensor with per-tensor,
-per-row with per-row, blockwise with blockwise): a per-tensor scale meeting a per-row or
-blockwise one is broadcast to that layout (the same numbers).
+``fp8_gemm`` pairs a per-tensor scale with a per-tensor or per-row one, and blockwise scales
+only with blockwise ones: a static input scale meeting block weights is broadcast to [M,
+ceil(K/128)] (the same numbers).
 
 ``.to(device)`` moves the tensors; ``.half()`` / ``.to(dtype)`` change the dtype of the bias (and
 of the module's ``dtype``) only: the E4M3 weight and the fp32 scales keep theirs.
@@ -340,8 +340,6 @@ class Fp8Linear(nn.Module):
                 q, xs = ops.fp8_quantize(x2, granularity="block", block_size=[1, BLOCK])
             else:
                 q, xs = ops.fp8_quantize(x2, granularity="token")
-                if self.granularity == "tensor":
-                    ws = ws.reshape(1, 1).expand(N, 1).contiguous()
         else:
             if self.input_scale is None:
                 raise RuntimeError(
@@ -349,9 +347,7 @@ class Fp8Linear(nn.Module):
                     "or set_input_scale(), or load it from a checkpoint"
                 )
             q, xs = ops.fp8_quantize(x2, granularity="tensor", scale=self.input_scale)
-            if self.granularity == "channel":
-                xs = xs.reshape(1, 1).expand(M, 1).contiguous()
-            elif self.granularity == "block":
+            if self.granularity == "block":  # blockwise scales pair only with blockwise ones
                 xs = xs.reshape(1, 1).expand(M, ws.shape[1]).contiguous()
         y = ops.fp8_gemm(q, self.weight, xs, ws, bias, out_dtype=x.dtype)
         return y.reshape(*lead, N)

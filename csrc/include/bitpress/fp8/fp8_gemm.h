@@ -76,7 +76,11 @@ Status fp8_weight_gemm_cpu(const Fp8WeightGemmParams& p, const CpuThreadPool* po
 // the active CPU ISA). kUnsupported when this CPU cannot run a requested variant.
 struct Fp8CpuOptions {
   cpu::GemmKernel kernel = cpu::GemmKernel::kAvx512Bf16Emulated;  // the bf16 microkernel variant
-  bool vector_decode = false;  // AVX-512BW E4M3 -> bf16 decode (else the table decode)
+  // E4M3 -> bf16 decode of the weight panels: kTable (256-entry table, any CPU), kAvx512
+  // (AVX-512BW bit operations and a vpermw table of the subnormals, 32 codes per step),
+  // kAvx512Vbmi (two vpermi2b byte tables, 64 codes per step).
+  enum class Decode : int { kTable = 0, kAvx512 = 1, kAvx512Vbmi = 2 };
+  Decode decode = Decode::kTable;
   // Rows (M) up to which fp8_weight_gemm runs its float32 dot-product path (E4M3 decoded to
   // float32 through F16C; AVX-512 or AVX2) instead of the microkernel; 0: never.
   int64_t dot_max_rows = 0;
