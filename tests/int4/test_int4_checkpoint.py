@@ -389,7 +389,7 @@ def test_safetensors_only(tmp_path):
 
 
 def test_save_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"no quantized layer \(Int4Linear"):
+    with pytest.raises(ValueError, match=r"no quantized layer \(.*Int4Linear"):
         bitpress.save_pretrained(tiny_llama(), tmp_path)
     model, _ = quantize_rtn(tiny_llama())
     with pytest.raises(ValueError, match="checkpoint_format"):
