@@ -62,8 +62,8 @@ inline void check_sparse24_meta_values(const char* op, const at::Tensor& meta, i
     std::ostringstream hex;
     hex << std::uppercase << std::hex << nib;
     TORCH_CHECK(false, op,
-                ": meta must hold nibbles idx0 | idx1 << 2 with idx0 < idx1 (0x4, 0x8, 0x9, 0xC, "
-                "0xD or 0xE), got 0x",
+                ": meta values must be nibbles idx0 | idx1 << 2 with idx0 < idx1 (0x4, 0x8, 0x9, "
+                "0xC, 0xD or 0xE), got 0x",
                 hex.str(), " at row ", row, ", group ", group);
   }
 }

@@ -28,9 +28,10 @@ std::tuple<at::Tensor, at::Tensor> sparse24_compress_cpu_impl(const at::Tensor& 
       sparse24_compress_cpu(wc.data_ptr(), int(w.element_size()), N, K, K, values.data_ptr(),
                             meta.data_ptr<uint8_t>(), &row, &group, &count, torch_thread_pool());
   TORCH_CHECK(st != Status::kInvalidArgument || N * K == 0, kOp,
-              ": w does not have the 2:4 pattern: row ", row, ", group ", group, " (columns ",
-              4 * group, "..", 4 * group + 3, ") has ", count,
-              " nonzeros (at most 2 of every 4 consecutive weights along K may be nonzero)");
+              ": w values must have the 2:4 pattern (at most 2 nonzeros in every 4 consecutive "
+              "weights along K): row ",
+              row, ", group ", group, " (columns ", 4 * group, "..", 4 * group + 3, ") has ", count,
+              " nonzeros");
   check_status(st, kOp);
   return {values, meta};
 }

@@ -1,6 +1,7 @@
 // sparse24_gemm on the CPU (ROW layout): y = x Wᵀ + bias with W the dense weight of
 // (values [N, K/2], meta [N, K/8]). The paths and the dispatch are described in
 // bitpress/sparse24/sparse24_cpu.h.
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
@@ -255,6 +256,13 @@ int panel_kernel(const Sparse24GemmParams& p) {
   return int(cpu::gemm_bf16_kernel_for_active_isa());
 }
 
+// Rows of bf16 x up to which the direct path runs. BITPRESS_SPARSE24_DIRECT_ROWS overrides it
+// (read per call: benchmarks compare both paths in one process).
+int64_t direct_max_rows(int kernel) {
+  if (const char* s = getenv("BITPRESS_SPARSE24_DIRECT_ROWS")) return atoll(s);
+  return kernel == int(cpu::GemmKernel::kAmx) ? kSparse24DirectMaxRowsAmx : kSparse24DirectMaxRows;
+}
+
 Status check(const Sparse24GemmParams& p) {
   if (p.M < 0 || p.K < 0 || p.N < 0 || p.K % 8 || !dtype_valid(p.x_dtype)) {
     return Status::kInvalidArgument;
@@ -411,7 +419,8 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
 
 Sparse24GemmPath sparse24_gemm_cpu_path(const Sparse24GemmParams& p) {
   if (p.path != Sparse24GemmPath::kAuto) return p.path;
-  if (p.x_dtype == DType::kBFloat16 && p.M > kSparse24DirectMaxRows && panel_kernel(p) >= 0) {
+  const int k = panel_kernel(p);
+  if (p.x_dtype == DType::kBFloat16 && k >= 0 && p.M > direct_max_rows(k)) {
     return Sparse24GemmPath::kPanels;
   }
   return Sparse24GemmPath::kDirect;

@@ -2,10 +2,11 @@
 // positions of (qvalues [N, K/16], meta [N, K/8]) (bitpress/sparse24/sparse24_cpu.h).
 //
 // One path, a read stream (0.375 bytes per dense weight: 4-bit codes plus 2-bit positions): each
-// thread takes whole weight rows; per step the codes and positions of 16 values (AVX-512: 32
-// dense columns, one vpermt2ps gathers their x from two registers) or 8 values (AVX2: vpermps
-// from two registers and a blend) are decoded once, dequantized in float32 ((q - z) * s, the
-// group's scale and zero broadcast; per lane when a step straddles groups) and multiplied into
+// thread takes whole weight rows. bf16 x on AVX512-BF16 with group_size % 64 == 0: vdpbf16ps on
+// (128 + q) pairs (block_bf16 below). Otherwise per step the codes and positions of 16 values
+// (AVX-512: 32 dense columns, one vpermt2ps gathers their x from two registers) or 8 values (AVX2:
+// vpermps from two registers and a blend) are decoded once, dequantized in float32 ((q - z) * s,
+// the group's scale and zero broadcast; per lane when a step straddles groups) and multiplied into
 // every row of x. x is widened to float32 once per call. Large M is the caller's: the torch glue
 // dequantizes the weight once (sparse24_int4_dequantize_cpu) and calls the dense GEMM.
 #include <string.h>
@@ -156,8 +157,80 @@ BITPRESS_TARGET_AVX2 void block_avx2(const Sparse24Int4GemmParams& p, const floa
   }
 }
 
+// bf16 x on AVX512-BF16, group_size % 64 == 0: 32 values (64 dense columns) per step. The x pair
+// of each group is gathered by vpermt2w (as in sparse24_gemm); the codes become the bf16 pairs
+// (128 + q) (exact: bf16 0x4300 | q), and two vdpbf16ps per row sum x (128 + q) and x over the
+// group, exact products in float32; at the end of each group
+//   y += s (sum x (128 + q) - (128 + z) sum x).
+template <int MB>
+BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int64_t n,
+                                           const float* s, const float* z, int64_t m0, float* acc) {
+  const int64_t K = p.K;
+  const int32_t* q = p.qvalues + n * (K / 16);
+  const uint8_t* meta = p.meta + n * (K / 8);
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  alignas(64) static constexpr uint16_t kWord[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1,
+                                                     1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
+                                                     2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+  alignas(64) static constexpr uint16_t kShift[32] = {0,  2,  4,  6,  8,  10, 12, 14, 0,  2, 4,
+                                                      6,  8,  10, 12, 14, 0,  2,  4,  6,  8, 10,
+                                                      12, 14, 0,  2,  4,  6,  8,  10, 12, 14};
+  alignas(64) static constexpr uint16_t kBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
+                                                     20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
+                                                     44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
+  const __m512i word = _mm512_load_si512(kWord), shift = _mm512_load_si512(kShift);
+  const __m512i base = _mm512_load_si512(kBase), three = _mm512_set1_epi16(3);
+  const __m512i ones = _mm512_set1_epi32(0x3F803F80);  // bf16 pair (1, 1)
+  __m512 y[MB], aq[MB], ax[MB];
+  for (int i = 0; i < MB; ++i) y[i] = aq[i] = ax[i] = _mm512_setzero_ps();
+  const int64_t steps = (K + 63) / 64, per_group = p.group_size / 64;
+  for (int64_t st = 0; st < steps; ++st) {
+    const int64_t dense = std::min<int64_t>(64, K - 64 * st);  // 16..64, a multiple of 16
+    uint64_t mw = 0;
+    memcpy(&mw, meta + 8 * st, size_t(dense / 8));
+    __m512i idx = _mm512_permutexvar_epi16(word, _mm512_set1_epi64(int64_t(mw)));
+    idx = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(idx, shift), three), base);
+    // Codes: byte i holds values 2i (low nibble) and 2i + 1: dword lane i becomes the pair.
+    const __mmask16 qm = dense == 64 ? __mmask16(0xFFFF) : __mmask16((1u << (dense / 4)) - 1);
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(qm, q + 4 * st));
+    __m512i qp =
+        _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
+                        _mm512_and_si512(_mm512_slli_epi32(d, 12), _mm512_set1_epi32(0xF0000)));
+    // Lanes past the row's end: x loads as zero, so their (128 + 0) pairs add nothing.
+    qp = _mm512_or_si512(qp, _mm512_set1_epi32(0x43004300));
+    const __mmask32 xm0 = dense >= 32 ? ~__mmask32(0) : __mmask32((1u << dense) - 1);
+    const __mmask32 xm1 = dense <= 32   ? 0
+                          : dense == 64 ? ~__mmask32(0)
+                                        : __mmask32((1u << (dense - 32)) - 1);
+    for (int i = 0; i < MB; ++i) {
+      const uint16_t* xr = x + (m0 + i) * p.x_row_stride + 64 * st;
+      const __m512i xs = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(xm0, xr), idx,
+                                                   _mm512_maskz_loadu_epi16(xm1, xr + 32));
+      aq[i] = _mm512_dpbf16_ps(aq[i], (__m512bh)xs, (__m512bh)qp);
+      ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)ones);
+    }
+    if ((st + 1) % per_group == 0 || st + 1 == steps) {
+      const int64_t g = 64 * st / p.group_size;
+      const __m512 sv = _mm512_set1_ps(s[g]), szv = _mm512_set1_ps(-s[g] * (128.f + z[g]));
+      for (int i = 0; i < MB; ++i) {
+        y[i] = _mm512_fmadd_ps(aq[i], sv, _mm512_fmadd_ps(ax[i], szv, y[i]));
+        aq[i] = ax[i] = _mm512_setzero_ps();
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) acc[m0 + i] = _mm512_reduce_add_ps(y[i]);
+}
+
 using BlockFn = void (*)(const Sparse24Int4GemmParams&, const float*, int64_t, const float*,
                          const float*, int64_t, float*);
+using Bf16Fn = void (*)(const Sparse24Int4GemmParams&, int64_t, const float*, const float*, int64_t,
+                        float*);
+
+template <int... I>
+Bf16Fn bf16_fn(int mb, std::integer_sequence<int, I...>) {
+  static constexpr Bf16Fn fns[] = {block_bf16<I + 1>...};
+  return fns[mb - 1];
+}
 
 template <int... I>
 BlockFn avx512_fn(int mb, std::integer_sequence<int, I...>) {
@@ -212,14 +285,23 @@ Status sparse24_int4_gemm_cpu(const Sparse24Int4GemmParams& p, const CpuThreadPo
     }
     return Status::kSuccess;
   }
-  float* xf = static_cast<float*>(t_x.get(size_t(p.M) * p.K * sizeof(float)));
-  if (!xf) return Status::kOutOfMemory;
-  for (int64_t m = 0; m < p.M; ++m) {
-    for (int64_t k = 0; k < p.K; ++k) {
-      xf[m * p.K + k] = load_as_float(p.x, p.x_dtype, m * p.x_row_stride + k);
+  const CpuIsa isa = active_cpu_isa();
+#if defined(__x86_64__)
+  const bool bf16 = p.x_dtype == DType::kBFloat16 && isa >= CpuIsa::kAvx512 &&
+                    cpu_features().avx512_bf16 && p.group_size % 64 == 0;
+#else
+  const bool bf16 = false;
+#endif
+  float* xf = nullptr;
+  if (!bf16) {
+    xf = static_cast<float*>(t_x.get(size_t(p.M) * p.K * sizeof(float)));
+    if (!xf) return Status::kOutOfMemory;
+    for (int64_t m = 0; m < p.M; ++m) {
+      for (int64_t k = 0; k < p.K; ++k) {
+        xf[m * p.K + k] = load_as_float(p.x, p.x_dtype, m * p.x_row_stride + k);
+      }
     }
   }
-  const CpuIsa isa = active_cpu_isa();
   std::atomic<int> status{int(Status::kSuccess)};
   parallel_for(pool, 0, p.N, 16, [&](int64_t n0, int64_t n1) {
     float* buf = static_cast<float*>(t_row.get(size_t(2 * p.G + p.M) * sizeof(float)));
@@ -235,7 +317,12 @@ Status sparse24_int4_gemm_cpu(const Sparse24Int4GemmParams& p, const CpuThreadPo
       }
       row_groups(p, n, s, z);
 #if defined(__x86_64__)
-      if (isa >= CpuIsa::kAvx2) {
+      if (bf16) {
+        for (int64_t m0 = 0; m0 < p.M; m0 += kRowBlock) {
+          const int mb = int(std::min<int64_t>(kRowBlock, p.M - m0));
+          bf16_fn(mb, std::make_integer_sequence<int, kRowBlock>{})(p, n, s, z, m0, acc);
+        }
+      } else if (isa >= CpuIsa::kAvx2) {
         for (int64_t m0 = 0; m0 < p.M; m0 += kRowBlock) {
           const int mb = int(std::min<int64_t>(kRowBlock, p.M - m0));
           const auto seq = std::make_integer_sequence<int, kRowBlock>{};

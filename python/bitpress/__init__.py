@@ -19,19 +19,34 @@ import circles, and no function-local import of a bitpress module):
 The backend choice is documented in :mod:`bitpress.backends`.
 """
 
-from bitpress import int4, ops, reference, speculative  # noqa: F401  (features register here)
+from bitpress import (  # noqa: F401  (features register here)
+    compressed_tensors,  # the compressed-tensors format; its schemes register with features
+    fp8,
+    int4,
+    ops,
+    reference,
+    sparse24,
+    speculative,
+)
 from bitpress._core import ext as _ext  # noqa: F401  (loads bitpress._C: the torch ops)
 from bitpress.backends import available_backends, set_backend, use_backend
 from bitpress.checkpoint import from_pretrained, save_pretrained
+from bitpress.fp8 import Fp8Config, Fp8Linear
 from bitpress.int4 import Int4Config, Int4Linear
-from bitpress.quantize import quantize_
+from bitpress.quantize import quantize_, sparsify_
+from bitpress.sparse24 import Sparse24Config, Sparse24Int4Linear, Sparse24Linear
 from bitpress.speculative.generator import generate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Fp8Config",
+    "Fp8Linear",
     "Int4Config",
     "Int4Linear",
+    "Sparse24Config",
+    "Sparse24Int4Linear",
+    "Sparse24Linear",
     "__version__",
     "available_backends",
     "from_pretrained",
@@ -41,5 +56,6 @@ __all__ = [
     "reference",
     "save_pretrained",
     "set_backend",
+    "sparsify_",
     "use_backend",
 ]

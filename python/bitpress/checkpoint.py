@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from bitpress._core.registry import checkpoint_formats
+from bitpress.sparse24.format_bitmask import dense_24_layers, sparsify_dense_24
 
 CONFIG_NAME = "config.json"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
@@ -80,6 +81,12 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: must hold a JSON object, got a {type(data).__name__}")
     return data
+
+
+def _has_quantization_config(path: Path) -> bool:
+    cfg = path / CONFIG_NAME
+    has = cfg.exists() and _read_json(cfg).get("quantization_config") is not None
+    return has or (path / QUANTIZE_CONFIG_NAME).exists()
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict:
@@ -284,6 +291,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float16,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    sparse24: bool = False,
 ):
     """Load a GPTQ-quantized transformers checkpoint directory.
 
@@ -306,6 +314,12 @@ def from_pretrained(
     progress : bool, optional
         Show a progress bar (tqdm, on stderr) over the quantized layers. ``None`` (default): when
         stderr is a terminal and the checkpoint has at least 64 quantized layers.
+    sparse24 : bool
+        Turn dense Linear layers with the 2:4 pattern into ``Sparse24Linear`` (after checking the
+        pattern: ValueError naming ``<name>.weight``): those the config's ``sparsity_config``
+        (format "dense", structure "2:4") targets, else every Linear but lm_head; the checkpoint
+        may then have no quantization config at all. A ``sparsity_config`` of that kind is
+        applied without this flag too (:mod:`bitpress.sparse24.format_bitmask`).
 
     Returns
     -------
@@ -327,7 +341,7 @@ def from_pretrained(
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (a transformers config is required)")
-    qc = read_quantization_config(path)
+    qc = None if sparse24 and not _has_quantization_config(path) else read_quantization_config(path)
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
     except Exception as e:  # transformers / huggingface_hub raise their own validation errors
@@ -339,6 +353,7 @@ def from_pretrained(
     with _SafetensorsFiles(path) as tensors:
         model = _load(model_config=config, tensors=tensors, qc=qc, dtype=dtype, device=device,
                       progress=progress)  # fmt: skip
+    sparsify_dense_24(model, dense_24_layers(model, qc, sparse24))
     model.config.quantization_config = qc
     model.eval()
     return model.to(device)
@@ -356,10 +371,13 @@ def _load(model_config, tensors: Mapping, qc: dict, dtype, device, progress):
             "fields (hidden_size, vocab_size, num_hidden_layers, ...)"
         ) from e
 
-    fmt = checkpoint_formats()[qc["quant_method"]]
+    fmt = checkpoint_formats()[qc["quant_method"]] if qc is not None else None
     modules = dict(model.named_modules())
     used: set[str] = set()
-    names = fmt.module_names(tensors)
+    if fmt is None:  # a dense checkpoint (from_pretrained(sparse24=True))
+        names = []
+    else:
+        names = fmt.select(model, tensors, qc) if fmt.select else fmt.module_names(tensors)
     for name in _progress(names, progress):
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
@@ -458,11 +476,73 @@ def _in_quantized_module(model: nn.Module, key: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _type_names(t) -> list[str]:
+    return [x.__name__ for x in (t if isinstance(t, tuple) else (t,))]
+
+
+def _save_quantized(model: nn.Module, quant_method: str | None, options: dict):
+    """(tensors, quantization_config) of the quantized layers of ``model``: in the format
+    ``quant_method``, or in the first format (registration order) that accepts every layer and
+    whose writer takes them (GPTQ refuses layers of different group sizes, which
+    compressed-tensors writes as separate config groups)."""
+    first_error = None
+    for fmt in _save_formats(model, quant_method):
+        quantized = {n: m for n, m in model.named_modules() if isinstance(m, fmt.module_type)}
+        try:
+            return fmt.save(quantized, **options)
+        except (TypeError, ValueError) as e:
+            if quant_method is not None:
+                raise
+            first_error = first_error or e
+    raise first_error
+
+
+def _save_formats(model: nn.Module, quant_method: str | None) -> list:
+    """The checkpoint formats that may write ``model``, in order (see _save_quantized)."""
+    formats = checkpoint_formats()
+    every = tuple(f.module_type for f in formats.values())
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, every)}
+    if not quantized:
+        kinds = ", ".join(dict.fromkeys(n for t in every for n in _type_names(t)))
+        raise ValueError(f"model has no quantized layer ({kinds}): nothing quantized to save")
+
+    def refused(f) -> list[str]:
+        return [
+            n
+            for n, m in quantized.items()
+            if not isinstance(m, f.module_type) or (f.accepts is not None and not f.accepts(m))
+        ]
+
+    if quant_method is not None:
+        fmt = formats.get(quant_method)
+        if fmt is None:
+            raise ValueError(f"quant_method must be one of {sorted(formats)}, got {quant_method!r}")
+        bad = refused(fmt)
+        if bad:
+            m = quantized[bad[0]]
+            raise ValueError(
+                f"quant_method {quant_method!r} cannot write layer {bad[0]!r} "
+                f"({type(m).__name__}: {m.extra_repr()})"
+                + (f" nor {len(bad) - 1} other(s)" if len(bad) > 1 else "")
+            )
+        return [fmt]
+    candidates = [f for f in formats.values() if f.save_priority is not None and not refused(f)]
+    candidates.sort(key=lambda f: f.save_priority)  # stable: registration order breaks ties
+    if candidates:
+        return candidates
+    kinds = sorted({type(m).__name__ for m in quantized.values()})
+    raise ValueError(
+        f"no checkpoint format writes every quantized layer of this model ({', '.join(kinds)}); "
+        "pass quant_method= to choose one"
+    )
+
+
 def save_pretrained(
     model: nn.Module,
     path: str | os.PathLike,
     *,
     max_shard_size: int | str | None = None,
+    quant_method: str | None = None,
     **options,
 ) -> None:
     """Write ``model`` (a transformers model with Int4Linear layers) as a GPTQ checkpoint.
@@ -476,29 +556,22 @@ def save_pretrained(
     otherwise in their own dtype, which bitpress reads back but other readers may not. Other
     tensors keep their dtype. Tied weights are written once (re-tied at load).
 
+    ``quant_method`` chooses the format ("gptq", "compressed-tensors", "fp8"); by default the first
+    registered format that can write every quantized layer: "gptq" for Int4Linear models that
+    share one group size and symmetry, "compressed-tensors" for Fp8Linear models and for models
+    mixing layer kinds or settings.
+
     ``options`` go to the format's writer; GPTQ (Int4Linear layers): ``checkpoint_format`` "gptq"
-    (v1, zeros stored minus one: what AutoGPTQ and most loaders read, the default) or "gptq_v2".
+    (v1, zeros stored minus one: what AutoGPTQ and most loaders read) or "gptq_v2"; by default
+    "gptq" for symmetric models and "gptq_v2" for asymmetric ones (see
+    :func:`bitpress.int4.checkpoint.save_gptq`).
     """
     from safetensors.torch import save_file
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError("model must be a transformers model (it has no .config to save)")
-    by_format = {
-        f.name: {n: m for n, m in model.named_modules() if isinstance(m, f.module_type)}
-        for f in checkpoint_formats().values()
-    }
-    by_format = {k: v for k, v in by_format.items() if v}
-    if not by_format:
-        kinds = ", ".join(f.module_type.__name__ for f in checkpoint_formats().values())
-        raise ValueError(f"model has no quantized layer ({kinds}): nothing quantized to save")
-    if len(by_format) > 1:
-        raise ValueError(
-            f"model mixes quantization formats {sorted(by_format)}: a checkpoint has one "
-            "quantization_config"
-        )
-    ((name, quantized),) = by_format.items()
-    tensors, qc = checkpoint_formats()[name].save(quantized, **options)
+    tensors, qc = _save_quantized(model, quant_method, options)
 
     seen: dict[tuple, str] = {}
     for k, v in model.state_dict().items():

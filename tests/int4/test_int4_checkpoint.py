@@ -331,8 +331,8 @@ def test_old_rotary_inv_freq_is_ignored(saved):
     "changes, match",
     [
         (dict(bits=8), r"quantization_config.bits must be 4.*got 8"),
-        (dict(quant_method="awq"), r"quant_method must be 'gptq', got 'awq'"),
-        (dict(quant_method="bitsandbytes"), r"quant_method must be 'gptq', got 'bitsandbytes'"),
+        (dict(quant_method="awq"), r"quant_method must be .*'gptq'.* got 'awq'"),
+        (dict(quant_method="bitsandbytes"), r"quant_method must be .*'gptq'.* got 'bitsandbytes'"),
         (dict(group_size=12), r"group_size must be -1 or a positive multiple of 8, got 12"),
         (dict(checkpoint_format="marlin"), r"checkpoint_format must be one of .* got 'marlin'"),
         (dict(sym="yes"), r"sym must be true or false"),
@@ -389,7 +389,7 @@ def test_safetensors_only(tmp_path):
 
 
 def test_save_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"no quantized layer \(Int4Linear\)"):
+    with pytest.raises(ValueError, match=r"no quantized layer \(.*Int4Linear"):
         bitpress.save_pretrained(tiny_llama(), tmp_path)
     model, _ = quantize_rtn(tiny_llama())
     with pytest.raises(ValueError, match="checkpoint_format"):
@@ -399,7 +399,7 @@ def test_save_errors(tmp_path):
     lin = model.model.layers[0].mlp.up_proj
     lin.group_size = 64
     with pytest.raises(ValueError, match="share group_size and sym"):
-        bitpress.save_pretrained(model, tmp_path)
+        bitpress.save_pretrained(model, tmp_path, quant_method="gptq")
 
 
 def test_parse_quantization_config_defaults():

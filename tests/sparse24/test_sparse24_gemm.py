@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bitpress import ops, reference
+from bitpress._core import backends
 from bitpress._core import ext as _ext
 from bitpress.sparse24 import layout
 from bitpress.sparse24 import reference as sparse24_reference
@@ -145,7 +146,7 @@ def test_unordered_meta_is_named(backend):
     for M in (1, 40):
         with pytest.raises(
             RuntimeError,
-            match=r"sparse24_gemm: meta must hold nibbles .* got 0x5 "
+            match=r"sparse24_gemm: meta values must be nibbles .* got 0x5 "
             r"at row 13, group 5",
         ):
             ops.sparse24_gemm(torch.randn(M, 64), values, meta, backend=backend)
@@ -195,8 +196,6 @@ def test_cpu_backend_rejects_mma_layout():
 
 
 def test_no_cuda_backend_without_a_cuda_kernel():
-    from bitpress._core import backends
-
     caps = backends.capabilities("sparse24_gemm")
     has = torch._C._dispatch_has_kernel_for_dispatch_key("bitpress::sparse24_gemm", "CUDA")
     assert ("cuda" in caps) == has

@@ -14,9 +14,11 @@ suite turns the description into hypothesis strategies (hypothesis is a test dep
 An op passes ``hostile=`` to its :class:`OpSpec`, or its feature registers it by name with
 :func:`register_hostile`; the suite fails for a registered op that has none.
 
-The same module holds the two other registries the upper layers dispatch on: ``quantize_``
-handlers by config type (torchao's ``register_quantize_module_handler``) and checkpoint formats
-by ``quant_method`` (each format also names its hostile-checkpoint builder, ``tiny_model``).
+The same module holds the other registries the upper layers dispatch on: ``quantize_``
+handlers by config type (torchao's ``register_quantize_module_handler``), checkpoint formats
+by ``quant_method`` (each format also names its hostile-checkpoint builder, ``tiny_model``), and
+the per-layer schemes of compressed-tensors checkpoints by their ``format`` string
+(:class:`CompressedTensorsScheme`, read by :mod:`bitpress.compressed_tensors`).
 """
 
 from __future__ import annotations
@@ -193,16 +195,27 @@ class CheckpointFormat:
     save(modules, **options) -> (tensors, qc) : a checkpoint of ``modules`` {name: module}.
     hostile() -> CheckpointHostile : how the hostile-checkpoint suite (``tests/hostile``)
         builds and corrupts a checkpoint of this format (:func:`register_checkpoint_hostile`).
+    select(model, tensors, qc) -> list : the quantized modules of ``model`` (built from the
+        checkpoint's config), for a format whose config says which layers are quantized
+        (compressed-tensors' targets and ignore lists); None: ``module_names(tensors)``.
+    accepts(module) -> bool : whether ``save`` can write this module (None: every module of
+        ``module_type``).
+    save_priority : ``save_pretrained`` without ``quant_method`` tries the formats that accept
+        every quantized module of a model by increasing priority (registration order breaks
+        ties); None: only when asked for by name.
     """
 
     name: str
-    module_type: type
+    module_type: type | tuple[type, ...]
     suffixes: tuple[str, ...]
     parse: Callable
     module_names: Callable
     load: Callable
     save: Callable
     hostile: Callable[[], CheckpointHostile] | None = None
+    select: Callable | None = None
+    accepts: Callable | None = None
+    save_priority: int | None = 0
 
 
 @dataclasses.dataclass
@@ -249,3 +262,122 @@ def register_checkpoint_hostile(name: str) -> Callable[[Callable[[], CheckpointH
         return fn
 
     return deco
+
+
+# --------------------------------------------------------------------------------------------
+# compressed-tensors schemes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CompressedTensorsScheme:
+    """One per-layer format of compressed-tensors checkpoints (``quant_method:
+    "compressed-tensors"``), read and written by :mod:`bitpress.compressed_tensors`.
+
+    A checkpoint's layer is dispatched on one string, its *format*: the ``format`` of the
+    ``sparsity_config`` when the layer is one of its targets and that format is not ``"dense"``
+    (the outer compression: compressed-tensors applies sparsity compression after quantization),
+    else the ``format`` of the first config group whose targets match the layer (or the config's
+    global ``format`` when the group has none). A layer matched by neither stays a plain Linear.
+
+    format : the format string ("float-quantized", "pack-quantized", "sparse-24-bitmask", ...).
+    module_types : the module classes it loads to and saves from.
+    load(name, linear, tensors, scheme_cfg, dtype, device) -> module : the module replacing
+        ``linear`` (an ``nn.Linear`` on the meta device giving the shapes), from ``tensors`` (a
+        mapping of the whole checkpoint by full name, values possibly views of memory-mapped
+        files: copy what is kept). ``scheme_cfg`` (a dict, validated types, see
+        :func:`bitpress.compressed_tensors.parse_compressed_tensors_config`):
+
+        * ``format``: the format string dispatched on;
+        * ``group``: the config group's name, or None (a sparse-only layer);
+        * ``weights``, ``input_activations``, ``output_activations``: the group's quantization
+          args, each None or a dict ``{num_bits, type ("int" | "float"), symmetric, strategy
+          ("tensor" | "channel" | "group" | "block" | "token" | "tensor_group" | ...),
+          group_size, block_structure ([rows, cols] or None), dynamic (bool or "local"),
+          actorder}``, with the strategy inferred as compressed-tensors infers it;
+        * ``sparsity_config``: the checkpoint's ``sparsity_config`` (a dict with ``format``,
+          ``sparsity_structure``, ``targets``, ``ignore``, ...) when it targets this layer,
+          else None;
+        * ``quantization_config``: the whole normalised config.
+
+        Errors are ValueError naming the tensor (``'<name>.<suffix>'``) or the config field.
+    save(name, module) -> (tensors, scheme_cfg) : ``tensors`` by suffix (``{"weight": ...,
+        "weight_scale": ...}``, written as ``<name>.<suffix>``); ``scheme_cfg`` a JSON-able dict
+        with ``weights`` / ``input_activations`` / ``output_activations`` (quantization args as
+        compressed-tensors writes them; absent or None: not quantized) and, for a sparse
+        format, ``sparsity_config`` (``{"format", "sparsity_structure", ...}`` without targets:
+        the writer gathers the targets). Layers with equal configs share a config group.
+    suffixes : every tensor suffix of one layer the scheme may read (``bias`` included): the
+        loader reports a tensor of another scheme's suffixes in a layer of this one.
+    can_save(module) -> bool : whether ``save`` writes this module (two schemes may hold the
+        same module class); the first registered scheme that can is used.
+    hostile : what the hostile-checkpoint suite adds for this scheme: ``quantize(name,
+        linear) -> module`` (a module of this scheme for a Linear of a tiny float32 Llama, or
+        None to leave it), ``tensors`` ``{suffix: (accepted dtypes, rank)}`` and ``required``
+        (suffixes every layer of the scheme needs), as a :class:`CompressedTensorsHostile`.
+    """
+
+    format: str
+    module_types: tuple[type, ...]
+    load: Callable
+    save: Callable
+    suffixes: tuple[str, ...] = ()
+    can_save: Callable = lambda module: True
+    hostile: Callable[[], CompressedTensorsHostile] | None = None
+
+
+@dataclasses.dataclass
+class CompressedTensorsHostile:
+    """A compressed-tensors scheme's part of the hostile-checkpoint suite (see
+    :class:`CompressedTensorsScheme`)."""
+
+    quantize: Callable
+    tensors: dict[str, tuple[tuple[torch.dtype, ...], int]]
+    required: tuple[str, ...] = ()
+
+
+_CT_SCHEMES: dict[str, CompressedTensorsScheme] = {}
+COMPRESSED_TENSORS = "compressed-tensors"
+
+
+def register_compressed_tensors_scheme(scheme: CompressedTensorsScheme) -> CompressedTensorsScheme:
+    if scheme.format in _CT_SCHEMES:
+        raise RuntimeError(
+            f"bitpress: compressed-tensors scheme {scheme.format!r} is registered twice"
+        )
+    _CT_SCHEMES[scheme.format] = scheme
+    fmt = _FORMATS.get(COMPRESSED_TENSORS)
+    if fmt is not None:  # the container registered first: it reads and writes this one too
+        fmt.module_type = compressed_tensors_module_types()
+        fmt.suffixes = compressed_tensors_suffixes()
+    return scheme
+
+
+def compressed_tensors_schemes() -> dict[str, CompressedTensorsScheme]:
+    """Every registered compressed-tensors scheme, by format, in registration order."""
+    return dict(_CT_SCHEMES)
+
+
+def compressed_tensors_scheme(fmt: str, where: str = "format") -> CompressedTensorsScheme:
+    """The scheme of format ``fmt``; ValueError naming ``where`` (the config field) otherwise."""
+    try:
+        return _CT_SCHEMES[fmt]
+    except (KeyError, TypeError):
+        known = ", ".join(repr(k) for k in _CT_SCHEMES) or "none"
+        raise ValueError(
+            f"{where}: compressed-tensors format {fmt!r} is not supported (bitpress reads {known})"
+        ) from None
+
+
+def compressed_tensors_module_types() -> tuple[type, ...]:
+    out: list[type] = []
+    for s in _CT_SCHEMES.values():
+        out.extend(t for t in s.module_types if t not in out)
+    return tuple(out)
+
+
+def compressed_tensors_suffixes() -> tuple[str, ...]:
+    out: list[str] = []
+    for s in _CT_SCHEMES.values():
+        out.extend(x for x in s.suffixes if x not in out)
+    return tuple(out)

@@ -11,12 +11,14 @@ Layers of this package, each importing only those before it:
    :mod:`~bitpress.int4.modules` (``Int4Linear``), :mod:`~bitpress.int4.config`
    (``Int4Config`` and its ``quantize_`` handler);
 4. :mod:`~bitpress.int4.checkpoint`: the GPTQ checkpoint format of ``bitpress.checkpoint``;
+   :mod:`~bitpress.int4.format_pack_quantized`: compressed-tensors "pack-quantized" layers;
    :mod:`~bitpress.int4.hostile`: what the hostile-input suite (``tests/hostile``) feeds the ops
    and the format.
 """
 
 from bitpress.int4 import (
     checkpoint,  # noqa: F401  (registers the GPTQ checkpoint format)
+    format_pack_quantized,  # noqa: F401  (registers the compressed-tensors INT4 scheme)
     hostile,  # noqa: F401  (registers the ops' and format's hostile specs)
 )
 from bitpress.int4.config import Int4Config

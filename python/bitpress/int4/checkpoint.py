@@ -13,6 +13,7 @@ stored minus one), missing ``desc_act`` means False. GPTQModel's ``format`` key 
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,10 @@ def parse_gptq_config(qc: dict[str, Any], source: str = "quantization_config") -
         raise ValueError(
             f"{source}.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {fmt!r}"
         )
+    pack = qc.get("pack_dtype", "int32")
+    if pack not in ("int32", "torch.int32"):
+        # GPTQModel can pack into int8 / int16 / int64 words: other tensor shapes and dtypes.
+        raise ValueError(f"{source}.pack_dtype must be 'int32', got {pack!r}")
     if qc.get("is_marlin_format"):
         raise ValueError(f"{source}.is_marlin_format: Marlin-repacked checkpoints are unsupported")
     if qc.get("dynamic"):
@@ -128,10 +133,29 @@ def gptq_module_names(tensors: Mapping) -> list[str]:
     return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
 
 
+def _producer() -> str:
+    try:
+        return f"bitpress:{importlib.metadata.version('bitpress')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "bitpress:0"
+
+
 def save_gptq(
-    modules: dict[str, Int4Linear], checkpoint_format: str = "gptq"
+    modules: dict[str, Int4Linear], checkpoint_format: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, quantization_config) of ``modules`` in the GPTQ format."""
+    """(tensors, quantization_config) of ``modules`` in the GPTQ format.
+
+    ``checkpoint_format``: "gptq" (v1, zeros stored minus one) or "gptq_v2" (real zeros). The
+    default is "gptq" for symmetric models (every GPTQ reader takes them) and "gptq_v2" for
+    asymmetric ones: GPTQModel (and transformers, which loads GPTQ through it) refuses an
+    asymmetric v1 checkpoint unless its ``meta.quantizer`` names GPTQModel >= 0.9.0 as the
+    producer, because older producers wrote asymmetric v1 zeros that cannot be trusted; a v2
+    checkpoint says what its zeros are. ``meta.quantizer`` names bitpress (GPTQModel's
+    ``"name:version"`` form) and never claims another producer, so an explicitly requested
+    asymmetric v1 checkpoint loads in bitpress and AutoGPTQ-style readers, not in GPTQModel.
+    """
+    if checkpoint_format is None:
+        checkpoint_format = "gptq" if all(m.sym for m in modules.values()) else "gptq_v2"
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(
             f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}"
@@ -164,6 +188,8 @@ def save_gptq(
         "true_sequential": False,  # one pass per decoder layer (bitpress.int4.gptq)
         "damp_percent": 0.01,
         "checkpoint_format": checkpoint_format,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [_producer()]},
     }
     return tensors, qc
 

@@ -38,47 +38,20 @@ compensated for).
 
 from __future__ import annotations
 
-import inspect
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from bitpress.calibration import (  # noqa: F401  (HessianAccumulator, run_calibration: API)
+    HessianAccumulator,
+    calibrate_layerwise,
+    replace_module,
+    run_calibration,
+)
 from bitpress.int4.modules import Int4Linear
 from bitpress.int4.quantized import QuantizedWeight, check_group_size
 from bitpress.int4.rtn import find_params, quantize_values
-
-
-class HessianAccumulator:
-    """Running ``H = 2/n · Σ x xᵀ`` over every row ``x`` [K] passed to :meth:`add`, float32.
-
-    ``n`` counts rows (tokens). The reference implementation counts sequences instead; GPTQ is
-    invariant to a positive scaling of H (dampening is relative to ``mean(diag H)``), so the
-    quantized result does not depend on that choice.
-    """
-
-    def __init__(self, in_features: int):
-        self.in_features = in_features
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
-        self.nsamples = 0
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have last dimension in_features={self.in_features}, got {list(x.shape)}"
-            )
-        x = x.detach().reshape(-1, self.in_features).float().cpu()
-        n = x.shape[0]
-        if n == 0:
-            return self.H
-        # Running mean: rescale the old sum so that H stays 2/n · Σ x xᵀ without overflowing.
-        self.H *= self.nsamples / (self.nsamples + n)
-        self.nsamples += n
-        x = math.sqrt(2.0 / self.nsamples) * x
-        self.H += x.t() @ x
-        return self.H
 
 
 def _group_aware_order(diag: torch.Tensor, gs: int) -> torch.Tensor:
@@ -237,59 +210,6 @@ def _default_filter(name: str, module: nn.Module) -> bool:
     return name.split(".")[-1] != "lm_head"
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The decoder-layer list of a transformers causal LM (``model.model.layers`` for Llama /
-    Qwen / Mistral, ``transformer.h`` for GPT-2-like models, ...): the ModuleList with the most
-    parameters that is the ``layers``/``h``/``blocks`` child of some module."""
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
-            size = sum(p.numel() for p in mod.parameters())
-            if len(mod) and (best is None or size > best[2]):
-                best = (name, mod, size)
-    return None if best is None else (best[0], best[1])
-
-
-def _takes_input_ids(model: nn.Module) -> bool:
-    try:
-        return "input_ids" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return False
-
-
-def run_calibration(model: nn.Module, batch, **transformers_kwargs):
-    """One forward pass on a calibration batch: token ids [B, T] for a transformers model
-    (``model(input_ids=batch, **transformers_kwargs)``), a dict of keyword arguments, a tuple of
-    positional arguments, or an input tensor for any other module (``model(batch)``)."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, tuple | list):
-        return model(*batch)
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            "calibration batches must be tensors (token ids [B, T] for a transformers model, "
-            f"inputs for any other module), tuples or dicts, got {type(batch).__name__}"
-        )
-    if _takes_input_ids(model):
-        return model(input_ids=batch, **transformers_kwargs)
-    return model(batch)
-
-
-def _linears(module: nn.Module, prefix: str, filter_fn) -> dict[str, nn.Linear]:
-    out = {}
-    for name, m in module.named_modules():
-        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-        if isinstance(m, nn.Linear) and filter_fn(full, m):
-            out[name] = m
-    return out
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def _quantize_linears(
     root: nn.Module, linears: dict[str, nn.Linear], hessians: dict, qkw: dict
 ) -> None:
@@ -304,25 +224,8 @@ def _quantize_linears(
         qw = gptq_quantize(lin.weight, acc.H, scale_dtype=scale_dtype, **qkw)
         bias = None if lin.bias is None else lin.bias.detach()
         new = Int4Linear.from_quantized(qw, bias=bias, dtype=dtype)
-        _replace(root, name, new)
+        replace_module(root, name, new)
         del acc.H
-
-
-def _hook_hessians(linears: dict[str, nn.Linear]) -> tuple[dict, list]:
-    hessians = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
-
-    def hook(acc):
-        def record(module, args, output):
-            acc.add(args[0])  # returns None: a forward hook's return value replaces the output
-
-        return record
-
-    handles = [m.register_forward_hook(hook(hessians[n])) for n, m in linears.items()]
-    return hessians, handles
-
-
-class _Catch(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -366,11 +269,6 @@ def gptq_quantize_model(
     such a list, every Linear is hooked, one calibration pass records all Hessians at once, and
     all are quantized.
     """
-    if not calibration:
-        raise ValueError(
-            "calibration must hold at least one batch (token ids for a transformers model, "
-            "input tensors for any other module)"
-        )
     filter_fn = filter_fn or _default_filter
     qkw = dict(
         group_size=group_size,
@@ -381,74 +279,9 @@ def gptq_quantize_model(
         block_size=block_size,
         act_group_aware=act_group_aware,
     )
-    was_training = model.training
-    model.eval()
-    try:
-        found = _find_layers(model)
-        if found is None:
-            linears = _linears(model, "", filter_fn)
-            hessians, handles = _hook_hessians(linears)
-            try:
-                for batch in calibration:
-                    run_calibration(model, batch)
-            finally:
-                for h in handles:
-                    h.remove()
-            _quantize_linears(model, linears, hessians, qkw)
-            return model
-
-        layers_name, layers = found
-        inputs: list[tuple[tuple, dict]] = []
-
-        def catch(module, args, kwargs):
-            inputs.append((args, kwargs))
-            raise _Catch
-
-        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            for batch in calibration:
-                try:
-                    run_calibration(model, batch, use_cache=False)
-                except _Catch:
-                    pass
-        finally:
-            handle.remove()
-
-        for li, layer in enumerate(layers):
-            prefix = f"{layers_name}.{li}"
-            linears = _linears(layer, prefix, filter_fn)
-            hessians, handles = _hook_hessians(linears)
-            try:
-                for args, kwargs in inputs:
-                    layer(*args, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-            _quantize_linears(layer, linears, hessians, qkw)
-            for j, (args, kwargs) in enumerate(inputs):
-                out = layer(*args, **kwargs)
-                hidden = out[0] if isinstance(out, tuple | list) else out
-                if args:
-                    inputs[j] = ((hidden, *args[1:]), kwargs)
-                else:
-                    inputs[j] = (args, {**kwargs, "hidden_states": hidden})
-
-        # Linear layers outside the decoder list (lm_head if the filter accepts it, ...) see
-        # the inputs of the full quantized model.
-        rest = {
-            n: m
-            for n, m in _linears(model, "", filter_fn).items()
-            if not n.startswith(layers_name + ".")
-        }
-        if rest:
-            hessians, handles = _hook_hessians(rest)
-            try:
-                for batch in calibration:
-                    run_calibration(model, batch, use_cache=False)
-            finally:
-                for h in handles:
-                    h.remove()
-            _quantize_linears(model, rest, hessians, qkw)
-        return model
-    finally:
-        model.train(was_training)
+    return calibrate_layerwise(
+        model,
+        calibration,
+        filter_fn,
+        lambda root, linears, hessians: _quantize_linears(root, linears, hessians, qkw),
+    )

@@ -70,7 +70,8 @@ def sparse24_compress_hostile() -> HostileSpec:
         op="sparse24_compress",
         dims=(Dim("N", small=40, large=(263,)), Dim("K", small=12, large=(520,), multiple=8)),
         options={"dtype": COMPRESS_DTYPES, "fill": (1.0, 0.5, 0.0)},
-        args=(TensorArg("w", COMPRESS_DTYPES, 2),),
+        # An expanded (stride-0) view of a valid weight repeats its nonzeros: not a 2:4 weight.
+        args=(TensorArg("w", COMPRESS_DTYPES, 2, expandable=False),),
         make=_compress_make,
         call=lambda backend, a: sparse24_compress(a["w"], backend=backend),
         reference=lambda a: reference.sparse24_compress(a["w"]),

@@ -112,9 +112,9 @@ def pattern_violation(w: torch.Tensor) -> tuple[int, int, int] | None:
 def pattern_message(row: int, group: int, nonzeros: int) -> str:
     """The message of a broken pattern (the C++ check says the same)."""
     return (
-        f"w does not have the 2:4 pattern: row {row}, group {group} (columns {4 * group}.."
-        f"{4 * group + 3}) has {nonzeros} nonzeros (at most 2 of every 4 consecutive weights "
-        "along K may be nonzero)"
+        "w values must have the 2:4 pattern (at most 2 nonzeros in every 4 consecutive weights "
+        f"along K): row {row}, group {group} (columns {4 * group}..{4 * group + 3}) has "
+        f"{nonzeros} nonzeros"
     )
 
 
@@ -194,8 +194,8 @@ def invalid_nibble(meta: torch.Tensor) -> tuple[int, int, int] | None:
 def meta_message(op: str, row: int, group: int, nibble: int) -> str:
     """The message of an unordered metadata nibble (the C++ check says the same)."""
     return (
-        f"{op}: meta must hold nibbles idx0 | idx1 << 2 with idx0 < idx1 (0x4, 0x8, 0x9, 0xC, "
-        f"0xD or 0xE), got 0x{nibble:X} at row {row}, group {group}"
+        f"{op}: meta values must be nibbles idx0 | idx1 << 2 with idx0 < idx1 (0x4, 0x8, 0x9, "
+        f"0xC, 0xD or 0xE), got 0x{nibble:X} at row {row}, group {group}"
     )
 
 

@@ -81,8 +81,8 @@ def sparse24_compress(
     Raises
     ------
     RuntimeError
-        ``sparse24_compress: w does not have the 2:4 pattern: row r, group g ...`` naming the
-        first group (row-major) with more than 2 nonzeros.
+        ``sparse24_compress: w values must have the 2:4 pattern ...: row r, group g ...``,
+        naming the first group (row-major) with more than 2 nonzeros.
     """
     _, impl = backends.select("sparse24_compress", w.device, backend, w.dtype)
     return impl(w)

@@ -9,10 +9,12 @@
 //   out     [M, N]      x's dtype, row stride out_row_stride
 //
 // sparse24_gemm paths (the dispatch; Sparse24GemmPath forces one, for tests):
-//   * kDirect, M <= kSparse24DirectMaxRows: a read stream. Each thread takes whole weight rows n
-//     and decodes 16 or 32 values at a time straight from the compressed row: the metadata word
-//     gives every value's dense column with one variable shift per lane, a permute gathers the
-//     matching x entries from registers, and the products go into per-row accumulators.
+//   * kDirect, M <= kSparse24DirectMaxRows (bf16 on AMX: kSparse24DirectMaxRowsAmx; the
+//     environment variable BITPRESS_SPARSE24_DIRECT_ROWS overrides both for bf16): a read stream.
+//     Each thread takes whole weight rows n and decodes 16 or 32 values at a time straight from the
+//     compressed row: the metadata word gives every value's dense column with one variable shift
+//     per lane, a permute gathers the matching x entries from registers, and the products go into
+//     per-row accumulators.
 //       - bf16 x on AVX512-BF16: 32 values per step, x pairs gathered with vpermt2w and
 //         multiplied by vdpbf16ps (exact bf16 products, float32 sums; DAZ/FTZ as the microkernel).
 //       - otherwise (fp16 / fp32 x, or no AVX512-BF16) AVX2 + FMA on float32: 8 values per step
@@ -21,7 +23,7 @@
 //       - the scalar path (any CPU): the same sums in C++.
 //     The weight row (values + metadata, 4.5 KiB at K = 4096 bf16) stays in L1 while the rows
 //     of x are swept, so the weights are read from memory once per call.
-//   * kPanels, bf16 x with M > kSparse24DirectMaxRows: the transposed product C^T = W x^T on the
+//   * kPanels, bf16 x above that: the transposed product C^T = W x^T on the
 //     shared microkernel (bitpress/cpu/gemm_microkernel.h). A thread expands 32 weight rows at a
 //     time into a dense bf16 panel [32, Kp] (the microkernel's A operand: one contiguous row per
 //     output column, no transpose; AVX512-VBMI2 vpexpandw where the CPU has it), and x is
@@ -44,8 +46,14 @@
 
 namespace bitpress {
 
-// Rows of x up to which sparse24_gemm streams the weights directly (above: panels for bf16).
+// Rows of x up to which sparse24_gemm streams the weights directly (above: panels for bf16 x, the
+// dense fallback of the glue for fp16 / fp32 x); with AMX, bf16 x takes the panels from
+// kSparse24DirectMaxRowsAmx + 1 rows on: the direct path's cost grows with M (one vpermt2w and
+// one vdpbf16ps per row of x per 64 weights), the panel's hardly (the expansion is per weight, the
+// tiles multiply 16 rows of x at once). Measured at 4096 x 14336 (loaded machine): direct ahead up
+// to M = 4, even at 8, behind at 16.
 constexpr int64_t kSparse24DirectMaxRows = 16;
+constexpr int64_t kSparse24DirectMaxRowsAmx = 8;
 
 enum class Sparse24GemmPath : int {
   kAuto = 0,
