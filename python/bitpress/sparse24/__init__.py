@@ -10,10 +10,18 @@ Layers of this package, each importing only those before it:
    ops.
 """
 
+import importlib.util
+
 from bitpress.sparse24 import (
     hostile,  # noqa: F401  (registers the ops' hostile specs)
     ops,  # noqa: F401  (registers the 2:4 ops)
 )
-from bitpress.sparse24.layout import Sparse24Layout
+from bitpress.sparse24.layout import READERS, Sparse24Layout
+
+if importlib.util.find_spec("bitpress.sparse24.layout_mma") is not None:
+    # The mma.sp layout ships with the CUDA kernel: the reference reads it back through it.
+    from bitpress.sparse24 import layout_mma
+
+    READERS[Sparse24Layout.MMA] = layout_mma.from_mma
 
 __all__ = ["Sparse24Layout"]

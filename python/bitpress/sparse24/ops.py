@@ -385,7 +385,7 @@ register_op(
         sparse24_compress,
         reference.sparse24_compress,
         cases=cases.sparse24_compress_cases,
-        bench="bench/bench_sparse24_gemm.py",
+        bench="bench/bench_sparse24_compress.py",
     )
 )
 register_op(
@@ -405,6 +405,6 @@ register_op(
         sparse24_int4_gemm,
         reference.sparse24_int4_gemm,
         cases=cases.sparse24_int4_gemm_cases,
-        bench="bench/bench_sparse24_gemm.py",
+        bench="bench/bench_sparse24_int4_gemm.py",
     )
 )

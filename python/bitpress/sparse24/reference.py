@@ -13,21 +13,14 @@ from bitpress._core.checks import fail
 from bitpress.sparse24 import layout as _layout
 from bitpress.sparse24.layout import Sparse24Layout
 
-try:  # the mma.sp layout ships with the CUDA kernel; without it only ROW weights exist
-    import bitpress.sparse24.layout_mma as _layout_mma
-except ModuleNotFoundError as e:  # pragma: no cover - depends on the tree
-    if e.name != "bitpress.sparse24.layout_mma":
-        raise
-    _layout_mma = None
-
 
 def to_row(values: torch.Tensor, meta: torch.Tensor, layout: int):
     """A weight in kernel layout ``layout`` -> the interchange (values [N, K/2], meta uint8
     [N, K/8]), exactly."""
     if layout == Sparse24Layout.ROW:
         return values, meta
-    if layout == Sparse24Layout.MMA and _layout_mma is not None:
-        return _layout_mma.from_mma(values, meta)
+    if layout in _layout.READERS:
+        return _layout.READERS[layout](values, meta)
     fail("sparse24_gemm", f"layout {int(layout)} cannot be read back on this install")
 
 
