@@ -155,6 +155,12 @@ def sparse24_gemm(
     subnormal inputs and outputs to zero, as every bf16 dot-product unit does); fp16: x and the
     values are widened exactly to float32 and multiplied with float32 FMA; fp32: float32 FMA.
     The CPU glue rejects metadata nibbles that are not ordered (``idx0 < idx1``).
+
+    CPU paths (``csrc/include/bitpress/sparse24/sparse24_cpu.h``): a read stream of the compressed
+    rows for small M (up to 16 rows; bf16 on AMX up to 8); above, bf16 runs the shared microkernel
+    (AMX / AVX512-BF16 / AVX2) on weight panels expanded once per call, fp16 / fp32 a dense float32
+    GEMM on the decompressed weight. A non-finite x at a pruned position is not read by the
+    stream, and multiplied by zero (NaN) on the other paths, as by ``F.linear``.
     """
     _, impl = backends.select("sparse24_gemm", x.device, backend, x.dtype)
     return impl(x, values, meta, bias, int(layout))
@@ -291,8 +297,11 @@ def sparse24_int4_gemm(
 
     Notes
     -----
-    Precision (``cpu``): ``(q - z) * s`` and the products in float32, float32 accumulation, one
-    rounding to x.dtype.
+    Precision (``cpu``): float32 accumulation, one rounding to x.dtype. bf16 x with
+    ``group_size % 64 == 0`` on AVX512-BF16: exact products x (128 + q) and the group sums of x,
+    folded per group as ``s (sum x (128 + q) - (128 + z) sum x)``; otherwise ``(q - z) * s`` in
+    float32 times x in float32. M > 16: the weight is dequantized to float32 once per call and a
+    dense float32 GEMM takes the product.
     """
     _, impl = backends.select("sparse24_int4_gemm", x.device, backend, x.dtype)
     return impl(x, qvalues, meta, scales, zeros, group_size, bias, int(layout))
