@@ -16,12 +16,16 @@ from bitpress.sparse24 import (
     hostile,  # noqa: F401  (registers the ops' hostile specs)
     ops,  # noqa: F401  (registers the 2:4 ops)
 )
-from bitpress.sparse24.layout import READERS, Sparse24Layout
+from bitpress.sparse24.layout import READERS, READERS_INT4, Sparse24Layout
 
 if importlib.util.find_spec("bitpress.sparse24.layout_mma") is not None:
     # The mma.sp layout ships with the CUDA kernel: the reference reads it back through it.
     from bitpress.sparse24 import layout_mma
 
     READERS[Sparse24Layout.MMA] = layout_mma.from_mma
+if importlib.util.find_spec("bitpress.sparse24.layout_mma_int4") is not None:
+    from bitpress.sparse24 import layout_mma_int4
+
+    READERS_INT4[Sparse24Layout.MMA] = layout_mma_int4.from_mma_int4
 
 __all__ = ["Sparse24Layout"]

@@ -75,6 +75,8 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # interchange format, exactly. bitpress.sparse24 sets MMA to layout_mma.from_mma when that module
 # (it ships with the CUDA kernel) is present.
 READERS: dict[int, Callable] = {}
+# The same for 2:4 + INT4 weights: layout -> fn(qvalues, meta) -> (qvalues, meta) (layout_mma_int4).
+READERS_INT4: dict[int, Callable] = {}
 
 
 class Sparse24Layout(enum.IntEnum):

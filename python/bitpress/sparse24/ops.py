@@ -288,7 +288,9 @@ def sparse24_int4_gemm(
         Dense K positions per group: a positive multiple of 8, or -1 (one group over K).
     bias : Tensor, shape [N], optional
     layout : Sparse24Layout
-        ``ROW`` only (no other layout holds INT4 values yet).
+        ``ROW`` (the ``cpu`` backend) or ``MMA`` (the ``cuda`` backend when its kernel is
+        compiled in: ``bitpress.sparse24.layout_mma_int4.to_mma_int4``, qvalues [N, K/16] and
+        meta int32 [N/16, ceil(K/64), 32]; the reference converts it back).
     backend : str, optional
 
     Returns
@@ -310,14 +312,17 @@ def sparse24_int4_gemm(
 def _check_int4_gemm(x, qvalues, meta, scales, zeros, group_size, bias, layout):
     """Checks of sparse24_int4_gemm (csrc/sparse24/sparse24_int4_gemm_torch.cpp); (K, N, G)."""
     op = "sparse24_int4_gemm"
-    _check_layout(op, layout, Sparse24Layout.ROW)
+    _check_layout(op, layout)
     K = _check_x(op, x, 16)
     _check_dtype(op, "qvalues", qvalues, (torch.int32,))
     _check_dim(op, "qvalues", qvalues, 2, "[N, K/16]")
     N = qvalues.shape[0]
     _check_size(op, "qvalues", qvalues, 1, K // 16, "K/16 = x.size(-1) / 16")
     _check_device(op, "qvalues", qvalues, x, "x")
-    _check_meta(op, meta, x, N, K)
+    if layout == Sparse24Layout.ROW:
+        _check_meta(op, meta, x, N, K)
+    else:  # the MMA layout's meta (int32 [N/16, ceil(K/64), 32]) is checked by the CUDA glue
+        _check_device(op, "meta", meta, x, "x")
     if not ((group_size > 0 and group_size % 8 == 0) or group_size == -1):
         _fail(op, f"group_size must be a positive multiple of 8 or -1 (all of K), got {group_size}")
     G = (1 if K else 0) if group_size == -1 else -(-K // group_size)
@@ -344,7 +349,8 @@ def _int4_gemm_fake(x, qvalues, meta, scales, zeros, group_size, layout, bias=No
 @backends.register("sparse24_int4_gemm", "reference")
 def _int4_gemm_reference(x, qvalues, meta, scales, zeros, group_size, bias, layout):
     _check_int4_gemm(x, qvalues, meta, scales, zeros, group_size, bias, layout)
-    _check_meta_values("sparse24_int4_gemm", meta)
+    if layout == Sparse24Layout.ROW:
+        _check_meta_values("sparse24_int4_gemm", meta)
     return reference.sparse24_int4_gemm(x, qvalues, meta, scales, zeros, group_size, bias, layout)
 
 

@@ -61,10 +61,11 @@ def int4_dense(
     layout: int = Sparse24Layout.ROW,
 ) -> torch.Tensor:
     """The dense weight W [N, K] (float64) of a 2:4 + INT4 weight (layout module docstring)."""
-    q = _layout.unpack_qvalues(qvalues)  # [N, K/2]
-    qv = q.to(torch.float64)
     if layout != Sparse24Layout.ROW:
-        fail("sparse24_int4_gemm", f"layout must be ROW (0), got {int(layout)}")
+        if layout not in _layout.READERS_INT4:
+            fail("sparse24_int4_gemm", f"layout {int(layout)} cannot be read back on this install")
+        qvalues, meta = _layout.READERS_INT4[layout](qvalues, meta)
+    qv = _layout.unpack_qvalues(qvalues).to(torch.float64)  # [N, K/2]
     N, K = qv.shape[0], qv.shape[1] * 2
     cols = _layout.dense_columns(meta).to(qv.device)  # [N, K/2]
     gs = max(K, 1) if group_size == -1 else group_size
