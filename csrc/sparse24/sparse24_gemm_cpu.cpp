@@ -329,6 +329,9 @@ Status run_direct(const Sparse24GemmParams& p, const CpuThreadPool* pool) {
 
 Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* pool) {
   const int64_t Mp = (p.M + 15) / 16 * 16, Kp = (p.K + 31) / 32 * 32;
+  // Panel rows 64 bytes longer than Kp: a power-of-two row stride (8 KiB at K = 4096) would put
+  // the 16 rows of an A tile in one L1 set.
+  const int64_t lda = Kp + 32;
   // x^T as VNNI pairs [Kp/2, Mp]: pair (x[m, 2q], x[m, 2q+1]) of column m at b[q * Mp + m].
   uint32_t* xb = static_cast<uint32_t*>(t_x.get(size_t(Kp / 2) * Mp * 4));
   if (!xb) return Status::kOutOfMemory;
@@ -354,7 +357,7 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
   const int64_t cols = std::min(Mp, kMaxCols);
   std::atomic<int> status{int(Status::kSuccess)};
   parallel_for(pool, 0, panels, 1, [&](int64_t i0, int64_t i1) {
-    const size_t a_bytes = size_t(kPanelRows) * Kp * 2, c_bytes = size_t(kPanelRows) * cols * 4;
+    const size_t a_bytes = size_t(kPanelRows) * lda * 2, c_bytes = size_t(kPanelRows) * cols * 4;
     char* ws = static_cast<char*>(t_panel.get(align64(a_bytes) + c_bytes));
     if (!ws) {
       status = int(Status::kOutOfMemory);
@@ -371,7 +374,7 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
           return;
         }
         const uint16_t* vals = static_cast<const uint16_t*>(p.values) + (n0 + r) * (p.K / 2);
-        uint16_t* row = a + r * Kp;
+        uint16_t* row = a + r * lda;
 #if defined(__x86_64__)
         if (vbmi2) {
           expand_row_vbmi2(vals, meta, p.K, row);
@@ -388,7 +391,7 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
         const int64_t cn = std::min(cols, Mp - c0);
         cpu::GemmBf16Args g;
         g.a = a;
-        g.lda = Kp;
+        g.lda = lda;
         g.b = xb + c0;
         g.ldb = Mp;
         g.c = c;

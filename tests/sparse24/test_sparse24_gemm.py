@@ -40,9 +40,7 @@ def _to_backend(values, meta, backend, device):
     """The weight in the layout the backend reads (MMA on the cuda backend)."""
     values, meta = values.to(device), meta.to(device)
     if backend == "cuda":
-        mma = sparse24_reference._layout_mma
-        if mma is None:
-            pytest.skip("bitpress.sparse24.layout_mma is not in this tree")
+        mma = pytest.importorskip("bitpress.sparse24.layout_mma")
         return (*mma.to_mma(values, meta), Sparse24Layout.MMA)
     return values, meta, Sparse24Layout.ROW
 

@@ -132,7 +132,7 @@ def test_bad_inputs_name_the_argument(backend):
         ("group_size", RuntimeError, dict(group_size=12)),
         ("group_size", RuntimeError, dict(group_size=0)),
         ("bias", RuntimeError, dict(bias=torch.randn(3))),
-        ("layout", RuntimeError, dict(layout=1)),
+        ("layout", RuntimeError, dict(layout=7)),
     ]
     for name, exc, change in cases:
         a = {**good, **change}

@@ -22,8 +22,14 @@ from bitpress.sparse24 import (
     hostile,  # noqa: F401  (registers the ops' hostile specs)
     ops,  # noqa: F401  (registers the 2:4 ops)
 )
+from bitpress.sparse24 import layout_mma, layout_mma_int4
 from bitpress.sparse24.config import Sparse24Config
-from bitpress.sparse24.layout import Sparse24Layout
+from bitpress.sparse24.layout import READERS, READERS_INT4, Sparse24Layout
 from bitpress.sparse24.modules import Sparse24Int4Linear, Sparse24Linear
+
+# The reference reads weights in the mma.sp layouts back through their converters (layout.py
+# imports neither, so that the layouts stay independent of each other).
+READERS[Sparse24Layout.MMA] = layout_mma.from_mma
+READERS_INT4[Sparse24Layout.MMA] = layout_mma_int4.from_mma_int4
 
 __all__ = ["Sparse24Config", "Sparse24Int4Linear", "Sparse24Layout", "Sparse24Linear"]

@@ -58,6 +58,7 @@ layout's own shape and dtype.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import torch
 
@@ -69,6 +70,13 @@ VALID_NIBBLES = (0x4, 0x8, 0x9, 0xC, 0xD, 0xE)
 VALID_NIBBLE_MASK = sum(1 << v for v in VALID_NIBBLES)  # 0x7310
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# Readers of the kernel layouts other than ROW: layout -> fn(values, meta) -> (values, meta) in the
+# interchange format, exactly. bitpress.sparse24 sets MMA to layout_mma.from_mma when that module
+# (it ships with the CUDA kernel) is present.
+READERS: dict[int, Callable] = {}
+# The same for 2:4 + INT4 weights: layout -> fn(qvalues, meta) -> (qvalues, meta) (layout_mma_int4).
+READERS_INT4: dict[int, Callable] = {}
 
 
 class Sparse24Layout(enum.IntEnum):

@@ -155,6 +155,12 @@ def sparse24_gemm(
     subnormal inputs and outputs to zero, as every bf16 dot-product unit does); fp16: x and the
     values are widened exactly to float32 and multiplied with float32 FMA; fp32: float32 FMA.
     The CPU glue rejects metadata nibbles that are not ordered (``idx0 < idx1``).
+
+    CPU paths (``csrc/include/bitpress/sparse24/sparse24_cpu.h``): a read stream of the compressed
+    rows for small M (up to 16 rows; bf16 on AMX up to 8); above, bf16 runs the shared microkernel
+    (AMX / AVX512-BF16 / AVX2) on weight panels expanded once per call, fp16 / fp32 a dense float32
+    GEMM on the decompressed weight. A non-finite x at a pruned position is not read by the
+    stream, and multiplied by zero (NaN) on the other paths, as by ``F.linear``.
     """
     _, impl = backends.select("sparse24_gemm", x.device, backend, x.dtype)
     return impl(x, values, meta, bias, int(layout))
@@ -282,7 +288,9 @@ def sparse24_int4_gemm(
         Dense K positions per group: a positive multiple of 8, or -1 (one group over K).
     bias : Tensor, shape [N], optional
     layout : Sparse24Layout
-        ``ROW`` only (no other layout holds INT4 values yet).
+        ``ROW`` (the ``cpu`` backend) or ``MMA`` (the ``cuda`` backend when its kernel is
+        compiled in: ``bitpress.sparse24.layout_mma_int4.to_mma_int4``, qvalues [N, K/16] and
+        meta int32 [N/16, ceil(K/64), 32]; the reference converts it back).
     backend : str, optional
 
     Returns
@@ -291,8 +299,11 @@ def sparse24_int4_gemm(
 
     Notes
     -----
-    Precision (``cpu``): ``(q - z) * s`` and the products in float32, float32 accumulation, one
-    rounding to x.dtype.
+    Precision (``cpu``): float32 accumulation, one rounding to x.dtype. bf16 x with
+    ``group_size % 64 == 0`` on AVX512-BF16: exact products x (128 + q) and the group sums of x,
+    folded per group as ``s (sum x (128 + q) - (128 + z) sum x)``; otherwise ``(q - z) * s`` in
+    float32 times x in float32. M > 16: the weight is dequantized to float32 once per call and a
+    dense float32 GEMM takes the product.
     """
     _, impl = backends.select("sparse24_int4_gemm", x.device, backend, x.dtype)
     return impl(x, qvalues, meta, scales, zeros, group_size, bias, int(layout))
@@ -301,14 +312,17 @@ def sparse24_int4_gemm(
 def _check_int4_gemm(x, qvalues, meta, scales, zeros, group_size, bias, layout):
     """Checks of sparse24_int4_gemm (csrc/sparse24/sparse24_int4_gemm_torch.cpp); (K, N, G)."""
     op = "sparse24_int4_gemm"
-    _check_layout(op, layout, Sparse24Layout.ROW)
+    _check_layout(op, layout)
     K = _check_x(op, x, 16)
     _check_dtype(op, "qvalues", qvalues, (torch.int32,))
     _check_dim(op, "qvalues", qvalues, 2, "[N, K/16]")
     N = qvalues.shape[0]
     _check_size(op, "qvalues", qvalues, 1, K // 16, "K/16 = x.size(-1) / 16")
     _check_device(op, "qvalues", qvalues, x, "x")
-    _check_meta(op, meta, x, N, K)
+    if layout == Sparse24Layout.ROW:
+        _check_meta(op, meta, x, N, K)
+    else:  # the MMA layout's meta (int32 [N/16, ceil(K/64), 32]) is checked by the CUDA glue
+        _check_device(op, "meta", meta, x, "x")
     if not ((group_size > 0 and group_size % 8 == 0) or group_size == -1):
         _fail(op, f"group_size must be a positive multiple of 8 or -1 (all of K), got {group_size}")
     G = (1 if K else 0) if group_size == -1 else -(-K // group_size)
@@ -335,7 +349,8 @@ def _int4_gemm_fake(x, qvalues, meta, scales, zeros, group_size, layout, bias=No
 @backends.register("sparse24_int4_gemm", "reference")
 def _int4_gemm_reference(x, qvalues, meta, scales, zeros, group_size, bias, layout):
     _check_int4_gemm(x, qvalues, meta, scales, zeros, group_size, bias, layout)
-    _check_meta_values("sparse24_int4_gemm", meta)
+    if layout == Sparse24Layout.ROW:
+        _check_meta_values("sparse24_int4_gemm", meta)
     return reference.sparse24_int4_gemm(x, qvalues, meta, scales, zeros, group_size, bias, layout)
 
 
@@ -443,7 +458,7 @@ register_op(
         sparse24_compress,
         reference.sparse24_compress,
         cases=cases.sparse24_compress_cases,
-        bench="bench/bench_sparse24_gemm.py",
+        bench="bench/bench_sparse24_compress.py",
     )
 )
 register_op(
@@ -463,6 +478,6 @@ register_op(
         sparse24_int4_gemm,
         reference.sparse24_int4_gemm,
         cases=cases.sparse24_int4_gemm_cases,
-        bench="bench/bench_sparse24_gemm.py",
+        bench="bench/bench_sparse24_int4_gemm.py",
     )
 )

@@ -13,21 +13,14 @@ from bitpress._core.checks import fail
 from bitpress.sparse24 import layout as _layout
 from bitpress.sparse24.layout import Sparse24Layout
 
-try:  # the mma.sp layout ships with the CUDA kernel; without it only ROW weights exist
-    import bitpress.sparse24.layout_mma as _layout_mma
-except ModuleNotFoundError as e:  # pragma: no cover - depends on the tree
-    if e.name != "bitpress.sparse24.layout_mma":
-        raise
-    _layout_mma = None
-
 
 def to_row(values: torch.Tensor, meta: torch.Tensor, layout: int):
     """A weight in kernel layout ``layout`` -> the interchange (values [N, K/2], meta uint8
     [N, K/8]), exactly."""
     if layout == Sparse24Layout.ROW:
         return values, meta
-    if layout == Sparse24Layout.MMA and _layout_mma is not None:
-        return _layout_mma.from_mma(values, meta)
+    if layout in _layout.READERS:
+        return _layout.READERS[layout](values, meta)
     fail("sparse24_gemm", f"layout {int(layout)} cannot be read back on this install")
 
 
@@ -68,10 +61,11 @@ def int4_dense(
     layout: int = Sparse24Layout.ROW,
 ) -> torch.Tensor:
     """The dense weight W [N, K] (float64) of a 2:4 + INT4 weight (layout module docstring)."""
-    q = _layout.unpack_qvalues(qvalues)  # [N, K/2]
-    qv = q.to(torch.float64)
     if layout != Sparse24Layout.ROW:
-        fail("sparse24_int4_gemm", f"layout must be ROW (0), got {int(layout)}")
+        if layout not in _layout.READERS_INT4:
+            fail("sparse24_int4_gemm", f"layout {int(layout)} cannot be read back on this install")
+        qvalues, meta = _layout.READERS_INT4[layout](qvalues, meta)
+    qv = _layout.unpack_qvalues(qvalues).to(torch.float64)  # [N, K/2]
     N, K = qv.shape[0], qv.shape[1] * 2
     cols = _layout.dense_columns(meta).to(qv.device)  # [N, K/2]
     gs = max(K, 1) if group_size == -1 else group_size
