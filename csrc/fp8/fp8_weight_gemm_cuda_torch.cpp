@@ -5,7 +5,7 @@
 //     BITPRESS_FP8_CUDA_MAX_M, read once per process, overrides it): the mma.sync kernel
 //     fp8_weight_gemm_cuda (csrc/fp8/fp8_weight_gemm_sm80.cu), which reads W's E4M3 rows as they
 //     are (1 byte per weight: the small-M GEMM is bound by that read). The default threshold is
-//     a prediction (bench/notes_fp8_weight_gemm_a100.md: at M = 128 the kernel still reads W
+//     a prediction (bench/NOTES.md, "fp8_weight_gemm on A100": at M = 128 the kernel still reads W
 //     about once and costs less than a dequantization pass plus cuBLAS); to be measured. Products
 //     exact, fp32 sums, the scales on the fp32 sums, one rounding to x's dtype.
 // K % 16 != 0 (no real model has it) is padded with zeros here, a copy of W per call.

@@ -1,8 +1,9 @@
 """bitpress: compiled kernels for compressed LLM inference.
 
-Layout: one package per feature (:mod:`bitpress.int4`, :mod:`bitpress.speculative`; FP8 and
-2:4 follow the same shape), over a shared core. Layers, each importing only those below it (no
-import circles, and no function-local import of a bitpress module):
+Layout: one package per feature (:mod:`bitpress.int4`, :mod:`bitpress.fp8`,
+:mod:`bitpress.sparse24`, :mod:`bitpress.speculative`), over a shared core. Layers, each
+importing only those below it (no import circles, and no function-local import of a bitpress
+module):
 
 1. core (:mod:`bitpress._core`): the compiled extension, backend choice with per-op
    capabilities, the registries (ops, ``quantize_`` handlers, checkpoint formats), argument

@@ -51,9 +51,12 @@ def info() -> int:
     for name, spec in registry.ops().items():
         per_device = []
         for dev in devices:
-            usable = [
-                b for b in backends.implementations(name) if not backends.refusal(name, b, dev)
-            ]
+            order = backends.default_order(dev)
+            ranked = sorted(
+                backends.implementations(name),
+                key=lambda b: order.index(b) if b in order else len(order),
+            )
+            usable = [b for b in ranked if not backends.refusal(name, b, dev)]
             per_device.append(f"{dev}: {' > '.join(usable) or 'none'}")
         lines.append((f"op {name}", f"[{spec.feature}] " + "; ".join(per_device)))
     width = max(len(k) for k, _ in lines)

@@ -293,7 +293,10 @@ def from_pretrained(
     progress: bool | None = None,
     sparse24: bool = False,
 ):
-    """Load a GPTQ-quantized transformers checkpoint directory.
+    """Load a quantized or sparse transformers checkpoint directory: GPTQ (v1 / v2),
+    compressed-tensors (float-quantized FP8, pack-quantized INT4, sparse-24-bitmask, marlin-24),
+    block FP8 (``quant_method: "fp8"``), or a dense checkpoint whose weights carry a 2:4 pattern
+    (its ``sparsity_config``, or ``sparse24=True``).
 
     The model is built on the meta device and the safetensors files are memory-mapped: each
     quantized layer is read and packed into the kernel layout of ``device`` in turn, and the
@@ -545,7 +548,8 @@ def save_pretrained(
     quant_method: str | None = None,
     **options,
 ) -> None:
-    """Write ``model`` (a transformers model with Int4Linear layers) as a GPTQ checkpoint.
+    """Write ``model`` (a transformers model with bitpress's quantized or sparse layers) as a
+    checkpoint of one registered format (GPTQ by default for INT4 models, see ``quant_method``).
 
     Writes config.json (with ``quantization_config``), quantize_config.json and
     model.safetensors, or, when the tensors exceed ``max_shard_size`` (bytes, or '5GB',

@@ -298,7 +298,7 @@ def test_bad_inputs():
         ops.sparse24_gemm(torch.randn(2, 36), values, meta, backend="triton")
     bad = meta.clone()
     bad[1, 2] = 0x11  # idx0 == idx1
-    with pytest.raises(RuntimeError, match=r"^sparse24_gemm: meta must hold nibbles"):
+    with pytest.raises(RuntimeError, match=r"^sparse24_gemm: meta values must be nibbles"):
         ops.sparse24_gemm(x, values, bad, backend="triton")
     qvalues, meta4, scales, _ = random_int4_24(8, 32, 16, True, torch.float32, _gen(9))
     with pytest.raises(Exception, match=r"^sparse24_int4_gemm: group_size"):

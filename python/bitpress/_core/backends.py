@@ -253,6 +253,11 @@ def implementations(op: str) -> dict[str, Callable]:
     return {b: impl.fn for b, impl in _IMPLS.get(op, {}).items()}
 
 
+def default_order(device_type: str) -> tuple[str, ...]:
+    """The backends the default choice tries for tensors of ``device_type``, best first."""
+    return _DEFAULT_ORDER.get(device_type, ("reference",))
+
+
 def capabilities(op: str) -> dict[str, Capability]:
     return {b: impl.capability for b, impl in _IMPLS.get(op, {}).items()}
 
@@ -320,7 +325,7 @@ def _select(op: str, dev: Device, name: str | None, dtype) -> tuple[str, Impleme
             raise exc(f"bitpress.{op}: backend {name!r} cannot serve this call: {why}")
         return name, impls[name]
     reasons = []
-    for name in _DEFAULT_ORDER.get(dev.type, ("reference",)):
+    for name in default_order(dev.type):
         if name not in impls:
             continue
         why = impls[name].capability.refusal(dev, dtype)

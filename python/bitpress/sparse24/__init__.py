@@ -20,9 +20,10 @@ from bitpress.sparse24 import (
     format_bitmask,  # noqa: F401  (registers the compressed-tensors scheme)
     format_marlin24,  # noqa: F401  (registers the compressed-tensors scheme)
     hostile,  # noqa: F401  (registers the ops' hostile specs)
+    layout_mma,
+    layout_mma_int4,
     ops,  # noqa: F401  (registers the 2:4 ops)
 )
-from bitpress.sparse24 import layout_mma, layout_mma_int4
 from bitpress.sparse24.config import Sparse24Config
 from bitpress.sparse24.layout import READERS, READERS_INT4, Sparse24Layout
 from bitpress.sparse24.modules import Sparse24Int4Linear, Sparse24Linear
