@@ -215,6 +215,20 @@ BITPRESS_VEC(8)
 BITPRESS_VEC(16)
 #undef BITPRESS_VEC
 
+// The tile paths (M < kPanelMinRows, and fp32 x) stream each tile's words once, in address order,
+// and the next tile of the same task follows in memory. The hardware prefetchers stop at 4 KiB
+// pages (16 octets of a tile), so every page would start with DRAM-latency misses: the octet
+// kTilePrefetchOctets ahead is prefetched explicitly (into L2: it is read once, soon).
+constexpr int kTilePrefetchOctets = 16;  // 4 KiB ahead; 8-32 measured alike (bench/NOTES.md)
+__attribute__((always_inline)) inline void prefetch_ahead(const Int4GemmParams& p,
+                                                          const int32_t* wp) {
+  const int32_t* pf = wp + kTilePrefetchOctets * kInt4TileN;
+  const int32_t* end = p.qweight + ((p.N + kInt4TileN - 1) / kInt4TileN) * (p.Kp / 8) * kInt4TileN;
+  if (pf < end) {
+    for (int l = 0; l < 4; ++l) __builtin_prefetch(pf + 16 * l, 0, 2);
+  }
+}
+
 // Accumulators live in registers for one group and one column pass: MB rows x V vectors. With
 // 8 rows, passes of 2 vectors keep 16 accumulators plus the unpacked weights in 32 zmm registers.
 template <int MB>
@@ -235,6 +249,7 @@ __attribute__((always_inline)) inline void tile_fp32(const Int4GemmParams& p, co
       vf a[MB][V] = {};
       for (int64_t o = p.group_starts[g]; o < p.group_starts[g + 1]; ++o) {
         const int32_t* wp = p.qweight + ((t * K8 + o) * kInt4TileN + cb);
+        if (cb == 0) prefetch_ahead(p, wp);
         vi words[V];
         for (int v = 0; v < V; ++v) memcpy(&words[v], wp + v * W, sizeof(vi));
 #pragma GCC unroll 8
@@ -311,6 +326,7 @@ BITPRESS_TARGET_AVX512BF16 void tile_bf16(const Int4GemmParams& p, const Workspa
           for (int v = 0; v < V; ++v) a[k][m][v] = _mm512_setzero_ps();
       for (int64_t o = o0; o < o1; ++o) {
         const int32_t* wp = p.qweight + (t * K8 + o) * kInt4TileN + cb;
+        if (cb == 0) prefetch_ahead(p, wp);
         __m512i words[V];
         for (int v = 0; v < V; ++v) words[v] = _mm512_loadu_si512(wp + 16 * v);
 #pragma GCC unroll 4
