@@ -378,4 +378,66 @@ Status sparse24_int4_dequantize_cpu(const Sparse24Int4GemmParams& p, float* w,
   return Status(status.load());
 }
 
+#if defined(__x86_64__)
+// Values [j, j1) of one row, 32 at a time while whole (j even: a byte boundary): 16 bytes of codes
+// widened to 32-bit lanes b, (b & 15) | (b >> 4) << 16 puts the codes in order in 16-bit lanes,
+// and vpermw looks them up in the group's table (tb[16..31] repeat tb[0..15]). Returns the first
+// value not written.
+BITPRESS_TARGET_AVX512 int64_t values_avx512(const int32_t* qr, const uint16_t* tb, int64_t j,
+                                             int64_t j1, uint16_t* out) {
+  if (j & 1) return j;
+  const __m512i table = _mm512_loadu_si512(tb);
+  const __m512i low = _mm512_set1_epi32(15);
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(qr);
+  for (; j + 32 <= j1; j += 32) {
+    const __m512i b =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j / 2)));
+    const __m512i codes =
+        _mm512_or_si512(_mm512_and_si512(b, low), _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16));
+    _mm512_storeu_si512(out + j, _mm512_permutexvar_epi16(codes, table));
+  }
+  return j;
+}
+#endif
+
+// The kept values of each row dequantized, in order: value j of row n is (q - z) s of its group,
+// g = 4 (j / 2) / group_size (a group of 4 never straddles a quantization group: group_size % 8
+// == 0), so no metadata is read. Per group, the 16 possible values are computed in float32 and
+// rounded once to bf16 (a table); each code is then one table lookup (a float conversion per
+// value cost ~10x more).
+Status sparse24_int4_values_cpu(const Sparse24Int4GemmParams& p, uint16_t* values,
+                                const CpuThreadPool* pool) {
+  Sparse24Int4GemmParams q = p;
+  q.M = 0;  // no x, no out
+  const Status st = check(q);
+  if (st != Status::kSuccess || p.N == 0 || p.K == 0) return st;
+  if (!values) return Status::kInvalidArgument;
+  const int64_t half = p.K / 2, per_group = p.group_size / 2;
+  const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512;
+  parallel_for(pool, 0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    alignas(64) uint16_t tb[32];
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t* qr = p.qvalues + n * (p.K / 16);
+      uint16_t* out = values + n * half;
+      for (int64_t g = 0; g < p.G; ++g) {
+        const float sc = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
+        const float z = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
+        for (int c = 0; c < 16; ++c) tb[c] = tb[c + 16] = float_to_bf16_bits((float(c) - z) * sc);
+        int64_t j = g * per_group;
+        const int64_t j1 = std::min(half, (g + 1) * per_group);
+#if defined(__x86_64__)
+        if (avx512) j = values_avx512(qr, tb, j, j1, out);
+#endif
+        for (; j < j1 && (j & 7); ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
+        for (; j + 8 <= j1; j += 8) {
+          const uint32_t word = uint32_t(qr[j >> 3]);
+          for (int i = 0; i < 8; ++i) out[j + i] = tb[(word >> (4 * i)) & 15];
+        }
+        for (; j < j1; ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
+      }
+    }
+  });
+  return Status::kSuccess;
+}
+
 }  // namespace bitpress

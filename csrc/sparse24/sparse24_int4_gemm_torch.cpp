@@ -1,6 +1,8 @@
 // Torch glue of sparse24_int4_gemm on the CPU (ROW layout): checks, then the CPU kernel
-// (bitpress/sparse24/sparse24_cpu.h). M <= 16: the kernel's read stream; M > 16: the weight is
-// dequantized once per call to float32 and the dense float32 GEMM takes the product.
+// (bitpress/sparse24/sparse24_cpu.h). bf16 x with M >= kSparse24Int4ViaValuesMinRows: the kept
+// values dequantized to bf16, then sparse24_gemm's kernel; other M <= 16: the kernel's read
+// stream; M > 16 (fp16 / fp32 x): the weight is dequantized once per call to float32 and the dense
+// float32 GEMM takes the product.
 #include <ATen/ops/linear.h>
 
 #include <vector>
@@ -68,6 +70,40 @@ at::Tensor sparse24_int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qv
   p.G = G;
   p.group_size = group_size == -1 ? K : group_size;
   p.x_dtype = to_dtype(x.scalar_type());
+  if (x.scalar_type() == at::kBFloat16 && M >= kSparse24Int4ViaValuesMinRows) {
+    // The kept values dequantized to bf16 once per call into this thread's reused workspace (no
+    // allocation in steady state), then sparse24_gemm's kernel with the same meta. The weights
+    // are rounded once to bf16 (relative 2^-9), as x is.
+    thread_local at::Tensor ws;
+    if (!ws.defined() || ws.numel() < N * (K / 2)) {
+      ws = at::Tensor();
+      ws = at::empty({N * (K / 2)}, x.options());
+    }
+    const Status vs = sparse24_int4_values_cpu(p, reinterpret_cast<uint16_t*>(ws.data_ptr()),
+                                               torch_thread_pool());
+    check_status(vs, kOp);
+    const at::Tensor x2 = rows_contiguous(x.reshape({M, K}));
+    const at::Tensor bs = bias ? bias->contiguous() : at::Tensor();
+    Sparse24GemmParams g;
+    g.x = x2.data_ptr();
+    g.x_dtype = DType::kBFloat16;
+    g.x_row_stride = row_stride(x2);
+    g.M = M;
+    g.K = K;
+    g.N = N;
+    g.values = ws.data_ptr();
+    g.meta = mc.data_ptr<uint8_t>();
+    if (bs.defined()) {
+      g.bias = bs.data_ptr();
+      g.bias_dtype = to_dtype(bs.scalar_type());
+    }
+    g.out = out.data_ptr();
+    g.out_row_stride = N;
+    const Status st = sparse24_gemm_cpu(g, torch_thread_pool());
+    if (st == Status::kInvalidArgument) check_sparse24_meta_values(kOp, mc, N, K);
+    check_status(st, kOp);
+    return out;
+  }
   if (M > kSparse24DirectMaxRows) {
     at::Tensor w = at::empty({N, K}, x.options().dtype(at::kFloat));
     const Status st = sparse24_int4_dequantize_cpu(p, w.data_ptr<float>(), torch_thread_pool());

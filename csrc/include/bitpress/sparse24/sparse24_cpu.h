@@ -105,6 +105,16 @@ struct Sparse24Int4GemmParams {
 
 Status sparse24_int4_gemm_cpu(const Sparse24Int4GemmParams& p, const CpuThreadPool* pool);
 
+// The kept values of a 2:4 + INT4 weight dequantized to bf16, [N, K/2] in the order of qvalues
+// ((q - z) s in float32, rounded once): with the same meta, a bf16 2:4 weight for
+// sparse24_gemm_cpu (the path of bf16 x at M > kSparse24Int4ViaValuesMinRows).
+Status sparse24_int4_values_cpu(const Sparse24Int4GemmParams& p, uint16_t* values,
+                                const CpuThreadPool* pool);
+// From this many rows on, bf16 x takes the sparse24_gemm path through sparse24_int4_values_cpu:
+// the direct path's cost grows with M (a decode and an FMA per value and row), the panel path of
+// sparse24_gemm runs on the microkernel (AMX tiles where there are some).
+constexpr int64_t kSparse24Int4ViaValuesMinRows = 5;
+
 // The dense float32 weight [N, K] of a 2:4 + INT4 weight (the dense fallback for large M).
 Status sparse24_int4_dequantize_cpu(const Sparse24Int4GemmParams& p, float* w,
                                     const CpuThreadPool* pool);
