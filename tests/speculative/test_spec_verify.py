@@ -12,6 +12,7 @@ import torch
 from backend_matrix import backend_device_params
 
 from bitpress import ops
+from bitpress._core import backends, registry
 from bitpress._core import ext as _ext
 from bitpress.speculative import reference
 from bitpress.testing import compile_triton, cuobjdump, extension_resource_usage, extension_sass
@@ -790,3 +791,20 @@ def test_triton_kernel_compiles_for_gpu(arch):
     assert any(i.startswith("LDG") for i in asm.sass) and any(i.startswith("STG") for i in asm.sass)
     assert asm.spills == 0 and not any(i.startswith(("LDL", "STL")) for i in asm.sass)
     assert asm.resources is not None and asm.resources.local == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: after a rejection, the CPU kernel's resampling walk over the residual "
+    "max(0, p - q) can land on a neighbouring token of the reference's (1-3 ids higher: the "
+    "cumulative sums round in another order at the chosen token's boundary); about 1 row in 200 "
+    "of the selftest case (bf16, V = 32000, one-hot q) over random temperatures. The sampled "
+    "distribution is the same; the tokens are not bit-identical to the reference.",
+)
+def test_known_bug_resample_walk_bit_identical():
+    spec = registry.ops()["spec_verify"]
+    case = next(c for c in spec.cases() if "one-hot" in c.name)
+    args = case.make(torch.device("cpu"), torch.Generator().manual_seed(10), "cpu")
+    got = backends.select("spec_verify", torch.device("cpu"), "cpu")[1](*args)
+    want = case.ref(*args)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -15,7 +15,9 @@ def _case(B, K, V, dtype, draft_probs, filters):
         q = torch.softmax(logits[:, :K].float() + torch.randn(B, K, V, generator=gen), -1)
         d = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, K)
         num_draft = torch.randint(0, K + 1, (B,), generator=gen)
-        temp = torch.where(torch.rand(B, generator=gen) < 0.25, 0.0, 0.5 + torch.rand(B))
+        temp = torch.where(
+            torch.rand(B, generator=gen) < 0.25, 0.0, 0.5 + torch.rand(B, generator=gen)
+        )
         top_k = torch.randint(0, V, (B,), generator=gen) if filters else None
         top_p = torch.rand(B, generator=gen) * 0.5 + 0.5 if filters else None
         seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen)
