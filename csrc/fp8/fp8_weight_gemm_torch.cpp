@@ -82,9 +82,11 @@ double time_ms(const std::function<void()>& f) {
 
 // The calling thread's bf16 workspace, grown when a call needs more, then reused (steady-state
 // calls neither allocate nor fault pages).
+// numel 0 frees it.
 at::Tensor& workspace(int64_t numel) {
   thread_local at::Tensor ws;
-  if (!ws.defined() || ws.numel() < numel) {
+  if (numel == 0) ws = at::Tensor();
+  if (numel > 0 && (!ws.defined() || ws.numel() < numel)) {
     ws = at::Tensor();  // free the old one before allocating the larger
     ws = at::empty({numel}, at::TensorOptions().dtype(at::kBFloat16));
   }
@@ -151,7 +153,11 @@ bool choose_dense(const glue::Fp8WeightGemmPrepared& r, bool* written) {
     fused_ms = std::min(fused_ms, time_ms([&] { run_fused(r); }));
   }
   const bool dense = dense_ms < 0.97 * fused_ms;
-  if (dense) run_dense(r);
+  if (dense) {
+    run_dense(r);
+  } else {
+    workspace(0);  // the fused path won: do not hold K x N bf16 for nothing
+  }
   *written = true;
   std::lock_guard<std::mutex> lock(table_mutex());
   table().emplace(key, dense);
