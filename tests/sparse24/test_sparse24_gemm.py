@@ -24,7 +24,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ISAS = ["scalar", "avx2", "avx512", "amx"]
 # M around the direct / panel threshold (16) and the AMX blocks (16, 32); K with tails of the
 # 64-column (bf16) and 16-column (fp32) steps; N not a multiple of 16 or 32.
-SHAPES = [(1, 64, 16), (7, 136, 61), (16, 264, 33), (17, 512, 129), (33, 1024, 40), (130, 72, 7)]
+SHAPES = [
+    (1, 64, 16),
+    (3, 232, 19),
+    (7, 136, 61),
+    (16, 264, 33),
+    (17, 512, 129),
+    (33, 1024, 40),
+    (130, 72, 7),
+]
 
 
 def _isa_ok(isa):
