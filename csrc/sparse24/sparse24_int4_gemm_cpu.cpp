@@ -36,12 +36,25 @@ thread_local ThreadBuffer t_x;    // the calling thread: x widened to float32 [M
 thread_local ThreadBuffer t_row;  // a pool thread: one row's scales, zeros and accumulators
 
 constexpr int kRowBlock = 8;  // rows of x per register block
+// Software prefetch distance of the weight streams (one 4 KiB page ahead).
+constexpr int64_t kPrefetchBytes = 4096;
 
 // Scale and zero of every group of weight row n, as float32 (scales / zeros are [G, N]).
 void row_groups(const Sparse24Int4GemmParams& p, int64_t n, float* s, float* z) {
   for (int64_t g = 0; g < p.G; ++g) {
     s[g] = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
     z[g] = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
+  }
+}
+
+void prefetch_groups(const Sparse24Int4GemmParams& p, int64_t n) {
+  const int64_t es = dtype_size(p.scales_dtype);
+  const char* sb = static_cast<const char*>(p.scales) + n * es;
+  for (int64_t g = 0; g < p.G; ++g) __builtin_prefetch(sb + g * p.N * es, 0, 2);
+  if (p.zeros) {
+    const int64_t ez = dtype_size(p.zeros_dtype);
+    const char* zb = static_cast<const char*>(p.zeros) + n * ez;
+    for (int64_t g = 0; g < p.G; ++g) __builtin_prefetch(zb + g * p.N * ez, 0, 2);
   }
 }
 
@@ -184,7 +197,17 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
   __m512 y[MB], aq[MB], ax[MB];
   for (int i = 0; i < MB; ++i) y[i] = aq[i] = ax[i] = _mm512_setzero_ps();
   const int64_t steps = (K + 63) / 64, per_group = p.group_size / 64;
+  // The first block of rows of x prefetches the row's streams 4 KiB ahead (the hardware
+  // prefetchers stop at each 4 KiB page): codes every 4 steps, metadata every 8.
+  const bool pf = m0 == 0;
+  const char* qpf = reinterpret_cast<const char*>(q) + kPrefetchBytes;
+  const char* mpf = reinterpret_cast<const char*>(meta) + kPrefetchBytes;
+  int64_t left = per_group;  // steps left in the current group (no division per step)
   for (int64_t st = 0; st < steps; ++st) {
+    if (pf && (st & 3) == 0) {
+      __builtin_prefetch(qpf + 16 * st, 0, 2);
+      if ((st & 7) == 0) __builtin_prefetch(mpf + 8 * st, 0, 2);
+    }
     const int64_t dense = std::min<int64_t>(64, K - 64 * st);  // 16..64, a multiple of 16
     uint64_t mw = 0;
     memcpy(&mw, meta + 8 * st, size_t(dense / 8));
@@ -209,7 +232,8 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
       aq[i] = _mm512_dpbf16_ps(aq[i], (__m512bh)xs, (__m512bh)qp);
       ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)ones);
     }
-    if ((st + 1) % per_group == 0 || st + 1 == steps) {
+    if (--left == 0 || st + 1 == steps) {
+      left = per_group;
       const int64_t g = 64 * st / p.group_size;
       const __m512 sv = _mm512_set1_ps(s[g]), szv = _mm512_set1_ps(-s[g] * (128.f + z[g]));
       for (int i = 0; i < MB; ++i) {
@@ -315,6 +339,9 @@ Status sparse24_int4_gemm_cpu(const Sparse24Int4GemmParams& p, const CpuThreadPo
         status = int(Status::kInvalidArgument);
         return;
       }
+      // scales / zeros are [G, N]: each row reads one element of G lines that serve 16 or 32
+      // rows, G strided streams the hardware prefetchers miss; fetch the lines 64 rows ahead.
+      if ((n & 15) == 0 && n + 64 < p.N) prefetch_groups(p, n + 64);
       row_groups(p, n, s, z);
 #if defined(__x86_64__)
       if (bf16) {
