@@ -488,6 +488,34 @@ const char* sparse24_gemm_cpu_path_name(const Sparse24GemmParams& p) {
   return "direct-scalar";
 }
 
+Status sparse24_expand16_cpu(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
+                             uint16_t* w, const CpuThreadPool* pool) {
+  if (N < 0 || K < 0 || K % 8 || (N * K > 0 && (!w || !values || !meta))) {
+    return Status::kInvalidArgument;
+  }
+  if (N == 0 || K == 0) return Status::kSuccess;
+  const bool vbmi2 = have_vbmi2();
+  std::atomic<bool> bad{false};
+  parallel_for(pool, 0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1 && !bad; ++n) {
+      const uint8_t* m = meta + n * (K / 8);
+      if (!meta_rows_ok(m, K / 8)) {
+        bad = true;
+        return;
+      }
+#if defined(__x86_64__)
+      if (vbmi2) {
+        expand_row_vbmi2(values + n * (K / 2), m, K, w + n * K);
+        continue;
+      }
+#endif
+      (void)vbmi2;
+      expand_row_scalar(values + n * (K / 2), m, K, w + n * K);
+    }
+  });
+  return bad ? Status::kInvalidArgument : Status::kSuccess;
+}
+
 Status sparse24_gemm_cpu(const Sparse24GemmParams& p, const CpuThreadPool* pool) {
   const Status st = check(p);
   if (st != Status::kSuccess || p.M == 0 || p.N == 0) return st;

@@ -112,6 +112,32 @@ def test_paths_agree_exactly_where_the_sums_are_exact():
                     _ext.C.set_cpu_isa(None)
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 64, 16), (3, 232, 19), (5, 72, 7), (256, 136, 33)])
+def test_bf16_dense_fallback(cpu_isa, monkeypatch, M, K, N):
+    """bf16 x from BITPRESS_SPARSE24_DENSE_ROWS rows on (default 256): the weight expanded into
+    a reused workspace (vpexpandw on AVX512-VBMI2, C++ below) and the dense GEMM; with bias, and
+    bit-exact against the direct path where the sums are exact."""
+    monkeypatch.setenv("BITPRESS_SPARSE24_DENSE_ROWS", "1" if M < 256 else "256")
+    values, meta = _weight(N, K, torch.bfloat16, M + K)
+    x = torch.randn(M, K).bfloat16()
+    bias = torch.randn(N).bfloat16()
+    out = ops.sparse24_gemm(x, values, meta, bias, backend="cpu")
+    assert rel_err(out, ref64(x, values, meta, bias)) <= TOLERANCE[torch.bfloat16], cpu_isa
+    gen = torch.Generator().manual_seed(M)
+    w = layout.decompress(values, meta, torch.float32)
+    w = torch.where(w != 0, torch.randint(-8, 8, (N, K), generator=gen).float(), w)
+    vi, mi = layout.compress(w.bfloat16())
+    xi = torch.randint(-8, 8, (M, K), generator=gen).bfloat16()
+    want = (xi.double() @ w.double().t()).bfloat16()
+    assert torch.equal(ops.sparse24_gemm(xi, vi, mi, backend="cpu"), want), cpu_isa
+    bad = meta.clone()
+    bad[N // 2, 0] = 0x00  # idx0 == idx1: unordered
+    with pytest.raises(
+        RuntimeError, match=rf"{OP}: meta values .* got 0x0 at row {N // 2}, group 0"
+    ):
+        ops.sparse24_gemm(x, values, bad, backend="cpu")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_and_leading_dims(backend_device, dtype):
     backend, device = backend_device
