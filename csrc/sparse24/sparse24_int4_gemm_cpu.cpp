@@ -3,12 +3,13 @@
 //
 // One path, a read stream (0.375 bytes per dense weight: 4-bit codes plus 2-bit positions): each
 // thread takes whole weight rows. bf16 x on AVX512-BF16 with group_size % 64 == 0: vdpbf16ps on
-// (128 + q) pairs (block_bf16 below). Otherwise per step the codes and positions of 16 values
-// (AVX-512: 32 dense columns, one vpermt2ps gathers their x from two registers) or 8 values (AVX2:
-// vpermps from two registers and a blend) are decoded once, dequantized in float32 ((q - z) * s,
-// the group's scale and zero broadcast; per lane when a step straddles groups) and multiplied into
-// every row of x. x is widened to float32 once per call. Large M is the caller's: the torch glue
-// dequantizes the weight once (sparse24_int4_dequantize_cpu) and calls the dense GEMM.
+// (128 + q) pairs, (q - 8) when symmetric (block_bf16 below). Otherwise per step the codes and
+// positions of 16 values (AVX-512: 32 dense columns, one vpermt2ps gathers their x from two
+// registers) or 8 values (AVX2: vpermps from two registers and a blend) are decoded once,
+// dequantized in float32 ((q - z) * s, the group's scale and zero broadcast; per lane when a step
+// straddles groups) and multiplied into every row of x. x is widened to float32 once per call.
+// Large M is the caller's: the torch glue dequantizes the weight once
+// (sparse24_int4_dequantize_cpu) and calls the dense GEMM.
 #include <string.h>
 
 #include <algorithm>
@@ -175,7 +176,9 @@ BITPRESS_TARGET_AVX2 void block_avx2(const Sparse24Int4GemmParams& p, const floa
 // (128 + q) (exact: bf16 0x4300 | q), and two vdpbf16ps per row sum x (128 + q) and x over the
 // group, exact products in float32; at the end of each group
 //   y += s (sum x (128 + q) - (128 + z) sum x).
-template <int MB>
+// kSym (zeros None, z = 8): the codes become the bf16 pairs (q - 8) (exact; a 16-entry vpermw
+// table) and one vdpbf16ps per row sums x (q - 8) over the group: y += s sum x (q - 8).
+template <int MB, bool kSym>
 BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int64_t n,
                                            const float* s, const float* z, int64_t m0, float* acc) {
   const int64_t K = p.K;
@@ -194,6 +197,12 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
   const __m512i word = _mm512_load_si512(kWord), shift = _mm512_load_si512(kShift);
   const __m512i base = _mm512_load_si512(kBase), three = _mm512_set1_epi16(3);
   const __m512i ones = _mm512_set1_epi32(0x3F803F80);  // bf16 pair (1, 1)
+  // bf16 of q - 8 for q = 0..15 (words 16..31 unused: the codes are 0..15).
+  alignas(64) static constexpr uint16_t kSymTable[32] = {
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000,
+      0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0,      0,      0,      0,      0,      0,
+      0,      0,      0,      0,      0,      0,      0,      0,      0,      0};
+  const __m512i sym = _mm512_load_si512(kSymTable);
   __m512 y[MB], aq[MB], ax[MB];
   for (int i = 0; i < MB; ++i) y[i] = aq[i] = ax[i] = _mm512_setzero_ps();
   const int64_t steps = (K + 63) / 64, per_group = p.group_size / 64;
@@ -220,7 +229,11 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
         _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
                         _mm512_and_si512(_mm512_slli_epi32(d, 12), _mm512_set1_epi32(0xF0000)));
     // Lanes past the row's end: x loads as zero, so their (128 + 0) pairs add nothing.
-    qp = _mm512_or_si512(qp, _mm512_set1_epi32(0x43004300));
+    if (kSym) {
+      qp = _mm512_permutexvar_epi16(qp, sym);
+    } else {
+      qp = _mm512_or_si512(qp, _mm512_set1_epi32(0x43004300));
+    }
     const __mmask32 xm0 = dense >= 32 ? ~__mmask32(0) : __mmask32((1u << dense) - 1);
     const __mmask32 xm1 = dense <= 32   ? 0
                           : dense == 64 ? ~__mmask32(0)
@@ -230,14 +243,15 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
       const __m512i xs = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(xm0, xr), idx,
                                                    _mm512_maskz_loadu_epi16(xm1, xr + 32));
       aq[i] = _mm512_dpbf16_ps(aq[i], (__m512bh)xs, (__m512bh)qp);
-      ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)ones);
+      if (!kSym) ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)ones);
     }
     if (--left == 0 || st + 1 == steps) {
       left = per_group;
       const int64_t g = 64 * st / p.group_size;
       const __m512 sv = _mm512_set1_ps(s[g]), szv = _mm512_set1_ps(-s[g] * (128.f + z[g]));
       for (int i = 0; i < MB; ++i) {
-        y[i] = _mm512_fmadd_ps(aq[i], sv, _mm512_fmadd_ps(ax[i], szv, y[i]));
+        y[i] = kSym ? _mm512_fmadd_ps(aq[i], sv, y[i])
+                    : _mm512_fmadd_ps(aq[i], sv, _mm512_fmadd_ps(ax[i], szv, y[i]));
         aq[i] = ax[i] = _mm512_setzero_ps();
       }
     }
@@ -251,9 +265,10 @@ using Bf16Fn = void (*)(const Sparse24Int4GemmParams&, int64_t, const float*, co
                         float*);
 
 template <int... I>
-Bf16Fn bf16_fn(int mb, std::integer_sequence<int, I...>) {
-  static constexpr Bf16Fn fns[] = {block_bf16<I + 1>...};
-  return fns[mb - 1];
+Bf16Fn bf16_fn(int mb, bool zeros, std::integer_sequence<int, I...>) {
+  static constexpr Bf16Fn fns[] = {block_bf16<I + 1, false>...};
+  static constexpr Bf16Fn sym[] = {block_bf16<I + 1, true>...};
+  return zeros ? fns[mb - 1] : sym[mb - 1];
 }
 
 template <int... I>
@@ -347,7 +362,8 @@ Status sparse24_int4_gemm_cpu(const Sparse24Int4GemmParams& p, const CpuThreadPo
       if (bf16) {
         for (int64_t m0 = 0; m0 < p.M; m0 += kRowBlock) {
           const int mb = int(std::min<int64_t>(kRowBlock, p.M - m0));
-          bf16_fn(mb, std::make_integer_sequence<int, kRowBlock>{})(p, n, s, z, m0, acc);
+          bf16_fn(mb, p.zeros != nullptr, std::make_integer_sequence<int, kRowBlock>{})(p, n, s, z,
+                                                                                        m0, acc);
         }
       } else if (isa >= CpuIsa::kAvx2) {
         for (int64_t m0 = 0; m0 < p.M; m0 += kRowBlock) {
