@@ -211,7 +211,9 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
   const bool pf = m0 == 0;
   const char* qpf = reinterpret_cast<const char*>(q) + kPrefetchBytes;
   const char* mpf = reinterpret_cast<const char*>(meta) + kPrefetchBytes;
-  int64_t left = per_group;  // steps left in the current group (no division per step)
+  // Steps left in the current group, and the group: no division per step or group (a 64-bit
+  // division per group cost more than the group's two steps).
+  int64_t left = per_group, group = 0;
   for (int64_t st = 0; st < steps; ++st) {
     if (pf && (st & 3) == 0) {
       __builtin_prefetch(qpf + 16 * st, 0, 2);
@@ -219,7 +221,12 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
     }
     const int64_t dense = std::min<int64_t>(64, K - 64 * st);  // 16..64, a multiple of 16
     uint64_t mw = 0;
-    memcpy(&mw, meta + 8 * st, size_t(dense / 8));
+    // A constant size for the full steps: one load, not a call to memcpy per step.
+    if (dense == 64) {
+      memcpy(&mw, meta + 8 * st, 8);
+    } else {
+      memcpy(&mw, meta + 8 * st, size_t(dense / 8));
+    }
     __m512i idx = _mm512_permutexvar_epi16(word, _mm512_set1_epi64(int64_t(mw)));
     idx = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(idx, shift), three), base);
     // Codes: byte i holds values 2i (low nibble) and 2i + 1: dword lane i becomes the pair.
@@ -247,7 +254,7 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
     }
     if (--left == 0 || st + 1 == steps) {
       left = per_group;
-      const int64_t g = 64 * st / p.group_size;
+      const int64_t g = group++;
       const __m512 sv = _mm512_set1_ps(s[g]), szv = _mm512_set1_ps(-s[g] * (128.f + z[g]));
       for (int i = 0; i < MB; ++i) {
         y[i] = kSym ? _mm512_fmadd_ps(aq[i], sv, y[i])
