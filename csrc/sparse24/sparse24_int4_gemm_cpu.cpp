@@ -42,8 +42,13 @@ constexpr int64_t kPrefetchBytes = 4096;
 
 // Scale and zero of every group of weight row n, as float32 (scales / zeros are [G, N]).
 void row_groups(const Sparse24Int4GemmParams& p, int64_t n, float* s, float* z) {
+  if (p.scales_dtype == DType::kBFloat16) {  // the common case, without a switch per element
+    const uint16_t* sp = static_cast<const uint16_t*>(p.scales) + n;
+    for (int64_t g = 0; g < p.G; ++g) s[g] = bf16_bits_to_float(sp[g * p.N]);
+  } else {
+    for (int64_t g = 0; g < p.G; ++g) s[g] = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
+  }
   for (int64_t g = 0; g < p.G; ++g) {
-    s[g] = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
     z[g] = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
   }
 }
