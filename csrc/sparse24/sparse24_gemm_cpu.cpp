@@ -128,13 +128,56 @@ void direct_avx2_row(const Sparse24GemmParams& p, const float* xf, int64_t n, fl
 // each group from two registers of x, and vdpbf16ps multiplies it by the group's value pair.
 // ---------------------------------------------------------------------------------------------
 
+// Software prefetch distance of the weight streams: the hardware prefetchers stop at each 4 KiB
+// page, and a weight row's values are one page at K = 4096 (bf16), so without it every row
+// starts with a demand miss. 4 KiB ahead is one row of values, or eight rows of metadata.
+constexpr int64_t kPrefetchBytes = 4096;
+
+struct Bf16Consts {
+  __m512i word, shift, base, three;
+};
+
+// One step: 32 values (64 dense columns) of the weight row times MB rows of x. xm0 / xm1 / vm
+// mask the lanes past the row's end (they load as zero: their products are 0).
+template <int MB, bool kMasked>
+BITPRESS_TARGET_AVX512BF16 __attribute__((always_inline)) inline void bf16_step(
+    const uint16_t* x, int64_t ldx, const uint8_t* meta, const uint16_t* vals, int64_t s,
+    int64_t dense, const Bf16Consts& k, __m512* a) {
+  uint64_t mw = 0;
+  memcpy(&mw, meta + 8 * s, kMasked ? size_t(dense / 8) : 8);
+  __m512i idx = _mm512_permutexvar_epi16(k.word, _mm512_set1_epi64(int64_t(mw)));
+  idx = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(idx, k.shift), k.three), k.base);
+  __m512i v;
+  __mmask32 xm0 = ~__mmask32(0), xm1 = ~__mmask32(0);
+  if (kMasked) {
+    v = _mm512_maskz_loadu_epi16(__mmask32((1u << (dense / 2)) - 1), vals + 32 * s);
+    xm0 = dense >= 32 ? ~__mmask32(0) : __mmask32((1u << dense) - 1);
+    xm1 = dense <= 32 ? 0 : __mmask32((1u << (dense - 32)) - 1);
+  } else {
+    v = _mm512_loadu_si512(vals + 32 * s);
+  }
+  for (int i = 0; i < MB; ++i) {
+    const uint16_t* xr = x + i * ldx + 64 * s;
+    __m512i xa, xb;
+    if (kMasked) {
+      xa = _mm512_maskz_loadu_epi16(xm0, xr);
+      xb = _mm512_maskz_loadu_epi16(xm1, xr + 32);
+    } else {
+      xa = _mm512_loadu_si512(xr);
+      xb = _mm512_loadu_si512(xr + 32);
+    }
+    const __m512i xs = _mm512_permutex2var_epi16(xa, idx, xb);
+    a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)xs, (__m512bh)v);
+  }
+}
+
 template <int MB>
 BITPRESS_TARGET_AVX512BF16 void direct_bf16_block(const Sparse24GemmParams& p, int64_t n,
                                                   int64_t m0, float* acc) {
   const int64_t K = p.K, H = K / 2;
   const uint8_t* meta = p.meta + n * (K / 8);
   const uint16_t* vals = static_cast<const uint16_t*>(p.values) + n * H;
-  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const uint16_t* x = static_cast<const uint16_t*>(p.x) + m0 * p.x_row_stride;
   alignas(64) static constexpr uint16_t kWord[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1,
                                                      1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
                                                      2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
@@ -144,33 +187,33 @@ BITPRESS_TARGET_AVX512BF16 void direct_bf16_block(const Sparse24GemmParams& p, i
   alignas(64) static constexpr uint16_t kBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
                                                      20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
                                                      44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
-  const __m512i word = _mm512_load_si512(kWord), shift = _mm512_load_si512(kShift);
-  const __m512i base = _mm512_load_si512(kBase), three = _mm512_set1_epi16(3);
-  __m512 a[MB];
-  for (int i = 0; i < MB; ++i) a[i] = _mm512_setzero_ps();
-  const int64_t steps = (K + 63) / 64;
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t dense = std::min<int64_t>(64, K - 64 * s);  // 8..64, a multiple of 8
-    uint64_t mw = 0;
-    memcpy(&mw, meta + 8 * s, size_t(dense / 8));
-    __m512i idx = _mm512_permutexvar_epi16(word, _mm512_set1_epi64(int64_t(mw)));
-    idx = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(idx, shift), three), base);
-    // Lanes past the row's end load as zero (values and x): their products are 0.
-    const __mmask32 vm = dense == 64 ? ~__mmask32(0) : __mmask32((1u << (dense / 2)) - 1);
-    const __m512i v = _mm512_maskz_loadu_epi16(vm, vals + 32 * s);
-    const __mmask32 xm0 = dense >= 32 ? ~__mmask32(0) : __mmask32((1u << dense) - 1);
-    const __mmask32 xm1 = dense <= 32   ? 0
-                          : dense == 64 ? ~__mmask32(0)
-                                        : __mmask32((1u << (dense - 32)) - 1);
-    for (int i = 0; i < MB; ++i) {
-      const uint16_t* xr = x + (m0 + i) * p.x_row_stride + 64 * s;
-      const __m512i xa = _mm512_maskz_loadu_epi16(xm0, xr);
-      const __m512i xb = _mm512_maskz_loadu_epi16(xm1, xr + 32);
-      const __m512i xs = _mm512_permutex2var_epi16(xa, idx, xb);
-      a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)xs, (__m512bh)v);
+  const Bf16Consts k{_mm512_load_si512(kWord), _mm512_load_si512(kShift), _mm512_load_si512(kBase),
+                     _mm512_set1_epi16(3)};
+  // Two accumulator sets for few rows: one vdpbf16ps chain per row would stall on its latency.
+  constexpr int S = MB <= 4 ? 2 : 1;
+  __m512 a[S][MB];
+  for (int t = 0; t < S; ++t)
+    for (int i = 0; i < MB; ++i) a[t][i] = _mm512_setzero_ps();
+  const int64_t full = K / 64;
+  const bool pf = m0 == 0;  // the first block of rows of x prefetches for all of them
+  const char* vpf = reinterpret_cast<const char*>(vals) + kPrefetchBytes;
+  const char* mpf = reinterpret_cast<const char*>(meta) + kPrefetchBytes;
+  int64_t s = 0;
+  for (; s + S <= full; s += S) {
+    for (int t = 0; t < S; ++t) {
+      if (pf) {
+        __builtin_prefetch(vpf + 64 * (s + t), 0, 2);
+        if (((s + t) & 7) == 0) __builtin_prefetch(mpf + 8 * (s + t), 0, 2);
+      }
+      bf16_step<MB, false>(x, p.x_row_stride, meta, vals, s + t, 64, k, a[t]);
     }
   }
-  for (int i = 0; i < MB; ++i) acc[m0 + i] = _mm512_reduce_add_ps(a[i]);
+  for (; s < full; ++s) bf16_step<MB, false>(x, p.x_row_stride, meta, vals, s, 64, k, a[0]);
+  if (64 * full < K)
+    bf16_step<MB, true>(x, p.x_row_stride, meta, vals, full, K - 64 * full, k, a[0]);
+  for (int t = 1; t < S; ++t)
+    for (int i = 0; i < MB; ++i) a[0][i] = _mm512_add_ps(a[0][i], a[t][i]);
+  for (int i = 0; i < MB; ++i) acc[m0 + i] = _mm512_reduce_add_ps(a[0][i]);
 }
 
 using Bf16Fn = void (*)(const Sparse24GemmParams&, int64_t, int64_t, float*);
@@ -203,8 +246,12 @@ BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vb
     }
     return t;
   }();
+  const char* vpf = reinterpret_cast<const char*>(vals) + kPrefetchBytes;
+  const char* mpf = reinterpret_cast<const char*>(meta) + kPrefetchBytes;
   int64_t s = 0;
   for (; 64 * (s + 1) <= K; ++s) {
+    __builtin_prefetch(vpf + 64 * s, 0, 2);
+    if ((s & 7) == 0) __builtin_prefetch(mpf + 8 * s, 0, 2);
     const uint8_t* m = meta + 8 * s;
     const uint32_t lo = uint32_t(kMask.m[m[0]]) | uint32_t(kMask.m[m[1]]) << 8 |
                         uint32_t(kMask.m[m[2]]) << 16 | uint32_t(kMask.m[m[3]]) << 24;
@@ -439,6 +486,34 @@ const char* sparse24_gemm_cpu_path_name(const Sparse24GemmParams& p) {
   if (active_cpu_isa() >= CpuIsa::kAvx2) return "direct-avx2";
 #endif
   return "direct-scalar";
+}
+
+Status sparse24_expand16_cpu(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
+                             uint16_t* w, const CpuThreadPool* pool) {
+  if (N < 0 || K < 0 || K % 8 || (N * K > 0 && (!w || !values || !meta))) {
+    return Status::kInvalidArgument;
+  }
+  if (N == 0 || K == 0) return Status::kSuccess;
+  const bool vbmi2 = have_vbmi2();
+  std::atomic<bool> bad{false};
+  parallel_for(pool, 0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1 && !bad; ++n) {
+      const uint8_t* m = meta + n * (K / 8);
+      if (!meta_rows_ok(m, K / 8)) {
+        bad = true;
+        return;
+      }
+#if defined(__x86_64__)
+      if (vbmi2) {
+        expand_row_vbmi2(values + n * (K / 2), m, K, w + n * K);
+        continue;
+      }
+#endif
+      (void)vbmi2;
+      expand_row_scalar(values + n * (K / 2), m, K, w + n * K);
+    }
+  });
+  return bad ? Status::kInvalidArgument : Status::kSuccess;
 }
 
 Status sparse24_gemm_cpu(const Sparse24GemmParams& p, const CpuThreadPool* pool) {

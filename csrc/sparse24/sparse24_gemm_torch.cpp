@@ -2,11 +2,16 @@
 // (bitpress/sparse24/sparse24_cpu.h). The CUDA kernel (MMA layout) registers its own
 // TORCH_LIBRARY_IMPL(bitpress, CUDA) in its glue file and reuses the checks of sparse24_args.h.
 //
-// Dispatch: bf16 x runs the kernel for every M (direct read stream for M <= 16, panels on the
-// shared microkernel above). fp16 / fp32 x with M > 16 (kSparse24DirectMaxRows): the weight is
-// decompressed once per call and the product taken by the dense float32 GEMM (x widened exactly;
-// the only path there that is not a read stream, as the CPU has no fp16 / fp32 sparse unit).
+// Dispatch: bf16 x runs the kernel below kSparse24DenseMinRows (direct read stream for M <= 16,
+// panels on the shared microkernel above) and the dense fallback from there on (below). fp16 / fp32
+// x with M > 16 (kSparse24DirectMaxRows): the weight is decompressed once per call and the product
+// taken by the dense float32 GEMM (x widened exactly; the only path there that is not a read
+// stream, as the CPU has no fp16 / fp32 sparse unit).
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <stdlib.h>
 
 #include <vector>
 
@@ -16,6 +21,26 @@ namespace bitpress {
 namespace {
 
 constexpr const char* kOp = "sparse24_gemm";
+
+// bf16 x from this many rows on: the weight is decompressed into the calling thread's reused bf16
+// workspace [N, K] and multiplied by the dense GEMM (oneDNN: AMX tiles or AVX-512, blocked for
+// large M; exact, as the decompressed weight holds the same bf16 values). The panel path re-reads
+// x for every 32 weight rows (x^T 4 MiB at M = 512, K = 4096: past L2), which dominates at large
+// M. BITPRESS_SPARSE24_DENSE_ROWS overrides it (read per call, so benchmarks compare both paths).
+constexpr int64_t kSparse24DenseMinRows = 256;
+
+int64_t dense_min_rows() {
+  if (const char* s = getenv("BITPRESS_SPARSE24_DENSE_ROWS")) return atoll(s);
+  return kSparse24DenseMinRows;
+}
+
+// The calling thread's workspace: grown when a call needs more, then reused (it stays warm in a
+// large last-level cache between calls, and holds no memory on threads that never take the path).
+at::Tensor& dense_workspace(int64_t numel) {
+  thread_local at::Tensor ws;
+  if (!ws.defined() || ws.numel() < numel) ws = at::empty({numel}, at::kBFloat16);
+  return ws;
+}
 
 // x [..., K]; values [N, K/2] in x.dtype; meta uint8 [N, K/8]; bias [N] or None -> [..., N].
 at::Tensor sparse24_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& values,
@@ -52,6 +77,22 @@ at::Tensor sparse24_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& values,
     return out.copy_(at::linear(x.to(at::kFloat), w.to(at::kFloat), b32));
   }
   const at::Tensor x2 = rows_contiguous(x.reshape({M, K}));
+  if (x.scalar_type() == at::kBFloat16 && M >= dense_min_rows()) {
+    at::Tensor& ws = dense_workspace(N * K);
+    const Status st =
+        sparse24_expand16_cpu(static_cast<const uint16_t*>(vc.data_ptr()), mc.data_ptr<uint8_t>(),
+                              N, K, static_cast<uint16_t*>(ws.data_ptr()), torch_thread_pool());
+    if (st == Status::kInvalidArgument) check_sparse24_meta_values(kOp, mc, N, K);
+    check_status(st, kOp);
+    const at::Tensor wt = ws.narrow(0, 0, N * K).view({N, K}).t();
+    at::Tensor out2d = out.view({M, N});
+    if (bias) {
+      at::addmm_out(out2d, bias->to(at::kBFloat16), x2, wt);
+    } else {
+      at::mm_out(out2d, x2, wt);
+    }
+    return out;
+  }
   const at::Tensor bs = bias ? bias->contiguous() : at::Tensor();
   Sparse24GemmParams p;
   p.x = x2.data_ptr();

@@ -3,12 +3,13 @@
 //
 // One path, a read stream (0.375 bytes per dense weight: 4-bit codes plus 2-bit positions): each
 // thread takes whole weight rows. bf16 x on AVX512-BF16 with group_size % 64 == 0: vdpbf16ps on
-// (128 + q) pairs (block_bf16 below). Otherwise per step the codes and positions of 16 values
-// (AVX-512: 32 dense columns, one vpermt2ps gathers their x from two registers) or 8 values (AVX2:
-// vpermps from two registers and a blend) are decoded once, dequantized in float32 ((q - z) * s,
-// the group's scale and zero broadcast; per lane when a step straddles groups) and multiplied into
-// every row of x. x is widened to float32 once per call. Large M is the caller's: the torch glue
-// dequantizes the weight once (sparse24_int4_dequantize_cpu) and calls the dense GEMM.
+// (128 + q) pairs, (q - 8) when symmetric (block_bf16 below). Otherwise per step the codes and
+// positions of 16 values (AVX-512: 32 dense columns, one vpermt2ps gathers their x from two
+// registers) or 8 values (AVX2: vpermps from two registers and a blend) are decoded once,
+// dequantized in float32 ((q - z) * s, the group's scale and zero broadcast; per lane when a step
+// straddles groups) and multiplied into every row of x. x is widened to float32 once per call.
+// Large M is the caller's: the torch glue dequantizes the weight once
+// (sparse24_int4_dequantize_cpu) and calls the dense GEMM.
 #include <string.h>
 
 #include <algorithm>
@@ -36,12 +37,30 @@ thread_local ThreadBuffer t_x;    // the calling thread: x widened to float32 [M
 thread_local ThreadBuffer t_row;  // a pool thread: one row's scales, zeros and accumulators
 
 constexpr int kRowBlock = 8;  // rows of x per register block
+// Software prefetch distance of the weight streams (one 4 KiB page ahead).
+constexpr int64_t kPrefetchBytes = 4096;
 
 // Scale and zero of every group of weight row n, as float32 (scales / zeros are [G, N]).
 void row_groups(const Sparse24Int4GemmParams& p, int64_t n, float* s, float* z) {
+  if (p.scales_dtype == DType::kBFloat16) {  // the common case, without a switch per element
+    const uint16_t* sp = static_cast<const uint16_t*>(p.scales) + n;
+    for (int64_t g = 0; g < p.G; ++g) s[g] = bf16_bits_to_float(sp[g * p.N]);
+  } else {
+    for (int64_t g = 0; g < p.G; ++g) s[g] = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
+  }
   for (int64_t g = 0; g < p.G; ++g) {
-    s[g] = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
     z[g] = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
+  }
+}
+
+void prefetch_groups(const Sparse24Int4GemmParams& p, int64_t n) {
+  const int64_t es = dtype_size(p.scales_dtype);
+  const char* sb = static_cast<const char*>(p.scales) + n * es;
+  for (int64_t g = 0; g < p.G; ++g) __builtin_prefetch(sb + g * p.N * es, 0, 2);
+  if (p.zeros) {
+    const int64_t ez = dtype_size(p.zeros_dtype);
+    const char* zb = static_cast<const char*>(p.zeros) + n * ez;
+    for (int64_t g = 0; g < p.G; ++g) __builtin_prefetch(zb + g * p.N * ez, 0, 2);
   }
 }
 
@@ -162,7 +181,9 @@ BITPRESS_TARGET_AVX2 void block_avx2(const Sparse24Int4GemmParams& p, const floa
 // (128 + q) (exact: bf16 0x4300 | q), and two vdpbf16ps per row sum x (128 + q) and x over the
 // group, exact products in float32; at the end of each group
 //   y += s (sum x (128 + q) - (128 + z) sum x).
-template <int MB>
+// kSym (zeros None, z = 8): the codes become the bf16 pairs (q - 8) (exact; a 16-entry vpermw
+// table) and one vdpbf16ps per row sums x (q - 8) over the group: y += s sum x (q - 8).
+template <int MB, bool kSym>
 BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int64_t n,
                                            const float* s, const float* z, int64_t m0, float* acc) {
   const int64_t K = p.K;
@@ -181,13 +202,36 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
   const __m512i word = _mm512_load_si512(kWord), shift = _mm512_load_si512(kShift);
   const __m512i base = _mm512_load_si512(kBase), three = _mm512_set1_epi16(3);
   const __m512i ones = _mm512_set1_epi32(0x3F803F80);  // bf16 pair (1, 1)
+  // bf16 of q - 8 for q = 0..15 (words 16..31 unused: the codes are 0..15).
+  alignas(64) static constexpr uint16_t kSymTable[32] = {
+      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000,
+      0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0,      0,      0,      0,      0,      0,
+      0,      0,      0,      0,      0,      0,      0,      0,      0,      0};
+  const __m512i sym = _mm512_load_si512(kSymTable);
   __m512 y[MB], aq[MB], ax[MB];
   for (int i = 0; i < MB; ++i) y[i] = aq[i] = ax[i] = _mm512_setzero_ps();
   const int64_t steps = (K + 63) / 64, per_group = p.group_size / 64;
+  // The first block of rows of x prefetches the row's streams 4 KiB ahead (the hardware
+  // prefetchers stop at each 4 KiB page): codes every 4 steps, metadata every 8.
+  const bool pf = m0 == 0;
+  const char* qpf = reinterpret_cast<const char*>(q) + kPrefetchBytes;
+  const char* mpf = reinterpret_cast<const char*>(meta) + kPrefetchBytes;
+  // Steps left in the current group, and the group: no division per step or group (a 64-bit
+  // division per group cost more than the group's two steps).
+  int64_t left = per_group, group = 0;
   for (int64_t st = 0; st < steps; ++st) {
+    if (pf && (st & 3) == 0) {
+      __builtin_prefetch(qpf + 16 * st, 0, 2);
+      if ((st & 7) == 0) __builtin_prefetch(mpf + 8 * st, 0, 2);
+    }
     const int64_t dense = std::min<int64_t>(64, K - 64 * st);  // 16..64, a multiple of 16
     uint64_t mw = 0;
-    memcpy(&mw, meta + 8 * st, size_t(dense / 8));
+    // A constant size for the full steps: one load, not a call to memcpy per step.
+    if (dense == 64) {
+      memcpy(&mw, meta + 8 * st, 8);
+    } else {
+      memcpy(&mw, meta + 8 * st, size_t(dense / 8));
+    }
     __m512i idx = _mm512_permutexvar_epi16(word, _mm512_set1_epi64(int64_t(mw)));
     idx = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(idx, shift), three), base);
     // Codes: byte i holds values 2i (low nibble) and 2i + 1: dword lane i becomes the pair.
@@ -197,7 +241,11 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
         _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
                         _mm512_and_si512(_mm512_slli_epi32(d, 12), _mm512_set1_epi32(0xF0000)));
     // Lanes past the row's end: x loads as zero, so their (128 + 0) pairs add nothing.
-    qp = _mm512_or_si512(qp, _mm512_set1_epi32(0x43004300));
+    if (kSym) {
+      qp = _mm512_permutexvar_epi16(qp, sym);
+    } else {
+      qp = _mm512_or_si512(qp, _mm512_set1_epi32(0x43004300));
+    }
     const __mmask32 xm0 = dense >= 32 ? ~__mmask32(0) : __mmask32((1u << dense) - 1);
     const __mmask32 xm1 = dense <= 32   ? 0
                           : dense == 64 ? ~__mmask32(0)
@@ -207,13 +255,15 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
       const __m512i xs = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(xm0, xr), idx,
                                                    _mm512_maskz_loadu_epi16(xm1, xr + 32));
       aq[i] = _mm512_dpbf16_ps(aq[i], (__m512bh)xs, (__m512bh)qp);
-      ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)ones);
+      if (!kSym) ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)ones);
     }
-    if ((st + 1) % per_group == 0 || st + 1 == steps) {
-      const int64_t g = 64 * st / p.group_size;
+    if (--left == 0 || st + 1 == steps) {
+      left = per_group;
+      const int64_t g = group++;
       const __m512 sv = _mm512_set1_ps(s[g]), szv = _mm512_set1_ps(-s[g] * (128.f + z[g]));
       for (int i = 0; i < MB; ++i) {
-        y[i] = _mm512_fmadd_ps(aq[i], sv, _mm512_fmadd_ps(ax[i], szv, y[i]));
+        y[i] = kSym ? _mm512_fmadd_ps(aq[i], sv, y[i])
+                    : _mm512_fmadd_ps(aq[i], sv, _mm512_fmadd_ps(ax[i], szv, y[i]));
         aq[i] = ax[i] = _mm512_setzero_ps();
       }
     }
@@ -227,9 +277,10 @@ using Bf16Fn = void (*)(const Sparse24Int4GemmParams&, int64_t, const float*, co
                         float*);
 
 template <int... I>
-Bf16Fn bf16_fn(int mb, std::integer_sequence<int, I...>) {
-  static constexpr Bf16Fn fns[] = {block_bf16<I + 1>...};
-  return fns[mb - 1];
+Bf16Fn bf16_fn(int mb, bool zeros, std::integer_sequence<int, I...>) {
+  static constexpr Bf16Fn fns[] = {block_bf16<I + 1, false>...};
+  static constexpr Bf16Fn sym[] = {block_bf16<I + 1, true>...};
+  return zeros ? fns[mb - 1] : sym[mb - 1];
 }
 
 template <int... I>
@@ -315,12 +366,16 @@ Status sparse24_int4_gemm_cpu(const Sparse24Int4GemmParams& p, const CpuThreadPo
         status = int(Status::kInvalidArgument);
         return;
       }
+      // scales / zeros are [G, N]: each row reads one element of G lines that serve 16 or 32
+      // rows, G strided streams the hardware prefetchers miss; fetch the lines 64 rows ahead.
+      if ((n & 15) == 0 && n + 64 < p.N) prefetch_groups(p, n + 64);
       row_groups(p, n, s, z);
 #if defined(__x86_64__)
       if (bf16) {
         for (int64_t m0 = 0; m0 < p.M; m0 += kRowBlock) {
           const int mb = int(std::min<int64_t>(kRowBlock, p.M - m0));
-          bf16_fn(mb, std::make_integer_sequence<int, kRowBlock>{})(p, n, s, z, m0, acc);
+          bf16_fn(mb, p.zeros != nullptr, std::make_integer_sequence<int, kRowBlock>{})(p, n, s, z,
+                                                                                        m0, acc);
         }
       } else if (isa >= CpuIsa::kAvx2) {
         for (int64_t m0 = 0; m0 < p.M; m0 += kRowBlock) {

@@ -24,7 +24,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ISAS = ["scalar", "avx2", "avx512", "amx"]
 # M around the direct / panel threshold (16) and the AMX blocks (16, 32); K with tails of the
 # 64-column (bf16) and 16-column (fp32) steps; N not a multiple of 16 or 32.
-SHAPES = [(1, 64, 16), (7, 136, 61), (16, 264, 33), (17, 512, 129), (33, 1024, 40), (130, 72, 7)]
+SHAPES = [
+    (1, 64, 16),
+    (3, 232, 19),
+    (7, 136, 61),
+    (16, 264, 33),
+    (17, 512, 129),
+    (33, 1024, 40),
+    (130, 72, 7),
+]
 
 
 def _isa_ok(isa):
@@ -102,6 +110,32 @@ def test_paths_agree_exactly_where_the_sums_are_exact():
                     assert torch.equal(ops.sparse24_gemm(x, values, meta), want), (isa, M)
                 finally:
                     _ext.C.set_cpu_isa(None)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 64, 16), (3, 232, 19), (5, 72, 7), (256, 136, 33)])
+def test_bf16_dense_fallback(cpu_isa, monkeypatch, M, K, N):
+    """bf16 x from BITPRESS_SPARSE24_DENSE_ROWS rows on (default 256): the weight expanded into
+    a reused workspace (vpexpandw on AVX512-VBMI2, C++ below) and the dense GEMM; with bias, and
+    bit-exact against the direct path where the sums are exact."""
+    monkeypatch.setenv("BITPRESS_SPARSE24_DENSE_ROWS", "1" if M < 256 else "256")
+    values, meta = _weight(N, K, torch.bfloat16, M + K)
+    x = torch.randn(M, K).bfloat16()
+    bias = torch.randn(N).bfloat16()
+    out = ops.sparse24_gemm(x, values, meta, bias, backend="cpu")
+    assert rel_err(out, ref64(x, values, meta, bias)) <= TOLERANCE[torch.bfloat16], cpu_isa
+    gen = torch.Generator().manual_seed(M)
+    w = layout.decompress(values, meta, torch.float32)
+    w = torch.where(w != 0, torch.randint(-8, 8, (N, K), generator=gen).float(), w)
+    vi, mi = layout.compress(w.bfloat16())
+    xi = torch.randint(-8, 8, (M, K), generator=gen).bfloat16()
+    want = (xi.double() @ w.double().t()).bfloat16()
+    assert torch.equal(ops.sparse24_gemm(xi, vi, mi, backend="cpu"), want), cpu_isa
+    bad = meta.clone()
+    bad[N // 2, 0] = 0x00  # idx0 == idx1: unordered
+    with pytest.raises(
+        RuntimeError, match=rf"{OP}: meta values .* got 0x0 at row {N // 2}, group 0"
+    ):
+        ops.sparse24_gemm(x, values, bad, backend="cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -168,12 +168,14 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 def test_bf16_paths(isa, M):
-    """bf16 x: the vdpbf16ps path on (128 + q) pairs (group_size % 64 == 0, row tails of 16, 32
-    and 48 columns) and the float32 paths, against the float64 reference."""
+    """bf16 x: the vdpbf16ps path on (128 + q) pairs, or (q - 8) pairs when symmetric
+    (group_size % 64 == 0, row tails of 16, 32 and 48 columns) and the float32 paths, against the
+    float64 reference."""
     if not _isa_ok(isa):
         pytest.skip(f"this CPU cannot run the {isa} path")
     for K, N, gs, sym in [(208, 29, 64, False), (1024, 40, 128, True), (192, 5, -1, False),
-                          (352, 17, 32, False)]:  # fmt: skip
+                          (352, 17, 32, False), (208, 29, 64, True),
+                          (176, 7, -1, True)]:  # fmt: skip
         qv, meta, scales, zeros = _weight(N, K, gs, sym, torch.bfloat16, K + M)
         x = torch.randn(M, K).bfloat16()
         _ext.C.set_cpu_isa(isa)

@@ -127,6 +127,12 @@ Status sparse24_compress_cpu(const void* w, int elem_size, int64_t N, int64_t K,
                              int64_t w_row_stride, void* values, uint8_t* meta, int64_t* bad_row,
                              int64_t* bad_group, int* bad_count, const CpuThreadPool* pool);
 
+// 16-bit values [N, K/2] + meta [N, K/8] -> dense [N, K], vectorized (vpexpandw where the CPU
+// has AVX512-VBMI2): the dense fallback of sparse24_gemm for bf16 x at large M. Unordered
+// nibbles: kInvalidArgument (rows before the bad one may be written).
+Status sparse24_expand16_cpu(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
+                             uint16_t* w, const CpuThreadPool* pool);
+
 // values [N, K/2] + meta [N, K/8] -> dense [N, K] (same element size; each value placed at its
 // column, the others +0). Unordered nibbles: kInvalidArgument (nothing defined is written).
 Status sparse24_decompress_cpu(const void* values, int elem_size, const uint8_t* meta, int64_t N,
