@@ -184,9 +184,12 @@ def test_load_peak_anonymous_memory_and_first_forward(small_checkpoint):
         f"peak RssAnon growth {r['peak_growth'] / 1e6:.0f} MB = {growth:.2f}x the checkpoint "
         f"({size / 1e6:.0f} MB), kept {r['kept'] / 1e6:.0f} MB"
     )
-    # Item 19: packed at load, the first forward is not the slow one.
+    # Item 19: packed at load, the first forward is not the slow one. A repack of this model's
+    # ~100 M weights at the first forward would cost seconds; the first forward's one-time costs
+    # (first touch of the per-thread workspaces, oneDNN's primitive for the fp16 lm_head) measured
+    # up to ~0.15 s on a loaded 2-core machine, hence the 0.25 s allowance.
     first, second, third = r["forward_s"]
-    assert first <= 3 * min(second, third) + 0.05, r["forward_s"]
+    assert first <= 3 * min(second, third) + 0.25, r["forward_s"]
 
 
 def test_no_view_of_the_files_survives_loading(small_checkpoint):
