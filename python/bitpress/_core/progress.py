@@ -2,7 +2,7 @@
 
 A bar shows its description, a bar and ``n/total`` when the total is known, the elapsed time,
 the rate (``12.3 it/s``, or ``4.1 s/it`` below one item per second), the time left at the
-average rate so far (``ETA``) and the postfix (``loss=2.31``), on stderr::
+average rate so far (``ETA``, until done) and the postfix (``loss=2.31``), on stderr::
 
     GPTQ  45%|#########           | 9/20  00:12 elapsed  ETA 00:15  1.3 s/layer
 
@@ -210,11 +210,12 @@ class Progress:
         else:
             parts.append(f"{_count(self.n)} {self.unit}")
         parts.append(f"{format_time(elapsed)} elapsed")
-        if self.total and self.n > 0 and elapsed > 0:
-            left = max(self.total - self.n, 0) * elapsed / self.n
-            parts.append(f"ETA {format_time(left)}")
-        elif self.total and self.n < self.total:
-            parts.append("ETA ?")
+        if self.total and self.n < self.total:  # done: nothing left to estimate
+            if self.n > 0 and elapsed > 0:
+                left = (self.total - self.n) * elapsed / self.n
+                parts.append(f"ETA {format_time(left)}")
+            else:
+                parts.append("ETA ?")
         parts.append(format_rate(self.n, elapsed, self.unit))
         if self.postfix:
             parts.append(", ".join(f"{k}={_postfix_value(v)}" for k, v in self.postfix.items()))

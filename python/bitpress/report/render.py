@@ -78,9 +78,8 @@ class Report:
 
     title: str
     created: str  # ISO timestamp
-    machine: dict[
-        str, str
-    ]  # e.g. {"CPU": ..., "CPU kernel path": ..., "threads": ..., "torch": ...}
+    # e.g. {"CPU": ..., "CPU kernel path": ..., "threads": ..., "torch": ...}
+    machine: dict[str, str]
     quality_model: str  # one-line description
     speed_model: str  # one-line description
     methods: list[MethodResult]
