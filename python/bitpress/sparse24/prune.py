@@ -379,5 +379,9 @@ def prune_model(
             "(transformers models) or of input tensors (any other module)"
         )
     return calibrate_layerwise(
-        model, calibration, lambda n, m: type(m) is nn.Linear and keep(n, m), compress
+        model,
+        calibration,
+        lambda n, m: type(m) is nn.Linear and keep(n, m),
+        compress,
+        desc=f"2:4 {method}",
     )
