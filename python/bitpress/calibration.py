@@ -195,7 +195,12 @@ def calibrate_layerwise(
 
         for li, layer in enumerate(progress(layers, desc=desc, unit="layer")):
             prefix = f"{layers_name}.{li}"
-            linears = find_linears(layer, prefix, filter_fn, module_types)
+            # Named from the layer list, so that a layer that is itself a Linear ("" inside the
+            # layer) is replaced in the list, not attached to itself.
+            linears = {
+                f"{li}.{n}" if n else str(li): m
+                for n, m in find_linears(layer, prefix, filter_fn, module_types).items()
+            }
             hessians, handles = hook_hessians(linears)
             try:
                 for args, kwargs in inputs:
@@ -203,7 +208,8 @@ def calibrate_layerwise(
             finally:
                 for h in handles:
                     h.remove()
-            compress(layer, linears, hessians)
+            compress(layers, linears, hessians)
+            layer = layers[li]
             for j, (args, kwargs) in enumerate(inputs):
                 out = layer(*args, **kwargs)
                 hidden = out[0] if isinstance(out, tuple | list) else out
