@@ -57,6 +57,7 @@ def distill_draft(
     weight_decay: float = 0.0,
     log: Callable[[str], None] | None = None,
     log_every: int = 50,
+    desc: str = "distill",
 ) -> list[float]:
     """Train ``draft`` (in place) on ``target``'s soft targets; returns the loss per step.
 
@@ -69,7 +70,7 @@ def distill_draft(
         next token of the data.
     log : called with a line every ``log_every`` steps and at the last one; a progress bar over
         the steps (loss as postfix) is shown on stderr as well, unless quiet
-        (:mod:`bitpress._core.progress`).
+        (:mod:`bitpress._core.progress`), labelled ``desc``.
     """
     batches = list(batches)
     if not batches:
@@ -80,7 +81,7 @@ def distill_draft(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     losses = []
-    with progress(total=steps, desc="distill", unit="step") as bar:
+    with progress(total=steps, desc=desc, unit="step") as bar:
         for step, ids in enumerate(itertools.islice(itertools.cycle(batches), steps)):
             with torch.no_grad():
                 t_logits = target(input_ids=ids).logits[:, :-1]
