@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_causal_lm import tiny_causal_lm
 
 import bitpress
 from bitpress import pipeline
@@ -16,18 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _tiny(layers=4, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_causal_lm(layers, seed)
 
 
 def _batches(n=6, seed=1):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_causal_lm import tiny_causal_lm
 
 import bitpress
 from bitpress.report import measure
@@ -13,19 +14,8 @@ from bitpress.report import measure
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+def _tiny(layers=2, seed=0):
+    return tiny_causal_lm(layers, seed)
 
 
 def _ids(n=5, t=24, seed=1):
