@@ -389,7 +389,7 @@ static_assert(4 * kPanelOctets == kSlabPairs, "a panel is one slab of x pairs");
 // A task: rows in chunks of up to 256 (fewer chunks, fewer passes over the weights: each pass of
 // a K = 14336 strip comes from L3) times 4 tiles (each panel's slab of x is read from L3 once
 // for 4 tiles; 1 -> 4 tiles: 114 -> 87 ms at 14336 x 4096, M = 512). fp32 accumulators: 256 KiB.
-constexpr int kChunkRows = 256;
+constexpr int kChunkRows = 512;
 constexpr int kTileGroup = 4;
 
 // Pairs of octets [o0, o0 + no) of tile t as bf16 pairs (128 + q): wb[(4 (o - o0) + pr) * 64 + c].
@@ -531,28 +531,67 @@ bool amx_groups_ok(const Int4GemmParams& p) {
   return true;
 }
 
-// acc[m][:] += s (ct[m][:] - (first ? z' xsum[r0 + m, g] : 0)) for rows [r0, r0 + rows).
-BITPRESS_TARGET_AVX512 void fold_amx(const Int4GemmParams& p, const Workspace& w, int64_t t,
-                                     int64_t g, bool first, const float* ct, int64_t r0, int rows,
-                                     float* acc) {
+// Pairs of octets [o0, o0 + no) of tile t (in group g) as bf16 pairs of q - z, for the AMX path:
+// wb[(4 (o - o0) + pr) * 64 + c]. q - z is an integer in [-15, 15], exact in bf16, so each tile sum
+// is the group's partial sum itself and the fold is one fmadd per 16 outputs (acc += s C_g); the
+// 128 + q pairs of the AVX512-BF16 path need a second one (- s z' xsum) and a broadcast of xsum,
+// which made the fold about half as costly as the tile products at M = 512. The pair comes from a
+// 32-entry table (vpermw): index = q + 16 - z, table[i] = bf16(i - 16).
+BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_t t, int64_t g,
+                                                 int64_t o0, int no, uint32_t* wb) {
+  alignas(64) static const uint16_t kTable[32] = {
+      0xc180, 0xc170, 0xc160, 0xc150, 0xc140, 0xc130, 0xc120, 0xc110,  // -16 .. -9
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,  // -8 .. -1
+      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,  // 0 .. 7
+      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,  // 8 .. 15
+  };
+  const __m512i table = _mm512_load_si512(kTable);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  __m512i bias[4];  // 16 - z in both 16-bit halves of each column's lane
   const int64_t sg = (t * p.G + g) * kInt4TileN;
-  __m512 s[4], z[4];
-#pragma GCC unroll 4
   for (int v = 0; v < 4; ++v) {
-    s[v] = _mm512_loadu_ps(p.scales + sg + 16 * v);
-    z[v] = _mm512_set1_ps(136.f);  // 128 + the symmetric zero point 8
+    bias[v] = _mm512_set1_epi32(0x00080008);
     if (p.zeros) {
-      const __m128i zb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v));
-      z[v] = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)), _mm512_set1_ps(128.f));
+      const __m512i z = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v)));
+      const __m512i c = _mm512_sub_epi32(_mm512_set1_epi32(16), z);
+      bias[v] = _mm512_or_si512(c, _mm512_slli_epi32(c, 16));
     }
   }
+  const int32_t* wp = p.qweight + (t * (p.Kp / 8) + o0) * kInt4TileN;
+  // Prefetch 16 octets ahead, as unpack_panel does.
+  const int32_t* end = p.qweight + ((p.N + kInt4TileN - 1) / kInt4TileN) * (p.Kp / 8) * kInt4TileN;
+  for (int o = 0; o < no; ++o) {
+    const int32_t* pf = wp + (o + kPanelOctets) * kInt4TileN;
+    if (pf < end) {
+      for (int l = 0; l < 4; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + 16 * l), _MM_HINT_T0);
+    }
+    for (int v = 0; v < 4; ++v) {
+      const __m512i words = _mm512_loadu_si512(wp + o * kInt4TileN + 16 * v);
+#pragma GCC unroll 4
+      for (int pr = 0; pr < 4; ++pr) {
+        const __m512i q = _mm512_and_si512(_mm512_srli_epi32(words, 4 * pr), nib);
+        _mm512_store_si512(wb + (4 * o + pr) * kInt4TileN + 16 * v,
+                           _mm512_permutexvar_epi16(_mm512_add_epi16(q, bias[v]), table));
+      }
+    }
+  }
+}
+
+// acc[m][:] += s ct[m][:] for rows [r0, r0 + rows) (ct: the group's sums of x (q - z)).
+BITPRESS_TARGET_AVX512 void fold_amx(const Int4GemmParams& p, int64_t t, int64_t g, const float* ct,
+                                     int rows, float* acc) {
+  const int64_t sg = (t * p.G + g) * kInt4TileN;
+  __m512 s[4];
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) s[v] = _mm512_loadu_ps(p.scales + sg + 16 * v);
   for (int m = 0; m < rows; ++m) {
-    const __m512 xs = _mm512_set1_ps(first ? w.xsum[(r0 + m) * w.ldg + g] : 0.f);
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) {
       float* op = acc + m * kInt4TileN + 16 * v;
-      const __m512 d = _mm512_fnmadd_ps(z[v], xs, _mm512_load_ps(ct + m * kInt4TileN + 16 * v));
-      _mm512_storeu_ps(op, _mm512_fmadd_ps(s[v], d, _mm512_loadu_ps(op)));
+      _mm512_storeu_ps(op, _mm512_fmadd_ps(s[v], _mm512_load_ps(ct + m * kInt4TileN + 16 * v),
+                                           _mm512_loadu_ps(op)));
     }
   }
 }
@@ -571,9 +610,8 @@ void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0,
   for (int64_t i = 0; i < (t1 - t0) * rows * kInt4TileN; ++i) acc[i] = 0.f;
   alignas(64) float ct[2][kAmxBlockRows * kInt4TileN];
   struct Pending {
-    int64_t t, g, r;
+    int64_t t, g;
     int rows;
-    bool first;
     float* acc;
   } pending{};
   bool have = false;
@@ -589,7 +627,7 @@ void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0,
       no = std::min<int64_t>(p.group_starts[g + 1], (o / kPanelOctets + 1) * kPanelOctets) - o;
       a.K = 8 * no;
       for (int64_t t = t0; t < t1; ++t) {
-        unpack_panel(p, t, o, int(no), wb);
+        unpack_panel_amx(p, t, g, o, int(no), wb);
         float* at = acc + (t - t0) * rows * kInt4TileN;
         for (int64_t r = m0; r < m1; r += kAmxBlockRows) {
           a.M = std::min<int64_t>(kAmxBlockRows, m1 - r);
@@ -602,21 +640,15 @@ void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0,
             a.accumulate = true;
             cpu::gemm_bf16_amx(a);
           }
-          if (have) {
-            fold_amx(p, w, pending.t, pending.g, pending.first, ct[buf ^ 1], pending.r,
-                     pending.rows, pending.acc);
-          }
-          pending = {t, g, r, int(a.M), o == p.group_starts[g], at + (r - m0) * kInt4TileN};
+          if (have) fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc);
+          pending = {t, g, int(a.M), at + (r - m0) * kInt4TileN};
           have = true;
           buf ^= 1;
         }
       }
     }
   }
-  if (have) {
-    fold_amx(p, w, pending.t, pending.g, pending.first, ct[buf ^ 1], pending.r, pending.rows,
-             pending.acc);
-  }
+  if (have) fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc);
 }
 #endif
 
@@ -729,8 +761,21 @@ Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
     if (!ws) return Status::kOutOfMemory;
   }
   const Workspace w = carve(p, ws, panels);
+  // The AMX path multiplies bf16 x as it is (its products need no residual, its fold no xsum):
+  // a row is copied into its slabs, 256 bytes at a time, instead of converted and summed.
+  const bool copy_rows = amx && !lo && !p.perm;
   parallel_for(pool, 0, p.M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) prepare_row(p, w, m, bf16_path);
+    for (int64_t m = m0; m < m1; ++m) {
+      if (copy_rows) {
+        const uint16_t* src = static_cast<const uint16_t*>(p.x) + m * p.x_row_stride;
+        for (int64_t i = 0; i < p.Kp / 2; i += kSlabPairs) {
+          memcpy(w.xh + w.pair(m, i), src + 2 * i,
+                 size_t(std::min<int64_t>(kSlabPairs, p.Kp / 2 - i)) * 4);
+        }
+      } else {
+        prepare_row(p, w, m, bf16_path);
+      }
+    }
   });
   if (panels && w.M > p.M) {
     // The zero rows of the last row tile (the AMX path reads them; their sums are never stored).
