@@ -9,12 +9,12 @@
 // fp32 path) and xsum is the sum of the same x values over the group. Zero points and scales
 // thus cost a few operations per group, not per weight.
 //
-// AMX (active_cpu_isa() == kAmx, bf16/fp16 x, M >= kAmxMinRows): the same panels (bf16 pairs
-// 128 + q, the VNNI pair layout) go to the AMX variant of the shared GEMM microkernel
-// (bitpress/cpu/gemm_microkernel.h) in blocks of 32 rows x 64 columns x one panel's K, into float32
-// C tiles that hold one group's partial sums; the fold above then adds them to the accumulators
-// (one fnmadd + one fmadd per output and group: 1/64 of the tdpbf16ps work at group 128). The
-// products stay exact bf16 x bf16 products with float32 sums, as on the AVX512-BF16 path.
+// AMX (active_cpu_isa() == kAmx, bf16/fp16 x, M >= kAmxMinRows): panels of bf16 pairs of q - z
+// (integers in [-15, 15], exact in bf16; the VNNI pair layout) go to the AMX variant of the shared
+// GEMM microkernel (bitpress/cpu/gemm_microkernel.h) in blocks of 32 rows x 64 columns x one
+// panel's K, into float32 C tiles that hold one group's sums C_g = sum x (q - z); the fold is then
+// y[m, n] += s[g, n] C_g[m, n] (one fmadd per 16 outputs and group, no xsum). The products stay
+// exact bf16 x bf16 products with float32 sums, as on the AVX512-BF16 path.
 //
 // At M = 1 the kernel is bound by the weight stream (4.6 bits per weight with scales and zeros);
 // the inner loop must unpack and multiply 128 weights per 64-byte line faster than memory
@@ -579,18 +579,17 @@ BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_
   }
 }
 
-// acc[m][:] += s ct[m][:] for rows [r0, r0 + rows) (ct: the group's sums of x (q - z)).
+// acc[m][c] += s[c] ct[m][c] for rows [0, rows) and columns [16 v0, 16 v1) (ct: the group's sums
+// of x (q - z)).
 BITPRESS_TARGET_AVX512 void fold_amx(const Int4GemmParams& p, int64_t t, int64_t g, const float* ct,
-                                     int rows, float* acc) {
+                                     int rows, float* acc, int v0, int v1) {
   const int64_t sg = (t * p.G + g) * kInt4TileN;
-  __m512 s[4];
+  for (int v = v0; v < v1; ++v) {
+    const __m512 s = _mm512_loadu_ps(p.scales + sg + 16 * v);
 #pragma GCC unroll 4
-  for (int v = 0; v < 4; ++v) s[v] = _mm512_loadu_ps(p.scales + sg + 16 * v);
-  for (int m = 0; m < rows; ++m) {
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {
+    for (int m = 0; m < rows; ++m) {
       float* op = acc + m * kInt4TileN + 16 * v;
-      _mm512_storeu_ps(op, _mm512_fmadd_ps(s[v], _mm512_load_ps(ct + m * kInt4TileN + 16 * v),
+      _mm512_storeu_ps(op, _mm512_fmadd_ps(s, _mm512_load_ps(ct + m * kInt4TileN + 16 * v),
                                            _mm512_loadu_ps(op)));
     }
   }
@@ -599,11 +598,14 @@ BITPRESS_TARGET_AVX512 void fold_amx(const Int4GemmParams& p, int64_t t, int64_t
 // Rows [m0, m1) (m0 a multiple of 32, m1 of 16, at most kChunkRows) of tiles [t0, t1) into
 // acc [t1 - t0][m1 - m0][64].
 //
-// The fold of a block (~750 vector uops for 32 x 64 outputs) runs after the next block's tile
-// instructions are issued: the tile unit then works through that block's 16 tdpbf16ps (~256 cycles)
-// while the cores' vector ports fold the previous one from the other half of a double buffer.
-// Folding right after each block's own tilestored serialized the two (the fold waits on the
-// stores, the next block's tiles on the fold's place in the reorder buffer).
+// The fold of a block runs after the next block's tile instructions are issued: the tile unit
+// then works through that block's tdpbf16ps while the cores' vector ports fold the previous one
+// from the other half of a double buffer. Folding right after each block's own tilestored
+// serialized the two (the fold waits on the stores, the next block's tiles on the fold's place in
+// the reorder buffer). The block is issued as two 32 x 32 calls with half of the previous block's
+// fold after each (~260 uops): a whole fold (~520 uops) behind a call's tile stores filled the
+// reorder buffer (512 entries), so the next call's tile instructions issued only once those
+// stores retired.
 void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0, int64_t t1,
                int64_t m0, int64_t m1, uint32_t* wb, float* acc) {
   const int64_t rows = m1 - m0;
@@ -621,7 +623,7 @@ void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0,
   a.b = wb;
   a.ldb = kInt4TileN;
   a.ldc = kInt4TileN;
-  a.N = kInt4TileN;
+  a.N = kInt4TileN / 2;
   for (int64_t g = 0; g < p.G; ++g) {
     for (int64_t o = p.group_starts[g], no; o < p.group_starts[g + 1]; o += no) {
       no = std::min<int64_t>(p.group_starts[g + 1], (o / kPanelOctets + 1) * kPanelOctets) - o;
@@ -631,16 +633,22 @@ void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0,
         float* at = acc + (t - t0) * rows * kInt4TileN;
         for (int64_t r = m0; r < m1; r += kAmxBlockRows) {
           a.M = std::min<int64_t>(kAmxBlockRows, m1 - r);
-          a.c = ct[buf];
-          a.a = reinterpret_cast<const uint16_t*>(w.xh + w.pair(r, 4 * o));
-          a.accumulate = false;
-          cpu::gemm_bf16_amx(a);
-          if (lo) {
-            a.a = reinterpret_cast<const uint16_t*>(w.xl + w.pair(r, 4 * o));
-            a.accumulate = true;
+          for (int h = 0; h < 2; ++h) {
+            a.c = ct[buf] + h * a.N;
+            a.b = wb + h * a.N;
+            a.a = reinterpret_cast<const uint16_t*>(w.xh + w.pair(r, 4 * o));
+            a.accumulate = false;
             cpu::gemm_bf16_amx(a);
+            if (lo) {
+              a.a = reinterpret_cast<const uint16_t*>(w.xl + w.pair(r, 4 * o));
+              a.accumulate = true;
+              cpu::gemm_bf16_amx(a);
+            }
+            if (have) {
+              fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc, 2 * h,
+                       2 * h + 2);
+            }
           }
-          if (have) fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc);
           pending = {t, g, int(a.M), at + (r - m0) * kInt4TileN};
           have = true;
           buf ^= 1;
@@ -648,7 +656,7 @@ void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0,
       }
     }
   }
-  if (have) fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc);
+  if (have) fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc, 0, 4);
 }
 #endif
 
