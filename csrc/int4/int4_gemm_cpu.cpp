@@ -373,6 +373,67 @@ BITPRESS_TARGET_AVX512BF16 void tile_bf16(const Int4GemmParams& p, const Workspa
   }
 }
 
+// M = 1: U tiles (t .. t + U - 1) at once, their octets interleaved, so that each thread keeps U
+// weight streams in flight (U pages prefetched ahead, U hardware prefetcher streams) instead of
+// one: one stream per thread read at ~75% of the read floor however far ahead it was prefetched
+// (bench/NOTES.md), i.e. latency-bound on too few misses in flight. acc [U][64]. The words are
+// loaded again for each of the 4 pairs (L1 hits) to keep U x 4 accumulators in registers.
+constexpr int kStreamTiles = 4;  // 1 -> 2 -> 4 streams measured faster each time (NOTES)
+template <int U, bool LO>
+BITPRESS_TARGET_AVX512BF16 void tiles_bf16(const Int4GemmParams& p, const Workspace& w, int64_t t,
+                                           float* acc) {
+  const int64_t K8 = p.Kp / 8;
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  const __m512i off = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
+  for (int i = 0; i < U * kInt4TileN; ++i) acc[i] = 0.f;
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m512 a[U][4];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u)
+      for (int v = 0; v < 4; ++v) a[u][v] = _mm512_setzero_ps();
+    for (int64_t o = p.group_starts[g]; o < p.group_starts[g + 1]; ++o) {
+      const int32_t* wp[U];
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        wp[u] = p.qweight + ((t + u) * K8 + o) * kInt4TileN;
+        prefetch_ahead(p, wp[u]);
+      }
+#pragma GCC unroll 4
+      for (int pr = 0; pr < 4; ++pr) {
+        const __m512i xh = _mm512_set1_epi32(int(w.xh[4 * o + pr]));
+        const __m512i xl = LO ? _mm512_set1_epi32(int(w.xl[4 * o + pr])) : xh;
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; ++v) {
+            const __m512i b = _mm512_ternarylogic_epi32(
+                _mm512_srli_epi32(_mm512_loadu_si512(wp[u] + 16 * v), 4 * pr), nib, off, 0xEA);
+            a[u][v] = _mm512_dpbf16_ps(a[u][v], (__m512bh)b, (__m512bh)xh);
+            if (LO) a[u][v] = _mm512_dpbf16_ps(a[u][v], (__m512bh)b, (__m512bh)xl);
+          }
+        }
+      }
+    }
+    const __m512 xs = _mm512_set1_ps(w.xsum[g]);
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const int64_t sg = ((t + u) * p.G + g) * kInt4TileN;
+      for (int v = 0; v < 4; ++v) {
+        const __m512 s = _mm512_loadu_ps(p.scales + sg + 16 * v);
+        __m512 z = _mm512_set1_ps(136.f);  // 128 + the symmetric zero point 8
+        if (p.zeros) {
+          const __m128i zb =
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v));
+          z = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)), _mm512_set1_ps(128.f));
+        }
+        float* op = acc + u * kInt4TileN + 16 * v;
+        _mm512_storeu_ps(op,
+                         _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, a[u][v]), _mm512_loadu_ps(op)));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // bf16 path, M >= kPanelMinRows: the unpack above costs 2 integer ops per vector of pairs, and with
 // at most 8 rows x 2 vectors of accumulators it is repeated for every block of 8 rows; the integer
@@ -853,6 +914,31 @@ Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
               store_tile(p, t, r0, int(r1 - r0), acc + (t - t0) * (r1 - r0) * kInt4TileN, convert);
           }
         }
+      }
+    });
+    return Status::kSuccess;
+  }
+#endif
+#if defined(__x86_64__)
+  if (bf16_path && p.M == 1) {
+    // Tasks of kStreamTiles tiles (tiles_bf16); the last one may have fewer.
+    constexpr int U = kStreamTiles;
+    parallel_for(pool, 0, (Nt + U - 1) / U, 1, [&](int64_t i0, int64_t i1) {
+      alignas(64) float acc[U * kInt4TileN];
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = U * i;
+        const int64_t n = std::min<int64_t>(U, Nt - t);
+        if (n == 4) {
+          (lo ? tiles_bf16<4, true> : tiles_bf16<4, false>)(p, w, t, acc);
+        } else if (n >= 2) {
+          (lo ? tiles_bf16<2, true> : tiles_bf16<2, false>)(p, w, t, acc);
+          if (n == 3) {
+            (lo ? tile_bf16<1, true> : tile_bf16<1, false>)(p, w, t + 2, 0, acc + 2 * kInt4TileN);
+          }
+        } else {
+          (lo ? tile_bf16<1, true> : tile_bf16<1, false>)(p, w, t, 0, acc);
+        }
+        for (int64_t u = 0; u < n; ++u) store_tile(p, t + u, 0, 1, acc + u * kInt4TileN, convert);
       }
     });
     return Status::kSuccess;
