@@ -607,6 +607,8 @@ BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_
       0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,  // 8 .. 15
   };
   const __m512i table = _mm512_load_si512(kTable);
+  // bf16(q - 8) at index q and q + 16.
+  const __m512i sym = _mm512_shuffle_i64x2(table, table, 0x99);  // 128-bit lanes 1, 2, 1, 2
   const __m512i nib = _mm512_set1_epi32(0x000F000F);
   __m512i bias[4];  // 16 - z in both 16-bit halves of each column's lane
   const int64_t sg = (t * p.G + g) * kInt4TileN;
@@ -630,6 +632,16 @@ BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_
     }
     for (int v = 0; v < 4; ++v) {
       const __m512i words = _mm512_loadu_si512(wp + o * kInt4TileN + 16 * v);
+      if (!p.zeros) {
+        // vpermw reads the low 5 bits of each index: the nibble and the lowest bit of the next
+        // one, which the symmetric table (q - 8, twice) ignores; no mask, no add.
+#pragma GCC unroll 4
+        for (int pr = 0; pr < 4; ++pr) {
+          _mm512_store_si512(wb + (4 * o + pr) * kInt4TileN + 16 * v,
+                             _mm512_permutexvar_epi16(_mm512_srli_epi32(words, 4 * pr), sym));
+        }
+        continue;
+      }
 #pragma GCC unroll 4
       for (int pr = 0; pr < 4; ++pr) {
         const __m512i q = _mm512_and_si512(_mm512_srli_epi32(words, 4 * pr), nib);
