@@ -436,23 +436,36 @@ def _every_other_layer(model: nn.Module):
         model.model.layers, model.config.num_hidden_layers = layers, n
 
 
-def measure_speed(s: Settings) -> dict[str, measure.Speed]:
-    """Decode / prefill of every kernel family on the Llama-3-8B-shaped model: each compressed
-    model is built once and switched between modes that share its weights (FP8 weight-only and
-    W8A8, INT4 exact and W4A8, the student's depth as a view of every other layer)."""
-    flush = measure.CacheFlusher()
+def speed_device() -> torch.device:
+    """Where the speed model runs: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def measure_speed(s: Settings, device: torch.device) -> dict[str, measure.Speed | str]:
+    """Decode / prefill of every kernel family on the Llama-3-8B-shaped model on ``device``:
+    each compressed model is built once (on the CPU, then moved: ``.to`` repacks for the
+    device) and switched between modes that share its weights (FP8 weight-only and W8A8, INT4
+    exact and W4A8, the student's depth as a view of every other layer). A variant the device
+    cannot run gets the error's first line instead of a Speed."""
+    flush = measure.CacheFlusher(device=device)
     int4 = bitpress.Int4Config(group_size=GROUP, sym=True)
     out = {}
     with progress(total=10, desc="speed", unit="model") as bar:
 
         def time_it(key, model):
-            out[key] = measure.speed(model, s.prompt_len, s.decode_tokens, s.repeats, flush, 256)
+            try:
+                out[key] = measure.speed(
+                    model.to(device), s.prompt_len, s.decode_tokens, s.repeats, flush, 256
+                )
+            except (RuntimeError, ValueError, NotImplementedError) as e:
+                out[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             bar.update(1, model=key)
 
         base = speed_model(s.speed_layers, s.speed_shape)
         time_it("bf16", base)
         with _every_other_layer(base) as half:
             time_it("student", half)
+        base = base.cpu()
         time_it("fp32", copy.deepcopy(base).float())
         gc.collect()
         m = bitpress.quantize_(copy.deepcopy(base), bitpress.Fp8Config(activations=None))
@@ -467,7 +480,7 @@ def measure_speed(s: Settings) -> dict[str, measure.Speed]:
         gc.collect()
         m = bitpress.sparsify_(base, bitpress.Sparse24Config(method="magnitude"))
         time_it("sparse24", m)
-        time_it("sparse24-int4", bitpress.quantize_(m, int4))
+        time_it("sparse24-int4", bitpress.quantize_(m.cpu(), int4))
     return out
 
 
@@ -542,7 +555,8 @@ def run(s: Settings = FULL, cache: str = CACHE, log=print) -> render.Report:
     timings["compress and evaluate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    speed = measure_speed(s)
+    device = speed_device()
+    speed = measure_speed(s, device)
     timings["speed"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     spec = measure_speculative(model, student, held, s)
@@ -550,9 +564,15 @@ def run(s: Settings = FULL, cache: str = CACHE, log=print) -> render.Report:
 
     fp32_bytes, fp32_ppl = rows[0][1], rows[0][2].perplexity
     base = speed["bf16"]
+    if not isinstance(base, measure.Speed):
+        raise RuntimeError(f"the bf16 speed model failed on {device}: {base}")
+    failed = {}
     results = []
     for m, nbytes, q in rows:
         sp = speed[m.speed]
+        if not isinstance(sp, measure.Speed):
+            failed[m.speed] = sp
+            sp = measure.Speed(float("nan"), float("nan"))
         results.append(
             render.MethodResult(
                 method=m.name,
@@ -562,10 +582,10 @@ def run(s: Settings = FULL, cache: str = CACHE, log=print) -> render.Report:
                 perplexity=q.perplexity,
                 retention=fp32_ppl / q.perplexity,
                 agreement=1.0 if q.agreement is None else q.agreement,
-                decode_ms=sp.decode_ms,
-                prefill_ms=sp.prefill_ms,
-                decode_speedup=base.decode_ms / sp.decode_ms,
-                prefill_speedup=base.prefill_ms / sp.prefill_ms,
+                decode_ms=_or_none(sp.decode_ms),
+                prefill_ms=_or_none(sp.prefill_ms),
+                decode_speedup=_or_none(base.decode_ms / sp.decode_ms),
+                prefill_speedup=_or_none(base.prefill_ms / sp.prefill_ms),
                 note=m.note,
             )
         )
@@ -592,8 +612,13 @@ def run(s: Settings = FULL, cache: str = CACHE, log=print) -> render.Report:
         methods=results,
         speculative=spec,
         timings=timings,
-        notes=_notes(s),
+        notes=_notes(s, device)
+        + [f"speed of {k} not measured on {device}: {v}" for k, v in failed.items()],
     )
+
+
+def _or_none(x: float) -> float | None:
+    return None if x != x else x  # NaN: not measured
 
 
 def _shape_name(shape) -> str:
@@ -602,8 +627,10 @@ def _shape_name(shape) -> str:
     return "Llama-3-8B layer shapes scaled down (not a measurement of Llama-3-8B speed)"
 
 
-def _notes(s: Settings) -> list[str]:
+def _notes(s: Settings, device: torch.device) -> list[str]:
     return [
+        f"speed device: {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "weight bytes: the model's state_dict as saved (compressed Linear layers with their "
         "scales and metadata; embeddings, norms and the output head in the model's dtype); "
         "every row but fp32 is stored and evaluated in bf16.",

@@ -69,11 +69,17 @@ def last_level_cache_bytes() -> int:
 
 
 class CacheFlusher:
-    """Evicts the caches: reads and writes a buffer of twice the last-level cache."""
+    """Evicts the caches of ``device``: reads and writes a buffer of twice the last-level cache
+    (the CPU's from sysfs; a GPU's L2)."""
 
-    def __init__(self, nbytes: int | None = None) -> None:
-        n = nbytes if nbytes is not None else 2 * last_level_cache_bytes()
-        self.buffer = torch.zeros(max(n // 4, 1), dtype=torch.float32)
+    def __init__(self, nbytes: int | None = None, device: torch.device | str = "cpu") -> None:
+        device = torch.device(device)
+        if nbytes is None:
+            if device.type == "cuda":
+                nbytes = 2 * torch.cuda.get_device_properties(device).L2_cache_size
+            else:
+                nbytes = 2 * last_level_cache_bytes()
+        self.buffer = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
         self.buffer.add_(1.0)
@@ -94,26 +100,33 @@ def speed(
     flush: CacheFlusher,
     vocab: int,
 ) -> Speed:
-    """Decode and prefill time of a causal LM on this device, batch 1.
+    """Decode and prefill time of a causal LM on its device, batch 1.
 
     Prefill: the forward pass over a random prompt of ``prompt_len`` tokens that fills the KV
     cache (best of ``repeats``). Decode: one-token steps with the cache (greedy), median over
     ``repeats`` x ``decode_tokens`` steps. The caches are flushed before every timed call."""
+    device = model.get_input_embeddings().weight.device
+    # A GPU runs asynchronously: wait for it before reading the clock, on both sides.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)
     model(input_ids=prompt[:, :8], use_cache=True)  # warm-up: first-use costs (repacks, tables)
     prefill, decode = [], []
     for _ in range(repeats):
         flush()
+        sync()
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
+        sync()
         prefill.append(time.perf_counter() - t0)
         past = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(decode_tokens):
             flush()
+            sync()
             t0 = time.perf_counter()
             out = model(input_ids=token, past_key_values=past, use_cache=True)
+            sync()
             decode.append(time.perf_counter() - t0)
             past = out.past_key_values
             token = out.logits[:, -1:].argmax(-1)
