@@ -441,11 +441,16 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   // Columns computed: xᵀ's used columns rounded up to the microkernel's 16, not ldx (whose extra
   // 16 columns only shift the rows of xp in the L1 sets).
   const int64_t ncols = (M * T + 15) / 16 * 16, chunk = col_chunk(T);
+  // K per panel: the panels of a task walk K in PK-long pieces (a multiple of 128, the scale
+  // block), so that NT does not shrink with K: each task streams all of xᵀ once, and N / NT
+  // tasks stream it N / NT times (for K = 14336 and whole-K panels, NT = 32: 128 x 15 MiB of xᵀ
+  // per call at M = 512).
+  const int64_t PK = std::min(Kp, std::max<int64_t>(128, o.panel_k / 128 * 128));
+  const int64_t n_pk = std::max<int64_t>(1, (Kp + PK - 1) / std::max<int64_t>(PK, 1));
   int64_t NT =
-      std::max<int64_t>(16, std::min<int64_t>(max_nt, (1 << 20) / (2 * (Kp + 32)) / 16 * 16));
+      std::max<int64_t>(16, std::min<int64_t>(max_nt, (1 << 20) / (2 * (PK + 32)) / 16 * 16));
   while (NT > 16 && (N + NT - 1) / NT < 8) NT /= 2;
   const int64_t n_tiles = (N + NT - 1) / NT;
-  const int64_t Kb = (K + kFp8ScaleBlock - 1) / kFp8ScaleBlock;
   Status status = Status::kSuccess;
 #if defined(__x86_64__)
   if (o.strip && o.kernel == cpu::GemmKernel::kAmx &&
@@ -480,11 +485,14 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
 #endif
 
   parallel_for(pool, 0, n_tiles, 1, [&](int64_t tb, int64_t te) {
-    // Panel rows one cache line longer than Kp: rows Kp = 4096 apart (8 KiB) would all fall in the
-    // same L1 sets, and the microkernel reads 16-32 of them at once (a tile).
-    const int64_t lda = Kp + 32;
+    // Panel rows one cache line longer than PK: rows 4096 apart (8 KiB) would all fall in the same
+    // L1 sets, and the microkernel reads 16-32 of them at once (a tile).
+    const int64_t lda = PK + 32;
+    // One C block per column chunk when K spans several panels (they accumulate across the
+    // panels), else one reused block.
+    const int64_t c_blocks = n_pk > 1 ? (ncols + chunk - 1) / chunk : 1;
     uint16_t* panel = static_cast<uint16_t*>(t_panel.get(size_t(NT * lda) * 2 + 64));
-    float* c = static_cast<float*>(t_c.get(size_t(NT * kCStride) * 4 + 64));
+    float* c = static_cast<float*>(t_c.get(size_t(c_blocks * NT * kCStride) * 4 + 64));
     float* cb = block ? static_cast<float*>(t_cb.get(size_t(NT * kCStride) * 4 + 64)) : nullptr;
     if (!panel || !c || (block && !cb)) {
       status = Status::kOutOfMemory;
@@ -492,70 +500,81 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
     }
     for (int64_t tile = tb; tile < te; ++tile) {
       const int64_t n0 = tile * NT, nt = std::min(NT, N - n0);
-      for (int64_t r = 0; r < nt; ++r) {
-        uint16_t* dst = panel + r * lda;
-        decode_bf16(e.w + (n0 + r) * e.ldw, dst, K, o.decode);
-        memset(dst + K, 0, size_t(Kp - K) * 2);
-      }
-      for (int64_t c0 = 0; c0 < ncols; c0 += chunk) {
-        const int64_t cc = std::min(chunk, ncols - c0);
-        cpu::GemmBf16Args g;
-        g.a = panel;
-        g.lda = lda;
-        g.ldb = ldx;
-        g.ldc = kCStride;
-        g.M = nt;
-        g.N = cc;
-        if (!block) {
-          // K in chunks: each call's A block (32 rows x kKChunk) and B block (kKChunk x 32
-          // columns) stay in L1 across the microkernel's loops; C accumulates in L1 / L2.
-          if (Kp == 0) {
-            for (int64_t r = 0; r < nt; ++r) memset(c + r * kCStride, 0, size_t(cc) * 4);
-          }
-          for (int64_t k0 = 0; k0 < Kp; k0 += kKChunk) {
-            g.a = panel + k0;
-            g.b = e.xp + (k0 / 2) * ldx + c0;
-            g.c = c;
-            g.K = std::min(kKChunk, Kp - k0);
-            g.accumulate = k0 > 0;
-            const Status st = cpu::gemm_bf16(o.kernel, g);
-            if (st != Status::kSuccess) {
-              status = st;
-              return;
+      for (int64_t pk = 0; pk < n_pk; ++pk) {
+        // The panel: rows n0 .. n0 + nt, K from ka, kn long (a multiple of 32; zero past K).
+        const int64_t ka = pk * PK, kn = std::min(PK, Kp - ka);
+        const int64_t valid = std::max<int64_t>(0, std::min(kn, K - ka));
+        for (int64_t r = 0; r < nt; ++r) {
+          uint16_t* dst = panel + r * lda;
+          decode_bf16(e.w + (n0 + r) * e.ldw + ka, dst, valid, o.decode);
+          memset(dst + valid, 0, size_t(kn - valid) * 2);
+        }
+        const bool last = pk == n_pk - 1;
+        for (int64_t c0 = 0, ci = 0; c0 < ncols; c0 += chunk, ++ci) {
+          const int64_t cc = std::min(chunk, ncols - c0);
+          float* cblk = c + (c_blocks > 1 ? ci * NT * kCStride : 0);
+          cpu::GemmBf16Args g;
+          g.a = panel;
+          g.lda = lda;
+          g.ldb = ldx;
+          g.ldc = kCStride;
+          g.M = nt;
+          g.N = cc;
+          if (!block) {
+            // K in chunks: each call's A block (32 rows x kKChunk) and B block (kKChunk x 32
+            // columns) stay in L1 across the microkernel's loops; C accumulates in L1 / L2.
+            if (Kp == 0) {
+              for (int64_t r = 0; r < nt; ++r) memset(cblk + r * kCStride, 0, size_t(cc) * 4);
             }
-          }
-        } else {
-          for (int64_t r = 0; r < nt; ++r) memset(c + r * kCStride, 0, size_t(cc) * 4);
-          for (int64_t kb = 0; kb < Kb; ++kb) {
-            const int64_t k0 = kb * kFp8ScaleBlock;
-            g.a = panel + k0;
-            g.b = e.xp + (k0 / 2) * ldx + c0;
-            g.c = cb;
-            g.K = std::min(kFp8ScaleBlock, Kp - k0);
-            g.accumulate = false;
-            const Status st = cpu::gemm_bf16(o.kernel, g);
-            if (st != Status::kSuccess) {
-              status = st;
-              return;
+            for (int64_t k0 = 0; k0 < kn; k0 += kKChunk) {
+              g.a = panel + k0;
+              g.b = e.xp + ((ka + k0) / 2) * ldx + c0;
+              g.c = cblk;
+              g.K = std::min(kKChunk, kn - k0);
+              g.accumulate = ka + k0 > 0;
+              const Status st = cpu::gemm_bf16(o.kernel, g);
+              if (st != Status::kSuccess) {
+                status = st;
+                return;
+              }
             }
-            // yᵀ += s_w(n, kb) s_x(m, kb) * (this block's float32 sum), in float32.
-            for (int64_t r = 0; r < nt; ++r) {
-              const float sw =
-                  e.w_scale.data[((n0 + r) / kFp8ScaleBlock) * e.w_scale.row_stride + kb];
-              float* cr = c + r * kCStride;
-              const float* br = cb + r * kCStride;
-              if (!e.x_scale.data) {
-                for (int64_t j = 0; j < cc; ++j) cr[j] += sw * br[j];
-              } else {
-                for (int64_t j = 0; j < cc; ++j) {
-                  const int64_t m = std::min((c0 + j) / T, M - 1);  // padding columns hold 0
-                  cr[j] += sw * e.x_scale.data[m * e.x_scale.row_stride + kb] * br[j];
+          } else {
+            if (pk == 0) {
+              for (int64_t r = 0; r < nt; ++r) memset(cblk + r * kCStride, 0, size_t(cc) * 4);
+            }
+            for (int64_t k0 = 0; k0 < kn; k0 += kFp8ScaleBlock) {
+              const int64_t kb = (ka + k0) / kFp8ScaleBlock;  // PK is a multiple of the block
+              g.a = panel + k0;
+              g.b = e.xp + ((ka + k0) / 2) * ldx + c0;
+              g.c = cb;
+              g.K = std::min(kFp8ScaleBlock, kn - k0);
+              g.accumulate = false;
+              const Status st = cpu::gemm_bf16(o.kernel, g);
+              if (st != Status::kSuccess) {
+                status = st;
+                return;
+              }
+              // yᵀ += s_w(n, kb) s_x(m, kb) * (this block's float32 sum), in float32.
+              for (int64_t r = 0; r < nt; ++r) {
+                const float sw =
+                    e.w_scale.data[((n0 + r) / kFp8ScaleBlock) * e.w_scale.row_stride + kb];
+                float* cr = cblk + r * kCStride;
+                const float* br = cb + r * kCStride;
+                if (!e.x_scale.data) {
+                  for (int64_t j = 0; j < cc; ++j) cr[j] += sw * br[j];
+                } else {
+                  for (int64_t j = 0; j < cc; ++j) {
+                    const int64_t m = std::min((c0 + j) / T, M - 1);  // padding columns hold 0
+                    cr[j] += sw * e.x_scale.data[m * e.x_scale.row_stride + kb] * br[j];
+                  }
                 }
               }
             }
           }
+          if (last) {
+            epilogue(e, cblk, n0, nt, c0, cc, block, o.decode != Fp8CpuOptions::Decode::kTable);
+          }
         }
-        epilogue(e, c, n0, nt, c0, cc, block, o.decode != Fp8CpuOptions::Decode::kTable);
       }
     }
   });

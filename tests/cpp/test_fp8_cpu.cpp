@@ -198,6 +198,10 @@ std::vector<Fp8CpuOptions> engine_options() {
         o.strip = false;
         all.push_back(o);
       }
+      // K walked in panels of 256 (K = 300, 520, 1000: two to four, the last one ragged).
+      o.strip = false;
+      o.panel_k = 256;
+      all.push_back(o);
     }
   }
   return all;
@@ -222,11 +226,11 @@ const char* opt_name(const Fp8CpuOptions& o, char* buf) {
     snprintf(buf, 64, "dot-%s", cpu_isa_name(o.dot_isa));
   } else {
     const int d = int(o.decode);
-    snprintf(buf, 64, "%s%s%s", cpu::gemm_kernel_name(o.kernel),
+    snprintf(buf, 64, "%s%s%s%s", cpu::gemm_kernel_name(o.kernel),
              d == 0   ? ""
              : d == 1 ? "+avx512dec"
                       : "+vbmidec",
-             o.strip ? "" : "-nostrip");
+             o.strip ? "" : "-nostrip", o.panel_k == 4096 ? "" : "-pk256");
   }
   return buf;
 }

@@ -89,6 +89,9 @@ struct Fp8CpuOptions {
   // the strip kernel (one pass over K per 64 or 32 weight rows, C in the tile registers) instead
   // of the panel engine.
   bool strip = true;
+  // K per decoded panel of the panel engine (rounded down to a multiple of 128, at least 128):
+  // a longer K is walked in pieces, the float32 C blocks accumulating across them.
+  int64_t panel_k = 4096;
 };
 // The options fp8_gemm_cpu / fp8_weight_gemm_cpu use on this CPU now (active_cpu_isa()).
 Fp8CpuOptions fp8_cpu_default_options();
