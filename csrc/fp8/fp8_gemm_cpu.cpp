@@ -432,12 +432,18 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   const int64_t M = e.M, N = e.N, K = e.K, Kp = e.Kp, T = e.terms, ldx = e.ldx;
   if (M == 0 || N == 0) return Status::kSuccess;
   const bool block = e.w_scale.layout == Fp8ScaleLayout::kBlock;
-  // Rows of W per task: the decoded panel [NT, Kp] bf16 stays within ~1 MiB (L2). Each task
+  // Rows of W per task: the decoded panel [NT, PK] bf16 stays within ~1 MiB (L2). Each task
   // streams all of xᵀ (Kp/2 x ldx pairs) once: with many columns (large M) that stream, N / NT
-  // times per call, costs more than the panel, so NT grows to 128 there; at least 8 tasks where
-  // N allows, so that the pool has work to balance.
-  // (192 columns: from M = 256 on, 128 rows measured faster, 1.05x at M = 256.)
-  const int64_t max_nt = ldx > 192 ? 128 : 64;
+  // times per call, costs more than the panel, so NT grows to 128 from 192 columns on (1.05x at
+  // M = 256), and with AMX the panel may take 2 MiB (it spills L2 in part, but xᵀ is streamed
+  // half as often: at M = 512, 4096 x 14336, CPU time on one AMX core, 240 rows measured 1.06x
+  // faster than 128 in two runs, 192 as fast as 240; neutral on the AVX512-BF16 and AVX2 paths,
+  // not taken there: Zen 5 has 1 MiB of L2 per core). At least 8 tasks where N allows, so that
+  // the pool has work to balance.
+  const bool wide = ldx > 192;
+  const bool amx = o.kernel == cpu::GemmKernel::kAmx;
+  const int64_t max_nt = wide ? (amx ? 256 : 128) : 64;
+  const int64_t panel_bytes = wide && amx ? 2 << 20 : 1 << 20;
   // Columns computed: xᵀ's used columns rounded up to the microkernel's 16, not ldx (whose extra
   // 16 columns only shift the rows of xp in the L1 sets).
   const int64_t ncols = (M * T + 15) / 16 * 16, chunk = col_chunk(T);
@@ -448,7 +454,7 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   const int64_t PK = std::min(Kp, std::max<int64_t>(128, o.panel_k / 128 * 128));
   const int64_t n_pk = std::max<int64_t>(1, (Kp + PK - 1) / std::max<int64_t>(PK, 1));
   int64_t NT =
-      std::max<int64_t>(16, std::min<int64_t>(max_nt, (1 << 20) / (2 * (PK + 32)) / 16 * 16));
+      std::max<int64_t>(16, std::min<int64_t>(max_nt, panel_bytes / (2 * (PK + 32)) / 16 * 16));
   while (NT > 16 && (N + NT - 1) / NT < 8) NT /= 2;
   const int64_t n_tiles = (N + NT - 1) / NT;
   Status status = Status::kSuccess;
