@@ -33,8 +33,8 @@ thread_local ThreadBuffer t_xs;     // xᵀ in the strip kernel's K order
 // terms (those of a row stay in one chunk): 512, or 384 for 3 terms. With kKChunk, a call's B
 // block is 128 pair rows x 512 columns (256 KiB, L2) and its float32 C block NT x 512 (up to
 // 256 KiB, row stride kCStride). At M = 512 on one AMX core (4096 x 14336, cold, CPU time of the
-// call) 512 columns measured 1.10x faster than 192 and 1.05x faster than 256 (more columns per
-// A tile load from the panel), and 1024 slower (the C block leaves L2).
+// call) 512 columns measured ~1.07x faster than 192 and ~1.04x faster than 256 (fewer calls,
+// more columns per A tile loaded from the panel), 384 and 1024 slower.
 constexpr int64_t kCStride = 512;
 inline int64_t col_chunk(int64_t terms) { return terms == 3 ? 384 : 512; }
 // K per microkernel call (a multiple of 32, the AMX k-step; and of 128, the scale block); 128 and
@@ -458,7 +458,7 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   const int64_t n_pk = std::max<int64_t>(1, (Kp + PK - 1) / std::max<int64_t>(PK, 1));
   int64_t NT =
       std::max<int64_t>(16, std::min<int64_t>(max_nt, panel_bytes / (2 * (PK + 32)) / 16 * 16));
-  while (NT > 16 && (N + NT - 1) / NT < 8) NT /= 2;
+  while (NT > 16 && (N + NT - 1) / NT < 8) NT = std::max<int64_t>(16, NT / 2 / 16 * 16);
   const int64_t n_tiles = (N + NT - 1) / NT;
   Status status = Status::kSuccess;
 #if defined(__x86_64__)
