@@ -304,9 +304,9 @@ void epilogue(const EngineArgs& e, const float* c, int64_t n0, int64_t nt, int64
              "avx2,fma,f16c")))
 
 // ------------------------------------------------------------------------------------------
-// The strip kernel: AMX with few columns (xᵀ of at most 32 columns: M * terms <= 32)
+// The strip kernel: AMX with few columns (xᵀ of at most 64 columns: M * terms <= 64)
 // ------------------------------------------------------------------------------------------
-// There the panel engine is bound by its round trips through L2, not by the products: per 32
+// At 16 columns the panel engine is bound by its round trips through L2, not the products: per 32
 // weight rows x 32 of K it writes the decoded panel (2 KiB), then tile-loads it back (2 KiB) and
 // a B tile (1 KiB) for 2 tdpbf16ps (32 cycles): ~100 B per cycle, above what L2 serves, and the
 // weight stream from memory stops while a panel is multiplied. The strip kernel instead walks K
@@ -327,6 +327,11 @@ void epilogue(const EngineArgs& e, const float* c, int64_t n0, int64_t nt, int64
 // 4 s + j % 4 (strip_xp below). The products are those of the engine, summed in another order.
 constexpr int64_t kStripRows = 32;
 constexpr int kStripPrefetchLines = 4;
+// Columns of xᵀ up to which the strip kernel runs, in passes of 32 columns over each strip (the
+// later passes read the strip's codes from L2). CPU time on one AMX core, 4096 x 14336, against
+// the panel engine: M = 48 12.5 vs 16.2 ms, M = 64 14.2 vs 16.6, M = 96 20.3 vs 21.1 (noise), M =
+// 128 31.1 vs 26.2 (there the panel engine's A tiles serve more columns per load).
+constexpr int64_t kStripMaxColumns = 64;
 
 // The permuted xᵀ [Kp64/2, ldx] from the engine's natural xᵀ [Kp/2, ldx] (pair rows past Kp/2
 // zero).
@@ -370,11 +375,13 @@ BITPRESS_TARGET_AMX_VBMI inline void strip_dp(int t, const uint16_t* a) {
   }
 }
 
-// One strip: rows n0 .. n0 + nt (nt <= 32) of W, all of K -> c [32, kCStride] float32 (the engine's
-// C block: columns 0 .. 16 NC). buf: 2 K steps x 32 rows x 64 bytes, 64-byte aligned.
+// One pass over a strip: rows n0 .. n0 + nt (nt <= 32) of W, all of K, xp's columns 0 .. 16 NC ->
+// c [32, kCStride] float32 (the engine's C block), columns 0 .. 16 NC. buf: 2 K steps x 32 rows x
+// 64 bytes, 64-byte aligned. prefetch: the codes come from memory (the first pass), not L2.
 template <int NC>
 BITPRESS_TARGET_AMX_VBMI void strip_run(const EngineArgs& e, const uint32_t* xp, int64_t Kp64,
-                                        int64_t n0, int64_t nt, uint16_t* buf, float* c) {
+                                        int64_t n0, int64_t nt, uint16_t* buf, float* c,
+                                        bool prefetch) {
   constexpr int RT = 2, R = kStripRows;
   StripTileConfig cfg;
   for (int t = 0; t < 8; ++t) {
@@ -399,7 +406,9 @@ BITPRESS_TARGET_AMX_VBMI void strip_run(const EngineArgs& e, const uint32_t* xp,
       __m512i v = _mm512_setzero_si512();
       if (r < nt) {
         const uint8_t* src = w + r * ldw + k0;
-        _mm_prefetch(reinterpret_cast<const char*>(src) + 64 * kStripPrefetchLines, _MM_HINT_T0);
+        if (prefetch) {
+          _mm_prefetch(reinterpret_cast<const char*>(src) + 64 * kStripPrefetchLines, _MM_HINT_T0);
+        }
         v = _mm512_maskz_loadu_epi8(mask, src);
       }
       const __m512i l = _mm512_permutex2var_epi8(lo0, v, lo1);
@@ -463,7 +472,7 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   Status status = Status::kSuccess;
 #if defined(__x86_64__)
   if (o.strip && o.kernel == cpu::GemmKernel::kAmx &&
-      o.decode == Fp8CpuOptions::Decode::kAvx512Vbmi && !block && ldx <= 32) {
+      o.decode == Fp8CpuOptions::Decode::kAvx512Vbmi && !block && ldx <= kStripMaxColumns) {
     const int64_t Kp64 = (K + 63) / 64 * 64;
     uint32_t* xs = static_cast<uint32_t*>(t_xs.get(size_t(Kp64 / 2 * ldx) * 4 + 64));
     if (!xs) return Status::kOutOfMemory;
@@ -479,10 +488,12 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
       }
       for (int64_t strip = tb; strip < te; ++strip) {
         const int64_t n0 = strip * R, nt = std::min(R, N - n0);
-        if (ldx <= 16) {
-          strip_run<1>(e, xs, Kp64, n0, nt, buf, c);
-        } else {
-          strip_run<2>(e, xs, Kp64, n0, nt, buf, c);
+        for (int64_t cp = 0; cp < ldx; cp += 32) {
+          if (ldx - cp <= 16) {
+            strip_run<1>(e, xs + cp, Kp64, n0, nt, buf, c + cp, cp == 0);
+          } else {
+            strip_run<2>(e, xs + cp, Kp64, n0, nt, buf, c + cp, cp == 0);
+          }
         }
         epilogue(e, c, n0, nt, 0, ldx, false, true);
       }

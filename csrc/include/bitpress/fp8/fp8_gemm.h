@@ -85,8 +85,8 @@ struct Fp8CpuOptions {
   // float32 through F16C; AVX-512 or AVX2) instead of the microkernel; 0: never.
   int64_t dot_max_rows = 0;
   CpuIsa dot_isa = CpuIsa::kScalar;  // the dot-product path's ISA (kScalar, kAvx2, kAvx512)
-  // With kAmx, kAvx512Vbmi decode, and at most 32 columns of xᵀ (M * terms), tensor / row scales:
-  // the strip kernel (one pass over K per 64 or 32 weight rows, C in the tile registers) instead
+  // With kAmx, kAvx512Vbmi decode, and at most 64 columns of xᵀ (M * terms), tensor / row scales:
+  // the strip kernel (32 weight rows walk K once per 32 columns, C in the tile registers) instead
   // of the panel engine.
   bool strip = true;
   // K per decoded panel of the panel engine (rounded down to a multiple of 128, at least 128):
