@@ -35,8 +35,12 @@ $(VENV)/.installed: $(VENV)/.deps
 build: $(VENV)/.installed
 	$(PY) setup.py --quiet build_ext --inplace
 
+# The demo runs on this machine's device: without a GPU (nvidia-smi lists none) it builds the CPU
+# kernels only, unless BITPRESS_CUDA says otherwise (`make test` builds the CUDA kernels too).
+HAVE_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
+demo: export BITPRESS_CUDA ?= $(if $(HAVE_GPU),,0)
 demo: build
-	$(PY) -m bitpress demo
+	$(PY) -m bitpress demo $(DEMO_ARGS)
 
 # The torch-free kernel library with CMake: the library, its install and package config, and the
 # C++ tests (ctest), including a separate project that links it with find_package(bitpress).

@@ -9,12 +9,12 @@
 // fp32 path) and xsum is the sum of the same x values over the group. Zero points and scales
 // thus cost a few operations per group, not per weight.
 //
-// AMX (active_cpu_isa() == kAmx, bf16/fp16 x, M >= kAmxMinRows): the same panels (bf16 pairs
-// 128 + q, the VNNI pair layout) go to the AMX variant of the shared GEMM microkernel
-// (bitpress/cpu/gemm_microkernel.h) in blocks of 32 rows x 64 columns x one panel's K, into float32
-// C tiles that hold one group's partial sums; the fold above then adds them to the accumulators
-// (one fnmadd + one fmadd per output and group: 1/64 of the tdpbf16ps work at group 128). The
-// products stay exact bf16 x bf16 products with float32 sums, as on the AVX512-BF16 path.
+// AMX (active_cpu_isa() == kAmx, bf16/fp16 x, M >= kAmxMinRows): panels of bf16 pairs of q - z
+// (integers in [-15, 15], exact in bf16; the VNNI pair layout) go to the AMX variant of the shared
+// GEMM microkernel (bitpress/cpu/gemm_microkernel.h) in blocks of 32 rows x 64 columns x one
+// panel's K, into float32 C tiles that hold one group's sums C_g = sum x (q - z); the fold is then
+// y[m, n] += s[g, n] C_g[m, n] (one fmadd per 16 outputs and group, no xsum). The products stay
+// exact bf16 x bf16 products with float32 sums, as on the AVX512-BF16 path.
 //
 // At M = 1 the kernel is bound by the weight stream (4.6 bits per weight with scales and zeros);
 // the inner loop must unpack and multiply 128 weights per 64-byte line faster than memory
@@ -373,6 +373,67 @@ BITPRESS_TARGET_AVX512BF16 void tile_bf16(const Int4GemmParams& p, const Workspa
   }
 }
 
+// M = 1: U tiles (t .. t + U - 1) at once, their octets interleaved, so that each thread keeps U
+// weight streams in flight (U pages prefetched ahead, U hardware prefetcher streams) instead of
+// one: one stream per thread read at ~75% of the read floor however far ahead it was prefetched
+// (bench/NOTES.md), i.e. latency-bound on too few misses in flight. acc [U][64]. The words are
+// loaded again for each of the 4 pairs (L1 hits) to keep U x 4 accumulators in registers.
+constexpr int kStreamTiles = 4;  // 1 -> 2 -> 4 streams measured faster each time (NOTES)
+template <int U, bool LO>
+BITPRESS_TARGET_AVX512BF16 void tiles_bf16(const Int4GemmParams& p, const Workspace& w, int64_t t,
+                                           float* acc) {
+  const int64_t K8 = p.Kp / 8;
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  const __m512i off = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
+  for (int i = 0; i < U * kInt4TileN; ++i) acc[i] = 0.f;
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m512 a[U][4];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u)
+      for (int v = 0; v < 4; ++v) a[u][v] = _mm512_setzero_ps();
+    for (int64_t o = p.group_starts[g]; o < p.group_starts[g + 1]; ++o) {
+      const int32_t* wp[U];
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        wp[u] = p.qweight + ((t + u) * K8 + o) * kInt4TileN;
+        prefetch_ahead(p, wp[u]);
+      }
+#pragma GCC unroll 4
+      for (int pr = 0; pr < 4; ++pr) {
+        const __m512i xh = _mm512_set1_epi32(int(w.xh[4 * o + pr]));
+        const __m512i xl = LO ? _mm512_set1_epi32(int(w.xl[4 * o + pr])) : xh;
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; ++v) {
+            const __m512i b = _mm512_ternarylogic_epi32(
+                _mm512_srli_epi32(_mm512_loadu_si512(wp[u] + 16 * v), 4 * pr), nib, off, 0xEA);
+            a[u][v] = _mm512_dpbf16_ps(a[u][v], (__m512bh)b, (__m512bh)xh);
+            if (LO) a[u][v] = _mm512_dpbf16_ps(a[u][v], (__m512bh)b, (__m512bh)xl);
+          }
+        }
+      }
+    }
+    const __m512 xs = _mm512_set1_ps(w.xsum[g]);
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const int64_t sg = ((t + u) * p.G + g) * kInt4TileN;
+      for (int v = 0; v < 4; ++v) {
+        const __m512 s = _mm512_loadu_ps(p.scales + sg + 16 * v);
+        __m512 z = _mm512_set1_ps(136.f);  // 128 + the symmetric zero point 8
+        if (p.zeros) {
+          const __m128i zb =
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v));
+          z = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)), _mm512_set1_ps(128.f));
+        }
+        float* op = acc + u * kInt4TileN + 16 * v;
+        _mm512_storeu_ps(op,
+                         _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, a[u][v]), _mm512_loadu_ps(op)));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // bf16 path, M >= kPanelMinRows: the unpack above costs 2 integer ops per vector of pairs, and with
 // at most 8 rows x 2 vectors of accumulators it is repeated for every block of 8 rows; the integer
@@ -390,6 +451,10 @@ static_assert(4 * kPanelOctets == kSlabPairs, "a panel is one slab of x pairs");
 // a K = 14336 strip comes from L3) times 4 tiles (each panel's slab of x is read from L3 once
 // for 4 tiles; 1 -> 4 tiles: 114 -> 87 ms at 14336 x 4096, M = 512). fp32 accumulators: 256 KiB.
 constexpr int kChunkRows = 256;
+// The AMX path's row chunks: its accumulators (4 tiles x 512 rows x 64 float32, 512 KiB) stay in
+// L2, and at M = 512 each panel is unpacked once instead of twice (1 thread, M = 512: 512 rows
+// measured 1-5% faster than 256 and 6-10% faster than 128 at 14336 x 4096).
+constexpr int kAmxChunkRows = 512;
 constexpr int kTileGroup = 4;
 
 // Pairs of octets [o0, o0 + no) of tile t as bf16 pairs (128 + q): wb[(4 (o - o0) + pr) * 64 + c].
@@ -531,49 +596,101 @@ bool amx_groups_ok(const Int4GemmParams& p) {
   return true;
 }
 
-// acc[m][:] += s (ct[m][:] - (first ? z' xsum[r0 + m, g] : 0)) for rows [r0, r0 + rows).
-BITPRESS_TARGET_AVX512 void fold_amx(const Int4GemmParams& p, const Workspace& w, int64_t t,
-                                     int64_t g, bool first, const float* ct, int64_t r0, int rows,
-                                     float* acc) {
+// Pairs of octets [o0, o0 + no) of tile t (in group g) as bf16 pairs of q - z, for the AMX path:
+// wb[(4 (o - o0) + pr) * 64 + c]. q - z is an integer in [-15, 15], exact in bf16, so each tile sum
+// is the group's partial sum itself and the fold is one fmadd per 16 outputs (acc += s C_g); the
+// 128 + q pairs of the AVX512-BF16 path need a second one (- s z' xsum) and a broadcast of xsum,
+// which made the fold about half as costly as the tile products at M = 512. The pair comes from a
+// 32-entry table (vpermw): index = q + 16 - z, table[i] = bf16(i - 16).
+BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_t t, int64_t g,
+                                                 int64_t o0, int no, uint32_t* wb) {
+  alignas(64) static const uint16_t kTable[32] = {
+      0xc180, 0xc170, 0xc160, 0xc150, 0xc140, 0xc130, 0xc120, 0xc110,  // -16 .. -9
+      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,  // -8 .. -1
+      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,  // 0 .. 7
+      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,  // 8 .. 15
+  };
+  const __m512i table = _mm512_load_si512(kTable);
+  // bf16(q - 8) at index q and q + 16.
+  const __m512i sym = _mm512_shuffle_i64x2(table, table, 0x99);  // 128-bit lanes 1, 2, 1, 2
+  const __m512i nib = _mm512_set1_epi32(0x000F000F);
+  __m512i bias[4];  // 16 - z in both 16-bit halves of each column's lane
   const int64_t sg = (t * p.G + g) * kInt4TileN;
-  __m512 s[4], z[4];
-#pragma GCC unroll 4
   for (int v = 0; v < 4; ++v) {
-    s[v] = _mm512_loadu_ps(p.scales + sg + 16 * v);
-    z[v] = _mm512_set1_ps(136.f);  // 128 + the symmetric zero point 8
+    bias[v] = _mm512_set1_epi32(0x00080008);
     if (p.zeros) {
-      const __m128i zb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v));
-      z[v] = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zb)), _mm512_set1_ps(128.f));
+      const __m512i z = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v)));
+      const __m512i c = _mm512_sub_epi32(_mm512_set1_epi32(16), z);
+      bias[v] = _mm512_or_si512(c, _mm512_slli_epi32(c, 16));
     }
   }
-  for (int m = 0; m < rows; ++m) {
-    const __m512 xs = _mm512_set1_ps(first ? w.xsum[(r0 + m) * w.ldg + g] : 0.f);
-#pragma GCC unroll 4
+  const int32_t* wp = p.qweight + (t * (p.Kp / 8) + o0) * kInt4TileN;
+  // Prefetch 16 octets ahead, as unpack_panel does.
+  const int32_t* end = p.qweight + ((p.N + kInt4TileN - 1) / kInt4TileN) * (p.Kp / 8) * kInt4TileN;
+  for (int o = 0; o < no; ++o) {
+    const int32_t* pf = wp + (o + kPanelOctets) * kInt4TileN;
+    if (pf < end) {
+      for (int l = 0; l < 4; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + 16 * l), _MM_HINT_T0);
+    }
     for (int v = 0; v < 4; ++v) {
-      float* op = acc + m * kInt4TileN + 16 * v;
-      const __m512 d = _mm512_fnmadd_ps(z[v], xs, _mm512_load_ps(ct + m * kInt4TileN + 16 * v));
-      _mm512_storeu_ps(op, _mm512_fmadd_ps(s[v], d, _mm512_loadu_ps(op)));
+      const __m512i words = _mm512_loadu_si512(wp + o * kInt4TileN + 16 * v);
+      if (!p.zeros) {
+        // vpermw reads the low 5 bits of each index: the nibble and the lowest bit of the next
+        // one, which the symmetric table (q - 8, twice) ignores; no mask, no add.
+#pragma GCC unroll 4
+        for (int pr = 0; pr < 4; ++pr) {
+          _mm512_store_si512(wb + (4 * o + pr) * kInt4TileN + 16 * v,
+                             _mm512_permutexvar_epi16(_mm512_srli_epi32(words, 4 * pr), sym));
+        }
+        continue;
+      }
+#pragma GCC unroll 4
+      for (int pr = 0; pr < 4; ++pr) {
+        const __m512i q = _mm512_and_si512(_mm512_srli_epi32(words, 4 * pr), nib);
+        _mm512_store_si512(wb + (4 * o + pr) * kInt4TileN + 16 * v,
+                           _mm512_permutexvar_epi16(_mm512_add_epi16(q, bias[v]), table));
+      }
     }
   }
 }
 
-// Rows [m0, m1) (m0 a multiple of 32, m1 of 16, at most kChunkRows) of tiles [t0, t1) into
+// acc[m][c] += s[c] ct[m][c] for rows [0, rows) and columns [16 v0, 16 v1) (ct: the group's sums
+// of x (q - z)).
+BITPRESS_TARGET_AVX512 void fold_amx(const Int4GemmParams& p, int64_t t, int64_t g, const float* ct,
+                                     int rows, float* acc, int v0, int v1) {
+  const int64_t sg = (t * p.G + g) * kInt4TileN;
+  for (int v = v0; v < v1; ++v) {
+    const __m512 s = _mm512_loadu_ps(p.scales + sg + 16 * v);
+#pragma GCC unroll 4
+    for (int m = 0; m < rows; ++m) {
+      float* op = acc + m * kInt4TileN + 16 * v;
+      _mm512_storeu_ps(op, _mm512_fmadd_ps(s, _mm512_load_ps(ct + m * kInt4TileN + 16 * v),
+                                           _mm512_loadu_ps(op)));
+    }
+  }
+}
+
+// Rows [m0, m1) (m0 a multiple of 32, m1 of 16, at most kAmxChunkRows) of tiles [t0, t1) into
 // acc [t1 - t0][m1 - m0][64].
 //
-// The fold of a block (~750 vector uops for 32 x 64 outputs) runs after the next block's tile
-// instructions are issued: the tile unit then works through that block's 16 tdpbf16ps (~256 cycles)
-// while the cores' vector ports fold the previous one from the other half of a double buffer.
-// Folding right after each block's own tilestored serialized the two (the fold waits on the
-// stores, the next block's tiles on the fold's place in the reorder buffer).
+// The fold of a block runs after the next block's tile instructions are issued: the tile unit
+// then works through that block's tdpbf16ps while the cores' vector ports fold the previous one
+// from the other half of a double buffer. Folding right after each block's own tilestored
+// serialized the two (the fold waits on the stores, the next block's tiles on the fold's place in
+// the reorder buffer). The block is issued as two 32 x 32 calls with half of the previous block's
+// fold after each (~260 uops): a whole fold (~520 uops) behind a call's tile stores filled the
+// reorder buffer (512 entries), so the next call's tile instructions issued only once those
+// stores retired.
 void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0, int64_t t1,
                int64_t m0, int64_t m1, uint32_t* wb, float* acc) {
   const int64_t rows = m1 - m0;
   for (int64_t i = 0; i < (t1 - t0) * rows * kInt4TileN; ++i) acc[i] = 0.f;
   alignas(64) float ct[2][kAmxBlockRows * kInt4TileN];
   struct Pending {
-    int64_t t, g, r;
+    int64_t t, g;
     int rows;
-    bool first;
     float* acc;
   } pending{};
   bool have = false;
@@ -583,40 +700,40 @@ void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0,
   a.b = wb;
   a.ldb = kInt4TileN;
   a.ldc = kInt4TileN;
-  a.N = kInt4TileN;
+  a.N = kInt4TileN / 2;
   for (int64_t g = 0; g < p.G; ++g) {
     for (int64_t o = p.group_starts[g], no; o < p.group_starts[g + 1]; o += no) {
       no = std::min<int64_t>(p.group_starts[g + 1], (o / kPanelOctets + 1) * kPanelOctets) - o;
       a.K = 8 * no;
       for (int64_t t = t0; t < t1; ++t) {
-        unpack_panel(p, t, o, int(no), wb);
+        unpack_panel_amx(p, t, g, o, int(no), wb);
         float* at = acc + (t - t0) * rows * kInt4TileN;
         for (int64_t r = m0; r < m1; r += kAmxBlockRows) {
           a.M = std::min<int64_t>(kAmxBlockRows, m1 - r);
-          a.c = ct[buf];
-          a.a = reinterpret_cast<const uint16_t*>(w.xh + w.pair(r, 4 * o));
-          a.accumulate = false;
-          cpu::gemm_bf16_amx(a);
-          if (lo) {
-            a.a = reinterpret_cast<const uint16_t*>(w.xl + w.pair(r, 4 * o));
-            a.accumulate = true;
+          for (int h = 0; h < 2; ++h) {
+            a.c = ct[buf] + h * a.N;
+            a.b = wb + h * a.N;
+            a.a = reinterpret_cast<const uint16_t*>(w.xh + w.pair(r, 4 * o));
+            a.accumulate = false;
             cpu::gemm_bf16_amx(a);
+            if (lo) {
+              a.a = reinterpret_cast<const uint16_t*>(w.xl + w.pair(r, 4 * o));
+              a.accumulate = true;
+              cpu::gemm_bf16_amx(a);
+            }
+            if (have) {
+              fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc, 2 * h,
+                       2 * h + 2);
+            }
           }
-          if (have) {
-            fold_amx(p, w, pending.t, pending.g, pending.first, ct[buf ^ 1], pending.r,
-                     pending.rows, pending.acc);
-          }
-          pending = {t, g, r, int(a.M), o == p.group_starts[g], at + (r - m0) * kInt4TileN};
+          pending = {t, g, int(a.M), at + (r - m0) * kInt4TileN};
           have = true;
           buf ^= 1;
         }
       }
     }
   }
-  if (have) {
-    fold_amx(p, w, pending.t, pending.g, pending.first, ct[buf ^ 1], pending.r, pending.rows,
-             pending.acc);
-  }
+  if (have) fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc, 0, 4);
 }
 #endif
 
@@ -729,8 +846,21 @@ Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
     if (!ws) return Status::kOutOfMemory;
   }
   const Workspace w = carve(p, ws, panels);
+  // The AMX path multiplies bf16 x as it is (its products need no residual, its fold no xsum):
+  // a row is copied into its slabs, 256 bytes at a time, instead of converted and summed.
+  const bool copy_rows = amx && !lo && !p.perm;
   parallel_for(pool, 0, p.M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) prepare_row(p, w, m, bf16_path);
+    for (int64_t m = m0; m < m1; ++m) {
+      if (copy_rows) {
+        const uint16_t* src = static_cast<const uint16_t*>(p.x) + m * p.x_row_stride;
+        for (int64_t i = 0; i < p.Kp / 2; i += kSlabPairs) {
+          memcpy(w.xh + w.pair(m, i), src + 2 * i,
+                 size_t(std::min<int64_t>(kSlabPairs, p.Kp / 2 - i)) * 4);
+        }
+      } else {
+        prepare_row(p, w, m, bf16_path);
+      }
+    }
   });
   if (panels && w.M > p.M) {
     // The zero rows of the last row tile (the AMX path reads them; their sums are never stored).
@@ -747,9 +877,9 @@ Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
   const cpu::ConvertFn convert = cpu::converter(p.out_dtype, isa);
 #if defined(__x86_64__)
   if (amx) {
-    // Tasks: (4 tiles) x (chunks of whole 32-row blocks, at most kChunkRows rows).
+    // Tasks: (4 tiles) x (chunks of whole 32-row blocks, at most kAmxChunkRows rows).
     const int64_t Mp = w.M, blocks = (Mp + kAmxBlockRows - 1) / kAmxBlockRows;
-    const int64_t chunks = (Mp + kChunkRows - 1) / kChunkRows;
+    const int64_t chunks = (Mp + kAmxChunkRows - 1) / kAmxChunkRows;
     const int64_t groups = (Nt + kTileGroup - 1) / kTileGroup;
     bool oom = false;
     parallel_for(pool, 0, groups * chunks, 1, [&](int64_t i0, int64_t i1) {
@@ -757,7 +887,7 @@ Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
       cpu::gemm_amx_thread_begin();
       alignas(64) uint32_t wb[4 * kPanelOctets * kInt4TileN];
       float* acc = static_cast<float*>(
-          t_acc.get(size_t(kTileGroup) * kChunkRows * kInt4TileN * sizeof(float)));
+          t_acc.get(size_t(kTileGroup) * kAmxChunkRows * kInt4TileN * sizeof(float)));
       if (!acc) {
         oom = true;
         return;
@@ -800,6 +930,31 @@ Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool) {
               store_tile(p, t, r0, int(r1 - r0), acc + (t - t0) * (r1 - r0) * kInt4TileN, convert);
           }
         }
+      }
+    });
+    return Status::kSuccess;
+  }
+#endif
+#if defined(__x86_64__)
+  if (bf16_path && p.M == 1) {
+    // Tasks of kStreamTiles tiles (tiles_bf16); the last one may have fewer.
+    constexpr int U = kStreamTiles;
+    parallel_for(pool, 0, (Nt + U - 1) / U, 1, [&](int64_t i0, int64_t i1) {
+      alignas(64) float acc[U * kInt4TileN];
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = U * i;
+        const int64_t n = std::min<int64_t>(U, Nt - t);
+        if (n == 4) {
+          (lo ? tiles_bf16<4, true> : tiles_bf16<4, false>)(p, w, t, acc);
+        } else if (n >= 2) {
+          (lo ? tiles_bf16<2, true> : tiles_bf16<2, false>)(p, w, t, acc);
+          if (n == 3) {
+            (lo ? tile_bf16<1, true> : tile_bf16<1, false>)(p, w, t + 2, 0, acc + 2 * kInt4TileN);
+          }
+        } else {
+          (lo ? tile_bf16<1, true> : tile_bf16<1, false>)(p, w, t, 0, acc);
+        }
+        for (int64_t u = 0; u < n; ++u) store_tile(p, t + u, 0, 1, acc + u * kInt4TileN, convert);
       }
     });
     return Status::kSuccess;

@@ -13,9 +13,11 @@ module):
 3. ops (``<feature>.ops``; :mod:`bitpress.ops` re-exports every op): the public function, its
    argument check, fake, backends and registry entry;
 4. modules and quantizers (``Int4Linear``, RTN, GPTQ, ``Int4Config``);
-5. checkpoints (:mod:`bitpress.checkpoint`, with each feature's format) and
-   :func:`bitpress.quantize_`;
-6. the CLI (``python -m bitpress``: info, selftest, demo).
+5. checkpoints (:mod:`bitpress.checkpoint`, with each feature's format),
+   :func:`bitpress.quantize_`, and :func:`bitpress.compress` (:mod:`bitpress.pipeline`: distill,
+   prune, recover, quantize);
+6. the CLI (``python -m bitpress``: info, selftest, demo: the compression report,
+   :mod:`bitpress.report`).
 
 The backend choice is documented in :mod:`bitpress.backends`.
 """
@@ -34,6 +36,7 @@ from bitpress.backends import available_backends, set_backend, use_backend
 from bitpress.checkpoint import from_pretrained, save_pretrained
 from bitpress.fp8 import Fp8Config, Fp8Linear
 from bitpress.int4 import Int4Config, Int4Linear
+from bitpress.pipeline import DistillConfig, RecoverConfig, compress
 from bitpress.quantize import quantize_, sparsify_
 from bitpress.sparse24 import Sparse24Config, Sparse24Int4Linear, Sparse24Linear
 from bitpress.speculative.generator import generate
@@ -41,15 +44,18 @@ from bitpress.speculative.generator import generate
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistillConfig",
     "Fp8Config",
     "Fp8Linear",
     "Int4Config",
     "Int4Linear",
+    "RecoverConfig",
     "Sparse24Config",
     "Sparse24Int4Linear",
     "Sparse24Linear",
     "__version__",
     "available_backends",
+    "compress",
     "from_pretrained",
     "generate",
     "ops",

@@ -6,7 +6,6 @@ import argparse
 import codecs
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -14,51 +13,12 @@ import torch
 import bitpress
 from bitpress import demo as demo_mod
 from bitpress import selftest
-from bitpress._core import backends, registry
-from bitpress._core import ext as _ext
 from bitpress.speculative import generator as spec_generator
+from bitpress.sysinfo import info_lines
 
 
 def info() -> int:
-
-    lines = [
-        ("bitpress", bitpress.__version__),
-        ("python", platform.python_version()),
-        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
-    ]
-    try:
-        import triton
-
-        lines.append(("triton", triton.__version__))
-    except ImportError:
-        lines.append(("triton", "not installed"))
-    lines += [
-        ("CPU", platform.processor() or platform.machine()),
-        ("CPU features", _ext.C.cpu_features() or "(none detected)"),
-        ("CPU kernel path", f"{_ext.C.cpu_isa()} (best: {_ext.C.best_cpu_isa()})"),
-        (
-            "int4_gemm CPU path",
-            f"{_ext.C.int4_cpu_path(None)} (fused kernel or decode + dense GEMM, measured per "
-            "M bucket at first use; BITPRESS_INT4_CPU_PATH=auto|fused|dense)",
-        ),
-        ("threads", str(torch.get_num_threads())),
-        ("CUDA kernels", ", ".join(_ext.cuda_archs()) if _ext.with_cuda() else "not compiled"),
-        ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
-        ("backends", ", ".join(backends.available_backends())),
-        ("forced backend", backends.forced_backend() or "none (best per device)"),
-    ]
-    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
-    for name, spec in registry.ops().items():
-        per_device = []
-        for dev in devices:
-            order = backends.default_order(dev)
-            ranked = sorted(
-                backends.implementations(name),
-                key=lambda b: order.index(b) if b in order else len(order),
-            )
-            usable = [b for b in ranked if not backends.refusal(name, b, dev)]
-            per_device.append(f"{dev}: {' > '.join(usable) or 'none'}")
-        lines.append((f"op {name}", f"[{spec.feature}] " + "; ".join(per_device)))
+    lines = info_lines()
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")
@@ -181,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, CPU features, CUDA archs, available backends")
     sub.add_parser("selftest", help="every op on every available backend against the reference")
-    demo = sub.add_parser("demo", help="INT4 quantization of a small Llama model, end to end")
-    demo.add_argument("--steps", type=int, default=300, help="training steps of the demo model")
+    demo = sub.add_parser(
+        "demo", help="the compression report: every method's size, quality and speed, measured here"
+    )
+    demo.add_argument("--fast", action="store_true", help="a smaller report in under 2 minutes")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--out", default=demo_mod.OUT, help="report folder (default build/report)")
+    demo.add_argument("--cache", default=demo_mod.CACHE, help="trained models (default build/demo)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps of the model")
     gen = sub.add_parser("generate", help="speculative generation with a transformers model")
     gen.add_argument("--model", required=True, help="transformers or bitpress/GPTQ model dir")
     gen.add_argument(
@@ -205,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         return info()
     if args.cmd == "demo":
-        return demo_mod.main(args.steps)
+        return demo_mod.main(args.steps, args.fast, args.quiet, args.out, args.cache)
     return selftest.main()
 
 

@@ -3,7 +3,8 @@ SparseGPT in :mod:`bitpress.sparse24.prune`): the inputs each Linear layer sees,
 the Hessian of the layer-wise loss, collected layer by layer over a transformers model or in one
 pass over any other module.
 
-Only torch: the compressor is passed in as a callback ``compress(root, linears, hessians)`` that
+Only torch (and the core's progress bar: one bar over the decoder layers per call, labelled by
+the caller): the compressor is passed in as a callback ``compress(root, linears, hessians)`` that
 replaces the Linear layers ``linears`` (name relative to ``root`` -> module) given their
 :class:`HessianAccumulator` s.
 """
@@ -16,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from bitpress._core.progress import progress
 
 Compress = Callable[[nn.Module, dict[str, nn.Linear], dict[str, "HessianAccumulator"]], None]
 
@@ -137,6 +140,7 @@ def calibrate_layerwise(
     filter_fn: Callable[[str, nn.Module], bool],
     compress: Compress,
     module_types: tuple[type, ...] = (nn.Linear,),
+    desc: str = "calibrate",
 ) -> nn.Module:
     """Collect the Hessians of the Linear layers of ``model`` that ``filter_fn`` accepts and let
     ``compress`` replace them, in place.
@@ -148,7 +152,8 @@ def calibrate_layerwise(
     compressed and replaced, and the layer is run again, now compressed, to produce the next
     layer's inputs, so every layer compensates the error of the layers before it. Without such a
     list, every Linear is hooked, one calibration pass records all Hessians at once, and all are
-    compressed. ``module_types``: the classes collected (default ``nn.Linear``).
+    compressed. ``module_types``: the classes collected (default ``nn.Linear``). ``desc``: the
+    label of the progress bar over the decoder layers (:mod:`bitpress._core.progress`).
     """
     if not calibration:
         raise ValueError(
@@ -188,9 +193,14 @@ def calibrate_layerwise(
         finally:
             handle.remove()
 
-        for li, layer in enumerate(layers):
+        for li, layer in enumerate(progress(layers, desc=desc, unit="layer")):
             prefix = f"{layers_name}.{li}"
-            linears = find_linears(layer, prefix, filter_fn, module_types)
+            # Named from the layer list, so that a layer that is itself a Linear ("" inside the
+            # layer) is replaced in the list, not attached to itself.
+            linears = {
+                f"{li}.{n}" if n else str(li): m
+                for n, m in find_linears(layer, prefix, filter_fn, module_types).items()
+            }
             hessians, handles = hook_hessians(linears)
             try:
                 for args, kwargs in inputs:
@@ -198,7 +208,8 @@ def calibrate_layerwise(
             finally:
                 for h in handles:
                     h.remove()
-            compress(layer, linears, hessians)
+            compress(layers, linears, hessians)
+            layer = layers[li]
             for j, (args, kwargs) in enumerate(inputs):
                 out = layer(*args, **kwargs)
                 hidden = out[0] if isinstance(out, tuple | list) else out

@@ -137,3 +137,20 @@ def test_amx_after_onednn():
         out = _run("amx", x, p)
         torch.nn.functional.linear(torch.randn(M, K, dtype=torch.bfloat16), w)
         assert rel_err(out, ref64(x, p)) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "amx"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("N", [64, 130, 190, 250, 300, 449])
+@pytest.mark.parametrize("sym", [True, False])
+def test_m1_tiles_in_streams(isa, dtype, N, sym):
+    # M = 1 reads kStreamTiles (4) tiles of 64 columns at once: 1, 3, 4, 5, 8 tiles (the last
+    # partial) cover the whole groups and each remainder.
+    if not _isa_ok(isa):
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    p = int4_layout.pack(make_quantized(256, N, 64, sym, False))
+    x = torch.randn(1, 256).to(dtype)
+    out = _run(isa, x, p)
+    assert out.shape == (1, N)
+    err = rel_err(out, ref64(x, p))
+    assert err <= TOLERANCE[dtype], (isa, err)

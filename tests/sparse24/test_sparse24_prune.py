@@ -55,6 +55,17 @@ def test_mask_24_ties_go_to_the_lower_positions():
     assert m.tolist() == [[True, True, False, False] * 2] * 2
 
 
+def test_mask_24_is_a_stable_descending_sort_with_ties():
+    # Few distinct values: many ties inside groups, -inf and +inf included.
+    s = torch.randint(0, 3, (37, 64), generator=torch.Generator().manual_seed(1)).float()
+    s[0, :4] = torch.tensor([float("-inf")] * 4)
+    s[1, :4] = torch.tensor([1.0, float("inf"), float("-inf"), float("inf")])
+    g = s.reshape(37, 16, 4)
+    order = torch.argsort(g, dim=-1, descending=True, stable=True)[..., :2]
+    expect = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True)
+    assert torch.equal(mask_24(s), expect.reshape(37, 64))
+
+
 def test_check_24_names_tensor_row_and_group():
     w = magnitude_prune(torch.randn(5, 16))
     check_24(w, "layers.0.q_proj.weight")

@@ -284,4 +284,5 @@ def gptq_quantize_model(
         calibration,
         filter_fn,
         lambda root, linears, hessians: _quantize_linears(root, linears, hessians, qkw),
+        desc="GPTQ",
     )

@@ -170,4 +170,5 @@ def _quantize_sparse24(model: nn.Module, chosen: dict, config: Int4Config) -> No
         lambda n, m: id(m) in ids,
         compress,
         module_types=(Sparse24Linear,),
+        desc="GPTQ 2:4",
     )

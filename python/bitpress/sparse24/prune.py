@@ -69,10 +69,18 @@ def mask_24(scores: torch.Tensor) -> torch.Tensor:
     along the last dimension; ties go to the lower position (a stable sort)."""
     N, K = scores.shape
     g = scores.float().reshape(N, K // 4, 4)
-    order = torch.argsort(g, dim=-1, descending=True, stable=True)
-    mask = torch.zeros_like(g, dtype=torch.bool)
-    mask.scatter_(-1, order[..., :2], True)
-    return mask.reshape(N, K)
+    # rank_i = #{j : s_j > s_i, or s_j == s_i and j < i}: the position in a stable descending
+    # sort; keep rank < 2. Twelve comparisons of [N, K/4] slices cost about half of an argsort
+    # over groups of 4 on a Llama-sized layer.
+    cols = g.unbind(-1)
+    rank = []
+    for i, si in enumerate(cols):
+        r = torch.zeros_like(si, dtype=torch.uint8)
+        for j, sj in enumerate(cols):
+            if j != i:
+                r += (sj >= si) if j < i else (sj > si)
+        rank.append(r)
+    return (torch.stack(rank, -1) < 2).reshape(N, K)
 
 
 def find_24_violation(weight: torch.Tensor) -> tuple[int, int] | None:
@@ -371,5 +379,9 @@ def prune_model(
             "(transformers models) or of input tensors (any other module)"
         )
     return calibrate_layerwise(
-        model, calibration, lambda n, m: type(m) is nn.Linear and keep(n, m), compress
+        model,
+        calibration,
+        lambda n, m: type(m) is nn.Linear and keep(n, m),
+        compress,
+        desc=f"2:4 {method}",
     )

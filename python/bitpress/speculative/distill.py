@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitpress._core.progress import progress
+
 
 def distill_loss(
     draft_logits: torch.Tensor,
@@ -55,6 +57,7 @@ def distill_draft(
     weight_decay: float = 0.0,
     log: Callable[[str], None] | None = None,
     log_every: int = 50,
+    desc: str = "distill",
 ) -> list[float]:
     """Train ``draft`` (in place) on ``target``'s soft targets; returns the loss per step.
 
@@ -65,6 +68,9 @@ def distill_draft(
     temperature : T of the soft targets (the KL term is scaled by T^2).
     alpha : weight of the soft term; ``1 - alpha`` weights the hard-label cross-entropy on the
         next token of the data.
+    log : called with a line every ``log_every`` steps and at the last one; a progress bar over
+        the steps (loss as postfix) is shown on stderr as well, unless quiet
+        (:mod:`bitpress._core.progress`), labelled ``desc``.
     """
     batches = list(batches)
     if not batches:
@@ -75,17 +81,20 @@ def distill_draft(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     losses = []
-    for step, ids in enumerate(itertools.islice(itertools.cycle(batches), steps)):
-        with torch.no_grad():
-            t_logits = target(input_ids=ids).logits[:, :-1]
-        d_logits = draft(input_ids=ids).logits[:, :-1]
-        loss = distill_loss(d_logits, t_logits, ids[:, 1:], temperature, alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log is not None and (step % log_every == 0 or step == steps - 1):
-            log(f"  distill step {step:4d}  loss {losses[-1]:.4f}")
+    with progress(total=steps, desc=desc, unit="step") as bar:
+        for step, ids in enumerate(itertools.islice(itertools.cycle(batches), steps)):
+            with torch.no_grad():
+                t_logits = target(input_ids=ids).logits[:, :-1]
+            d_logits = draft(input_ids=ids).logits[:, :-1]
+            loss = distill_loss(d_logits, t_logits, ids[:, 1:], temperature, alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(loss=losses[-1])
+            if log is not None and (step % log_every == 0 or step == steps - 1):
+                bar.clear()  # on a terminal, the log line must not land inside the bar
+                log(f"  distill step {step:4d}  loss {losses[-1]:.4f}")
     draft.eval()
     return losses
