@@ -618,9 +618,10 @@ Fp8CpuOptions fp8_cpu_default_options() {
                                      : CpuIsa::kScalar;
   // The float32 dot-product path wins over the microkernel where the microkernel's 16-column
   // step is mostly padding and no AMX does the products (AMX takes M = 1..16 at one price). At
-  // M = 1 it wins with AMX too: one pass that decodes and multiplies as the weight streams in,
-  // where the engine reads a panel, then computes with the memory idle (4096 x 14336, cold,
-  // 2 threads, loaded machine: 1.3x F.linear bf16 against 1.0x).
+  // M = 1 it won with AMX too against the panel engine (1.3x F.linear bf16 against 1.0x); the
+  // strip kernel, which also decodes and multiplies as the weight streams in, measured the same
+  // at M = 1 (CPU time on one core, 4096 x 14336: 5.9-6.1 vs 6.1-6.3 ms) and 1.7x faster than
+  // the dot path at M = 4, so with AMX the dot path keeps M = 1 only.
   o.dot_max_rows = o.kernel == cpu::GemmKernel::kAmx ? 1 : 4;
   return o;
 }
