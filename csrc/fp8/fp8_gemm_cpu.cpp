@@ -24,16 +24,21 @@ namespace fp8_cpu {
 namespace {
 
 thread_local ThreadBuffer t_panel;  // a task's decoded weight rows [NT, Kp] bf16
-thread_local ThreadBuffer t_c;      // its float32 yᵀ block [NT, kColChunk]
+thread_local ThreadBuffer t_c;      // its float32 yᵀ block [NT, kCStride]
 thread_local ThreadBuffer t_cb;     // one 128-long K block's product (block scales)
 thread_local ThreadBuffer t_xp;     // the caller's xᵀ pairs (fp8_gemm)
+thread_local ThreadBuffer t_xs;     // xᵀ in the strip kernel's K order
 
-// Columns of xᵀ per microkernel call: a multiple of 16 (the microkernel's column step) and of 1,
-// 2, 3 (the terms of a row stay in one chunk). With kKChunk, a call's B block is 128 pair rows x
-// 192 columns (96 KiB, L2) and its float32 C block NT x 192 (up to 96 KiB); at M = 512 on one
-// AMX core 192 beat 96 (fewer calls, A reused over more columns) and 384.
-constexpr int64_t kColChunk = 192;
-// K per microkernel call (a multiple of 32, the AMX k-step; and of 128, the scale block).
+// Columns of xᵀ per microkernel call: a multiple of 16 (the microkernel's column step) and of the
+// terms (those of a row stay in one chunk): 512, or 384 for 3 terms. With kKChunk, a call's B
+// block is 128 pair rows x 512 columns (256 KiB, L2) and its float32 C block NT x 512 (up to
+// 256 KiB, row stride kCStride). At M = 512 on one AMX core (4096 x 14336, cold, CPU time of the
+// call) 512 columns measured ~1.07x faster than 192 and ~1.04x faster than 256 (fewer calls,
+// more columns per A tile loaded from the panel), 384 and 1024 slower.
+constexpr int64_t kCStride = 512;
+inline int64_t col_chunk(int64_t terms) { return terms == 3 ? 384 : 512; }
+// K per microkernel call (a multiple of 32, the AMX k-step; and of 128, the scale block); 128 and
+// 512 measured slower at M = 512.
 constexpr int64_t kKChunk = 256;
 
 struct Lut {
@@ -105,7 +110,10 @@ decode_bf16_vbmi(const uint8_t* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
     _mm_prefetch(reinterpret_cast<const char*>(src + i) + 1024, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(src + i) + 8192, _MM_HINT_T1);
+    // Into L2 only within this segment: the engine decodes 4096-long pieces of rows that are K
+    // apart, and past the piece this fetched the row's next piece, evicted before its use (14336 x
+    // 4096, M = 128, CPU time on one AMX core: 35.0 -> 33.6 ms; neutral at K = 4096).
+    if (i + 8192 < n) _mm_prefetch(reinterpret_cast<const char*>(src + i) + 8192, _MM_HINT_T1);
     const __m512i c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(src + i));
     const __m512i l = _mm512_permutex2var_epi8(lo0, c, lo1);
     const __m512i h =
@@ -164,7 +172,7 @@ void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, Fp8CpuOptions::De
 namespace {
 
 // y[m, n] = (sum of m's terms) * scales + bias, rounded once to the output; for outputs (m, n) of
-// the yᵀ block c [nt rows (n0 + r), columns c0 .. c0 + cc), row stride kColChunk.
+// the yᵀ block c [nt rows (n0 + r), columns c0 .. c0 + cc), row stride kCStride.
 void epilogue_scalar(const EngineArgs& e, const float* c, int64_t n0, int64_t r0, int64_t r1,
                      int64_t c0, int64_t m0, int64_t m1, bool block) {
   const int64_t T = e.terms;
@@ -173,7 +181,7 @@ void epilogue_scalar(const EngineArgs& e, const float* c, int64_t n0, int64_t r0
     const float* cm = c + (m * T - c0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = n0 + r;
-      const float* cr = cm + r * kColChunk;
+      const float* cr = cm + r * kCStride;
       float v = cr[0];
       for (int64_t t = 1; t < T; ++t) v += cr[t];
       if (!block) v = v * sx * scale_at(e.w_scale, n);
@@ -250,7 +258,7 @@ BITPRESS_TARGET_AVX512 void epilogue_avx512(const EngineArgs& e, const float* c,
         // Part t of the 16 m's: columns (mb + i) * T + t, gathered 16 at a time when T > 1.
         __m512 r[16];
         for (int i = 0; i < 16; ++i) {
-          const float* row = c + (r0 + i) * kColChunk + (mb * T - c0);
+          const float* row = c + (r0 + i) * kCStride + (mb * T - c0);
           if (T == 1) {
             r[i] = _mm512_loadu_ps(row);
           } else {
@@ -289,6 +297,145 @@ void epilogue(const EngineArgs& e, const float* c, int64_t n0, int64_t nt, int64
   epilogue_scalar(e, c, n0, 0, nt, c0, m0, m1, block);
 }
 
+#if defined(__x86_64__)
+#define BITPRESS_TARGET_AMX_VBMI                                                \
+  __attribute__((                                                               \
+      target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi," \
+             "avx2,fma,f16c")))
+
+// ------------------------------------------------------------------------------------------
+// The strip kernel: AMX with few columns (xᵀ of at most 64 columns: M * terms <= 64)
+// ------------------------------------------------------------------------------------------
+// At 16 columns the panel engine is bound by its round trips through L2, not the products: per 32
+// weight rows x 32 of K it writes the decoded panel (2 KiB), then tile-loads it back (2 KiB) and
+// a B tile (1 KiB) for 2 tdpbf16ps (32 cycles): ~100 B per cycle, above what L2 serves, and the
+// weight stream from memory stops while a panel is multiplied. The strip kernel instead walks K
+// once for a strip of 32 weight rows (2 row tiles), keeping its C tiles in the tile registers over
+// the whole K: per 64 of K it decodes the strip's 64-byte code lines (one cache line per row,
+// prefetched kStripPrefetchLines lines ahead) into a 4 KiB buffer laid out as whole A tiles
+// (stride 64 B: it stays in L1), then tile-loads A from there and B once per K step for both row
+// tiles. The weight stream does not stop, and L2 carries only B (1 KiB per 32 rows x 32 of K).
+// Measured (4096 x 14336, M = 16, bf16 x, cold, CPU time of one call on one AMX core): panel
+// engine 9.1-9.5 ms, strips of 64 rows 6.9-7.5, of 32 rows 5.7-6.0, of 16 rows 6.4-6.8; the
+// prefetch 4 lines ahead beat 2, 3, 5, 6, 8 and 16 lines, and a prefetch into L2 only (T1) or
+// none at all was 1.6-1.9x slower; a double buffer gained nothing.
+//
+// The decode writes each 64-code line as vpunpck{l,h}bw leave it, without the VBMI decode's
+// pre-permute: the low unpack holds codes {0-7, 16-23, 32-39, 48-55} of the line (K step 0 of the
+// line), the high one codes {8-15, 24-31, 40-47, 56-63} (K step 1), two bf16 per pair in K order.
+// So xᵀ is permuted to match: pair j of K step s of 64-block b is natural pair 32 b + 8 (j / 4) +
+// 4 s + j % 4 (strip_xp below). The products are those of the engine, summed in another order.
+constexpr int64_t kStripRows = 32;
+constexpr int kStripPrefetchLines = 4;
+// Columns of xᵀ up to which the strip kernel runs, in passes of 32 columns over each strip (the
+// later passes read the strip's codes from L2). CPU time on one AMX core, 4096 x 14336, against
+// the panel engine: M = 48 12.5 vs 16.2 ms, M = 64 14.2 vs 16.6, M = 96 20.3 vs 21.1 (noise), M =
+// 128 31.1 vs 26.2 (there the panel engine's A tiles serve more columns per load).
+constexpr int64_t kStripMaxColumns = 64;
+
+// The permuted xᵀ [Kp64/2, ldx] from the engine's natural xᵀ [Kp/2, ldx] (pair rows past Kp/2
+// zero).
+void strip_xp(const uint32_t* xp, int64_t Kp, int64_t ldx, int64_t Kp64, uint32_t* out) {
+  for (int64_t q = 0; q < Kp64 / 2; ++q) {
+    const int64_t b = q / 32, s = (q % 32) / 16, j = q % 16;
+    const int64_t src = 32 * b + 8 * (j / 4) + 4 * s + j % 4;
+    if (src < Kp / 2) {
+      memcpy(out + q * ldx, xp + src * ldx, size_t(ldx) * 4);
+    } else {
+      memset(out + q * ldx, 0, size_t(ldx) * 4);
+    }
+  }
+}
+
+struct alignas(64) StripTileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles (all 16 rows x 64 bytes): C 0..3 (row tile t, column tile c: t * NC + c), B 4 (and 5 when
+// NC = 2), A 6 and 7 (one per row tile, so that the second load does not wait for the tdpbf16ps
+// reading the first).
+template <int NC>
+BITPRESS_TARGET_AMX_VBMI inline void strip_dp(int t, const uint16_t* a) {
+  constexpr int64_t kStride = 64;
+  if (t == 0) {
+    _tile_loadd(6, a, kStride);
+    _tile_dpbf16ps(0, 6, 4);
+    if constexpr (NC == 2) _tile_dpbf16ps(1, 6, 5);
+  } else if constexpr (NC == 1) {
+    _tile_loadd(7, a, kStride);
+    _tile_dpbf16ps(1, 7, 4);
+  } else {
+    _tile_loadd(7, a, kStride);
+    _tile_dpbf16ps(2, 7, 4);
+    _tile_dpbf16ps(3, 7, 5);
+  }
+}
+
+// One pass over a strip: rows n0 .. n0 + nt (nt <= 32) of W, all of K, xp's columns 0 .. 16 NC ->
+// c [32, kCStride] float32 (the engine's C block), columns 0 .. 16 NC. buf: 2 K steps x 32 rows x
+// 64 bytes, 64-byte aligned. prefetch: the codes come from memory (the first pass), not L2.
+template <int NC>
+BITPRESS_TARGET_AMX_VBMI void strip_run(const EngineArgs& e, const uint32_t* xp, int64_t Kp64,
+                                        int64_t n0, int64_t nt, uint16_t* buf, float* c,
+                                        bool prefetch) {
+  constexpr int RT = 2, R = kStripRows;
+  StripTileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const __m512i lo0 = _mm512_load_si512(kBytes.lo), lo1 = _mm512_load_si512(kBytes.lo + 64);
+  const __m512i hi0 = _mm512_load_si512(kBytes.hi), hi1 = _mm512_load_si512(kBytes.hi + 64);
+  const __m512i sgn = _mm512_set1_epi8(int8_t(0x80));
+  const int64_t K = e.K, ldw = e.ldw, ldb = e.ldx * 4;
+  const uint8_t* w = e.w + n0 * ldw;
+  for (int64_t k0 = 0; k0 < Kp64; k0 += 64) {
+    // Decode the strip's codes [k0, k0 + 64): row r's line -> A rows r of K steps 0 and 1.
+    const __mmask64 mask = K - k0 >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k0)) - 1;
+    uint16_t* dst = buf;
+    for (int r = 0; r < R; ++r, dst += 32) {
+      __m512i v = _mm512_setzero_si512();
+      if (r < nt) {
+        const uint8_t* src = w + r * ldw + k0;
+        if (prefetch) {
+          _mm_prefetch(reinterpret_cast<const char*>(src) + 64 * kStripPrefetchLines, _MM_HINT_T0);
+        }
+        v = _mm512_maskz_loadu_epi8(mask, src);
+      }
+      const __m512i l = _mm512_permutex2var_epi8(lo0, v, lo1);
+      const __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, v, hi1), v, sgn,
+                                                  0xF8);  // h | (v & 0x80)
+      _mm512_store_si512(dst, _mm512_unpacklo_epi8(l, h));
+      _mm512_store_si512(dst + 32 * R, _mm512_unpackhi_epi8(l, h));
+    }
+    for (int s = 0; s < 2; ++s) {
+      const uint32_t* b = xp + (k0 / 2 + 16 * s) * e.ldx;
+      _tile_loadd(4, b, ldb);
+      if constexpr (NC == 2) _tile_loadd(5, b + 16, ldb);
+      for (int t = 0; t < RT; ++t) strip_dp<NC>(t, buf + (s * R + 16 * t) * 32);
+    }
+  }
+  const int64_t ldc = kCStride * 4;
+  _tile_stored(0, c, ldc);
+  if constexpr (NC == 1) {
+    _tile_stored(1, c + 16 * kCStride, ldc);
+  } else {
+    _tile_stored(1, c + 16, ldc);
+    _tile_stored(2, c + 16 * kCStride, ldc);
+    _tile_stored(3, c + 16 * kCStride + 16, ldc);
+  }
+}
+#endif
+
 }  // namespace
 
 Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOptions& o) {
@@ -297,95 +444,157 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   const int64_t M = e.M, N = e.N, K = e.K, Kp = e.Kp, T = e.terms, ldx = e.ldx;
   if (M == 0 || N == 0) return Status::kSuccess;
   const bool block = e.w_scale.layout == Fp8ScaleLayout::kBlock;
-  // Rows of W per task: the decoded panel [NT, Kp] bf16 stays within ~1 MiB (L2). Each task
+  // Rows of W per task: the decoded panel [NT, PK] bf16 stays within ~1 MiB (L2). Each task
   // streams all of xᵀ (Kp/2 x ldx pairs) once: with many columns (large M) that stream, N / NT
-  // times per call, costs more than the panel, so NT grows to 128 there; at least 8 tasks where
-  // N allows, so that the pool has work to balance.
-  const int64_t max_nt = ldx > kColChunk ? 128 : 64;
+  // times per call, costs more than the panel, so NT grows to 128 from 192 columns on (1.05x at
+  // M = 256), and with AMX the panel may take 2 MiB (it spills L2 in part, but xᵀ is streamed
+  // half as often: at M = 512, 4096 x 14336, CPU time on one AMX core, 240 rows measured 1.06x
+  // faster than 128 in two runs, 192 as fast as 240; neutral on the AVX512-BF16 and AVX2 paths,
+  // not taken there: Zen 5 has 1 MiB of L2 per core). At least 8 tasks where N allows, so that
+  // the pool has work to balance.
+  const bool wide = ldx > 192;
+  const bool amx = o.kernel == cpu::GemmKernel::kAmx;
+  const int64_t max_nt = wide ? (amx ? 256 : 128) : 64;
+  const int64_t panel_bytes = wide && amx ? 2 << 20 : 1 << 20;
+  // Columns computed: xᵀ's used columns rounded up to the microkernel's 16, not ldx (whose extra
+  // 16 columns only shift the rows of xp in the L1 sets).
+  const int64_t ncols = (M * T + 15) / 16 * 16, chunk = col_chunk(T);
+  // K per panel: the panels of a task walk K in PK-long pieces (a multiple of 128, the scale
+  // block), so that NT does not shrink with K: each task streams all of xᵀ once, and N / NT
+  // tasks stream it N / NT times (for K = 14336 and whole-K panels, NT = 32: 128 x 15 MiB of xᵀ
+  // per call at M = 512).
+  const int64_t PK = std::min(Kp, std::max<int64_t>(128, o.panel_k / 128 * 128));
+  const int64_t n_pk = std::max<int64_t>(1, (Kp + PK - 1) / std::max<int64_t>(PK, 1));
   int64_t NT =
-      std::max<int64_t>(16, std::min<int64_t>(max_nt, (1 << 20) / (2 * (Kp + 32)) / 16 * 16));
-  while (NT > 16 && (N + NT - 1) / NT < 8) NT /= 2;
+      std::max<int64_t>(16, std::min<int64_t>(max_nt, panel_bytes / (2 * (PK + 32)) / 16 * 16));
+  while (NT > 16 && (N + NT - 1) / NT < 8) NT = std::max<int64_t>(16, NT / 2 / 16 * 16);
   const int64_t n_tiles = (N + NT - 1) / NT;
-  const int64_t Kb = (K + kFp8ScaleBlock - 1) / kFp8ScaleBlock;
   Status status = Status::kSuccess;
+#if defined(__x86_64__)
+  if (o.strip && o.kernel == cpu::GemmKernel::kAmx &&
+      o.decode == Fp8CpuOptions::Decode::kAvx512Vbmi && !block && ldx <= kStripMaxColumns) {
+    const int64_t Kp64 = (K + 63) / 64 * 64;
+    uint32_t* xs = static_cast<uint32_t*>(t_xs.get(size_t(Kp64 / 2 * ldx) * 4 + 64));
+    if (!xs) return Status::kOutOfMemory;
+    strip_xp(e.xp, Kp, ldx, Kp64, xs);
+    constexpr int64_t R = kStripRows;
+    const int64_t n_strips = (N + R - 1) / R;
+    parallel_for(pool, 0, n_strips, 1, [&](int64_t tb, int64_t te) {
+      uint16_t* buf = static_cast<uint16_t*>(t_panel.get(size_t(2 * R * 64) + 64));
+      float* c = static_cast<float*>(t_c.get(size_t(R * kCStride) * 4 + 64));
+      if (!buf || !c) {
+        status = Status::kOutOfMemory;
+        return;
+      }
+      for (int64_t strip = tb; strip < te; ++strip) {
+        const int64_t n0 = strip * R, nt = std::min(R, N - n0);
+        for (int64_t cp = 0; cp < ldx; cp += 32) {
+          if (ldx - cp <= 16) {
+            strip_run<1>(e, xs + cp, Kp64, n0, nt, buf, c + cp, cp == 0);
+          } else {
+            strip_run<2>(e, xs + cp, Kp64, n0, nt, buf, c + cp, cp == 0);
+          }
+        }
+        epilogue(e, c, n0, nt, 0, ldx, false, true);
+      }
+      // This loop configured the tiles itself: the microkernel's cached configuration is stale.
+      cpu::gemm_amx_thread_begin();
+    });
+    return status;
+  }
+#endif
 
   parallel_for(pool, 0, n_tiles, 1, [&](int64_t tb, int64_t te) {
-    // Panel rows one cache line longer than Kp: rows Kp = 4096 apart (8 KiB) would all fall in the
-    // same L1 sets, and the microkernel reads 16-32 of them at once (a tile).
-    const int64_t lda = Kp + 32;
+    // Panel rows one cache line longer than PK: rows 4096 apart (8 KiB) would all fall in the same
+    // L1 sets, and the microkernel reads 16-32 of them at once (a tile).
+    const int64_t lda = PK + 32;
+    // One C block per column chunk when K spans several panels (they accumulate across the
+    // panels), else one reused block.
+    const int64_t c_blocks = n_pk > 1 ? (ncols + chunk - 1) / chunk : 1;
     uint16_t* panel = static_cast<uint16_t*>(t_panel.get(size_t(NT * lda) * 2 + 64));
-    float* c = static_cast<float*>(t_c.get(size_t(NT * kColChunk) * 4 + 64));
-    float* cb = block ? static_cast<float*>(t_cb.get(size_t(NT * kColChunk) * 4 + 64)) : nullptr;
+    float* c = static_cast<float*>(t_c.get(size_t(c_blocks * NT * kCStride) * 4 + 64));
+    float* cb = block ? static_cast<float*>(t_cb.get(size_t(NT * kCStride) * 4 + 64)) : nullptr;
     if (!panel || !c || (block && !cb)) {
       status = Status::kOutOfMemory;
       return;
     }
     for (int64_t tile = tb; tile < te; ++tile) {
       const int64_t n0 = tile * NT, nt = std::min(NT, N - n0);
-      for (int64_t r = 0; r < nt; ++r) {
-        uint16_t* dst = panel + r * lda;
-        decode_bf16(e.w + (n0 + r) * e.ldw, dst, K, o.decode);
-        memset(dst + K, 0, size_t(Kp - K) * 2);
-      }
-      for (int64_t c0 = 0; c0 < ldx; c0 += kColChunk) {
-        const int64_t cc = std::min(kColChunk, ldx - c0);
-        cpu::GemmBf16Args g;
-        g.a = panel;
-        g.lda = lda;
-        g.ldb = ldx;
-        g.ldc = kColChunk;
-        g.M = nt;
-        g.N = cc;
-        if (!block) {
-          // K in chunks: each call's A block (32 rows x kKChunk) and B block (kKChunk x 32
-          // columns) stay in L1 across the microkernel's loops; C accumulates in L1 / L2.
-          if (Kp == 0) {
-            for (int64_t r = 0; r < nt; ++r) memset(c + r * kColChunk, 0, size_t(cc) * 4);
-          }
-          for (int64_t k0 = 0; k0 < Kp; k0 += kKChunk) {
-            g.a = panel + k0;
-            g.b = e.xp + (k0 / 2) * ldx + c0;
-            g.c = c;
-            g.K = std::min(kKChunk, Kp - k0);
-            g.accumulate = k0 > 0;
-            const Status st = cpu::gemm_bf16(o.kernel, g);
-            if (st != Status::kSuccess) {
-              status = st;
-              return;
+      for (int64_t pk = 0; pk < n_pk; ++pk) {
+        // The panel: rows n0 .. n0 + nt, K from ka, kn long (a multiple of 32; zero past K).
+        const int64_t ka = pk * PK, kn = std::min(PK, Kp - ka);
+        const int64_t valid = std::max<int64_t>(0, std::min(kn, K - ka));
+        for (int64_t r = 0; r < nt; ++r) {
+          uint16_t* dst = panel + r * lda;
+          decode_bf16(e.w + (n0 + r) * e.ldw + ka, dst, valid, o.decode);
+          memset(dst + valid, 0, size_t(kn - valid) * 2);
+        }
+        const bool last = pk == n_pk - 1;
+        for (int64_t c0 = 0, ci = 0; c0 < ncols; c0 += chunk, ++ci) {
+          const int64_t cc = std::min(chunk, ncols - c0);
+          float* cblk = c + (c_blocks > 1 ? ci * NT * kCStride : 0);
+          cpu::GemmBf16Args g;
+          g.a = panel;
+          g.lda = lda;
+          g.ldb = ldx;
+          g.ldc = kCStride;
+          g.M = nt;
+          g.N = cc;
+          if (!block) {
+            // K in chunks: each call's A block (32 rows x kKChunk) and B block (kKChunk x 32
+            // columns) stay in L1 across the microkernel's loops; C accumulates in L1 / L2.
+            if (Kp == 0) {
+              for (int64_t r = 0; r < nt; ++r) memset(cblk + r * kCStride, 0, size_t(cc) * 4);
             }
-          }
-        } else {
-          for (int64_t r = 0; r < nt; ++r) memset(c + r * kColChunk, 0, size_t(cc) * 4);
-          for (int64_t kb = 0; kb < Kb; ++kb) {
-            const int64_t k0 = kb * kFp8ScaleBlock;
-            g.a = panel + k0;
-            g.b = e.xp + (k0 / 2) * ldx + c0;
-            g.c = cb;
-            g.K = std::min(kFp8ScaleBlock, Kp - k0);
-            g.accumulate = false;
-            const Status st = cpu::gemm_bf16(o.kernel, g);
-            if (st != Status::kSuccess) {
-              status = st;
-              return;
+            for (int64_t k0 = 0; k0 < kn; k0 += kKChunk) {
+              g.a = panel + k0;
+              g.b = e.xp + ((ka + k0) / 2) * ldx + c0;
+              g.c = cblk;
+              g.K = std::min(kKChunk, kn - k0);
+              g.accumulate = ka + k0 > 0;
+              const Status st = cpu::gemm_bf16(o.kernel, g);
+              if (st != Status::kSuccess) {
+                status = st;
+                return;
+              }
             }
-            // yᵀ += s_w(n, kb) s_x(m, kb) * (this block's float32 sum), in float32.
-            for (int64_t r = 0; r < nt; ++r) {
-              const float sw =
-                  e.w_scale.data[((n0 + r) / kFp8ScaleBlock) * e.w_scale.row_stride + kb];
-              float* cr = c + r * kColChunk;
-              const float* br = cb + r * kColChunk;
-              if (!e.x_scale.data) {
-                for (int64_t j = 0; j < cc; ++j) cr[j] += sw * br[j];
-              } else {
-                for (int64_t j = 0; j < cc; ++j) {
-                  const int64_t m = std::min((c0 + j) / T, M - 1);  // padding columns hold 0
-                  cr[j] += sw * e.x_scale.data[m * e.x_scale.row_stride + kb] * br[j];
+          } else {
+            if (pk == 0) {
+              for (int64_t r = 0; r < nt; ++r) memset(cblk + r * kCStride, 0, size_t(cc) * 4);
+            }
+            for (int64_t k0 = 0; k0 < kn; k0 += kFp8ScaleBlock) {
+              const int64_t kb = (ka + k0) / kFp8ScaleBlock;  // PK is a multiple of the block
+              g.a = panel + k0;
+              g.b = e.xp + ((ka + k0) / 2) * ldx + c0;
+              g.c = cb;
+              g.K = std::min(kFp8ScaleBlock, kn - k0);
+              g.accumulate = false;
+              const Status st = cpu::gemm_bf16(o.kernel, g);
+              if (st != Status::kSuccess) {
+                status = st;
+                return;
+              }
+              // yᵀ += s_w(n, kb) s_x(m, kb) * (this block's float32 sum), in float32.
+              for (int64_t r = 0; r < nt; ++r) {
+                const float sw =
+                    e.w_scale.data[((n0 + r) / kFp8ScaleBlock) * e.w_scale.row_stride + kb];
+                float* cr = cblk + r * kCStride;
+                const float* br = cb + r * kCStride;
+                if (!e.x_scale.data) {
+                  for (int64_t j = 0; j < cc; ++j) cr[j] += sw * br[j];
+                } else {
+                  for (int64_t j = 0; j < cc; ++j) {
+                    const int64_t m = std::min((c0 + j) / T, M - 1);  // padding columns hold 0
+                    cr[j] += sw * e.x_scale.data[m * e.x_scale.row_stride + kb] * br[j];
+                  }
                 }
               }
             }
           }
+          if (last) {
+            epilogue(e, cblk, n0, nt, c0, cc, block, o.decode != Fp8CpuOptions::Decode::kTable);
+          }
         }
-        epilogue(e, c, n0, nt, c0, cc, block, o.decode != Fp8CpuOptions::Decode::kTable);
       }
     }
   });
@@ -409,9 +618,10 @@ Fp8CpuOptions fp8_cpu_default_options() {
                                      : CpuIsa::kScalar;
   // The float32 dot-product path wins over the microkernel where the microkernel's 16-column
   // step is mostly padding and no AMX does the products (AMX takes M = 1..16 at one price). At
-  // M = 1 it wins with AMX too: one pass that decodes and multiplies as the weight streams in,
-  // where the engine reads a panel, then computes with the memory idle (4096 x 14336, cold,
-  // 2 threads, loaded machine: 1.3x F.linear bf16 against 1.0x).
+  // M = 1 it won with AMX too against the panel engine (1.3x F.linear bf16 against 1.0x); the
+  // strip kernel, which also decodes and multiplies as the weight streams in, measured the same
+  // at M = 1 (CPU time on one core, 4096 x 14336: 5.9-6.1 vs 6.1-6.3 ms) and 1.7x faster than
+  // the dot path at M = 4, so with AMX the dot path keeps M = 1 only.
   o.dot_max_rows = o.kernel == cpu::GemmKernel::kAmx ? 1 : 4;
   return o;
 }

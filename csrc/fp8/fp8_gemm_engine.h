@@ -14,7 +14,10 @@
 // memory order, prefetched), then per chunk of columns call the microkernel into a float32 yᵀ
 // block and apply the scales: per tensor / row / channel once after the whole K; per 128 x 128
 // block after each 128-long K step (the block's product summed alone, accumulate = false, then
-// added with its scale in float32), as the scales change along K.
+// added with its scale in float32), as the scales change along K. With AMX and at most 64 columns
+// of xᵀ (decode-sized M), tensor / row scales, a strip kernel replaces the panels: 32 rows of W
+// walk K once per 32 columns, decoded 64 codes per row at a time into L1 and multiplied at once,
+// the C tiles held in the tile registers over K (fp8_gemm_cpu.cpp).
 #pragma once
 
 #include <stdint.h>

@@ -193,6 +193,15 @@ std::vector<Fp8CpuOptions> engine_options() {
       }
       o.dot_max_rows = 0;
       all.push_back(o);
+      // The panel engine where the strip kernel would take the small-M calls (AMX + VBMI).
+      if (k == cpu::GemmKernel::kAmx && d == D::kAvx512Vbmi) {
+        o.strip = false;
+        all.push_back(o);
+      }
+      // K walked in panels of 256 (K = 300, 520, 1000: two to four, the last one ragged).
+      o.strip = false;
+      o.panel_k = 256;
+      all.push_back(o);
     }
   }
   return all;
@@ -217,17 +226,20 @@ const char* opt_name(const Fp8CpuOptions& o, char* buf) {
     snprintf(buf, 64, "dot-%s", cpu_isa_name(o.dot_isa));
   } else {
     const int d = int(o.decode);
-    snprintf(buf, 64, "%s%s", cpu::gemm_kernel_name(o.kernel),
+    snprintf(buf, 64, "%s%s%s%s", cpu::gemm_kernel_name(o.kernel),
              d == 0   ? ""
              : d == 1 ? "+avx512dec"
-                      : "+vbmidec");
+                      : "+vbmidec",
+             o.strip ? "" : "-nostrip", o.panel_k == 4096 ? "" : "-pk256");
   }
   return buf;
 }
 
 void test_weight_gemm(std::mt19937& rng) {
-  const int64_t shapes[][3] = {{1, 256, 64}, {3, 300, 77},   {5, 1000, 129},
-                               {17, 40, 33}, {33, 520, 130}, {2, 128, 1}};
+  // (16, 200, 150) and (29, 130, 70): the strip kernel's 64- and 32-row strips with a ragged last
+  // strip and a ragged last 64 of K.
+  const int64_t shapes[][3] = {{1, 256, 64},   {3, 300, 77}, {5, 1000, 129}, {17, 40, 33},
+                               {33, 520, 130}, {2, 128, 1},  {16, 200, 150}, {29, 130, 70}};
   const Fp8ScaleLayout layouts[] = {Fp8ScaleLayout::kTensor, Fp8ScaleLayout::kRow,
                                     Fp8ScaleLayout::kBlock};
   std::vector<Fp8CpuOptions> opts = engine_options();

@@ -56,6 +56,20 @@ def test_cpu_paths(cpu_isa, M, dtype, layout):  # noqa: F811
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row", "block"])
+def test_cpu_large_tasks(dtype, layout):
+    """M > 192 on the CPU: tasks of up to 256 weight rows with AMX (the last one ragged), and K
+    past one 4096-long panel (two panels, the second ragged)."""
+    M, K, N = 200, 4224, 2100
+    x = torch.randn(M, K).to(dtype)
+    w = e4m3((N, K))
+    ws = scale(layout, N, K, weight=True)
+    bias = torch.randn(N).to(dtype)
+    y = ops.fp8_weight_gemm(x, w, ws, bias, backend="cpu")
+    assert rel_err(y, ref64(x, w, ws, bias)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 9, 40])
 def test_products_are_exact(dtype, M):
     """With one nonzero weight per row, y is x[m, k] * w[n, k] * s rounded once to float32 (then

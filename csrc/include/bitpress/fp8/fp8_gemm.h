@@ -85,6 +85,13 @@ struct Fp8CpuOptions {
   // float32 through F16C; AVX-512 or AVX2) instead of the microkernel; 0: never.
   int64_t dot_max_rows = 0;
   CpuIsa dot_isa = CpuIsa::kScalar;  // the dot-product path's ISA (kScalar, kAvx2, kAvx512)
+  // With kAmx, kAvx512Vbmi decode, and at most 64 columns of xᵀ (M * terms), tensor / row scales:
+  // the strip kernel (32 weight rows walk K once per 32 columns, C in the tile registers) instead
+  // of the panel engine.
+  bool strip = true;
+  // K per decoded panel of the panel engine (rounded down to a multiple of 128, at least 128):
+  // a longer K is walked in pieces, the float32 C blocks accumulating across them.
+  int64_t panel_k = 4096;
 };
 // The options fp8_gemm_cpu / fp8_weight_gemm_cpu use on this CPU now (active_cpu_isa()).
 Fp8CpuOptions fp8_cpu_default_options();
