@@ -393,9 +393,14 @@ BITPRESS_TARGET_AVX512BF16 bool rows_bf16(const Sparse24Int4GemmParams& p, int64
                                           float* s, float* z) {
   float acc[MB];
   for (int64_t n = n0; n < n1; ++n) {
-    if (!sparse24_detail::meta_rows_ok_avx2(p.meta + n * (p.K / 8), p.K / 8)) return false;
+    if (!sparse24_detail::meta_rows_ok_avx512(p.meta + n * (p.K / 8), p.K / 8)) return false;
     if ((n & 15) == 0 && n + 64 < p.N) prefetch_groups(p, n + 64);
-    row_groups(p, n, s, z);
+    if (kSym && p.scales_dtype == DType::kBFloat16) {  // the zeros are not read: scales only
+      const uint16_t* sp = static_cast<const uint16_t*>(p.scales) + n;
+      for (int64_t g = 0; g < p.G; ++g) s[g] = bf16_bits_to_float(sp[g * p.N]);
+    } else {
+      row_groups(p, n, s, z);
+    }
     block_bf16<MB, kSym, kPg>(p, n, s, z, 0, acc);
     for (int m = 0; m < MB; ++m) {
       store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n, acc[m], p.bias, p.bias_dtype);
