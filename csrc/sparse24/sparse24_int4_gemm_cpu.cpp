@@ -632,6 +632,48 @@ BITPRESS_TARGET_AVX512 void table_avx512(float s, float z, uint16_t* tb) {
 // == 0), so no metadata is read. Per group, the 16 possible values are computed in float32 and
 // rounded once to bf16 (a table); each code is then one table lookup (a float conversion per
 // value cost ~10x more).
+namespace {
+
+// Rows [n0, n1) of sparse24_int4_values_cpu into values (row n at values + (n - n0) K/2).
+void values_rows(const Sparse24Int4GemmParams& p, int64_t n0, int64_t n1, bool avx512,
+                 uint16_t* values) {
+  const int64_t half = p.K / 2, per_group = p.group_size / 2;
+  alignas(64) uint16_t tb[32];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* qr = p.qvalues + n * (p.K / 16);
+    uint16_t* out = values + (n - n0) * half;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float sc = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
+      const float z = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
+#if defined(__x86_64__)
+      if (avx512) {
+        table_avx512(sc, z, tb);
+      } else {
+        for (int c = 0; c < 16; ++c) tb[c] = tb[c + 16] = float_to_bf16_bits((float(c) - z) * sc);
+      }
+#else
+      (void)avx512;
+      for (int c = 0; c < 16; ++c) tb[c] = tb[c + 16] = float_to_bf16_bits((float(c) - z) * sc);
+#endif
+      int64_t j = g * per_group;
+      const int64_t j1 = std::min(half, (g + 1) * per_group);
+#if defined(__x86_64__)
+      if (avx512) j = values_avx512(qr, tb, j, j1, out);
+#endif
+      for (; j < j1 && (j & 7); ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
+      for (; j + 8 <= j1; j += 8) {
+        const uint32_t word = uint32_t(qr[j >> 3]);
+        for (int i = 0; i < 8; ++i) out[j + i] = tb[(word >> (4 * i)) & 15];
+      }
+      for (; j < j1; ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
+    }
+  }
+}
+
+thread_local ThreadBuffer t_values;  // a pool thread: one block of rows' bf16 values
+
+}  // namespace
+
 Status sparse24_int4_values_cpu(const Sparse24Int4GemmParams& p, uint16_t* values,
                                 const CpuThreadPool* pool) {
   Sparse24Int4GemmParams q = p;
@@ -639,40 +681,55 @@ Status sparse24_int4_values_cpu(const Sparse24Int4GemmParams& p, uint16_t* value
   const Status st = check(q);
   if (st != Status::kSuccess || p.N == 0 || p.K == 0) return st;
   if (!values) return Status::kInvalidArgument;
-  const int64_t half = p.K / 2, per_group = p.group_size / 2;
   const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512;
   parallel_for(pool, 0, p.N, 16, [&](int64_t n0, int64_t n1) {
-    alignas(64) uint16_t tb[32];
-    for (int64_t n = n0; n < n1; ++n) {
-      const int32_t* qr = p.qvalues + n * (p.K / 16);
-      uint16_t* out = values + n * half;
-      for (int64_t g = 0; g < p.G; ++g) {
-        const float sc = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
-        const float z = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
-#if defined(__x86_64__)
-        if (avx512) {
-          table_avx512(sc, z, tb);
-        } else {
-          for (int c = 0; c < 16; ++c) tb[c] = tb[c + 16] = float_to_bf16_bits((float(c) - z) * sc);
-        }
-#else
-        for (int c = 0; c < 16; ++c) tb[c] = tb[c + 16] = float_to_bf16_bits((float(c) - z) * sc);
-#endif
-        int64_t j = g * per_group;
-        const int64_t j1 = std::min(half, (g + 1) * per_group);
-#if defined(__x86_64__)
-        if (avx512) j = values_avx512(qr, tb, j, j1, out);
-#endif
-        for (; j < j1 && (j & 7); ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
-        for (; j + 8 <= j1; j += 8) {
-          const uint32_t word = uint32_t(qr[j >> 3]);
-          for (int i = 0; i < 8; ++i) out[j + i] = tb[(word >> (4 * i)) & 15];
-        }
-        for (; j < j1; ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
+    values_rows(p, n0, n1, avx512, values + n0 * (p.K / 2));
+  });
+  return Status::kSuccess;
+}
+
+Status sparse24_int4_gemm_via_values_cpu(const Sparse24Int4GemmParams& p,
+                                         const CpuThreadPool* pool) {
+  const Status st = check(p);
+  if (st != Status::kSuccess || p.M == 0 || p.N == 0) return st;
+  if (p.x_dtype != DType::kBFloat16 || p.K == 0) return Status::kInvalidArgument;
+  const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512;
+  const int64_t blocks = (p.N + kSparse24Int4ValuesBlockRows - 1) / kSparse24Int4ValuesBlockRows;
+  const int out_size = dtype_size(p.x_dtype);
+  std::atomic<int> status{int(Status::kSuccess)};
+  parallel_for(pool, 0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kSparse24Int4ValuesBlockRows;
+      const int64_t n1 = std::min(p.N, n0 + kSparse24Int4ValuesBlockRows);
+      uint16_t* vals = static_cast<uint16_t*>(t_values.get(size_t(n1 - n0) * size_t(p.K / 2) * 2));
+      if (!vals) {
+        status = int(Status::kOutOfMemory);
+        return;
+      }
+      values_rows(p, n0, n1, avx512, vals);
+      Sparse24GemmParams g;
+      g.x = p.x;
+      g.x_dtype = p.x_dtype;
+      g.x_row_stride = p.x_row_stride;
+      g.M = p.M;
+      g.K = p.K;
+      g.N = n1 - n0;
+      g.values = vals;
+      g.meta = p.meta + n0 * (p.K / 8);
+      if (p.bias) {
+        g.bias = static_cast<const char*>(p.bias) + n0 * dtype_size(p.bias_dtype);
+        g.bias_dtype = p.bias_dtype;
+      }
+      g.out = static_cast<char*>(p.out) + n0 * out_size;
+      g.out_row_stride = p.out_row_stride;
+      const Status s = sparse24_gemm_cpu(g, nullptr);  // this block on this thread
+      if (s != Status::kSuccess) {
+        status = int(s);
+        return;
       }
     }
   });
-  return Status::kSuccess;
+  return Status(status.load());
 }
 
 }  // namespace bitpress

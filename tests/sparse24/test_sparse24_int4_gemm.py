@@ -214,3 +214,22 @@ def test_bf16_decode_rows(isa, M, sym):
                     ops.sparse24_int4_gemm(x, qv, bad, scales, zeros, group_size=gs, backend="cpu")
         finally:
             _ext.C.set_cpu_isa(None)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("M", [5, 16, 17])
+def test_bf16_values_blocks(sym, M):
+    """bf16 x at 5 <= M <= 16: the kept values dequantized a block of 256 rows at a time, each
+    block multiplied on its own (three blocks, the last partial: bias and output offsets); M = 17:
+    the whole-weight workspace. An unordered nibble in the last block is rejected."""
+    K, N, gs = 256, 600, 128
+    qv, meta, scales, zeros = _weight(N, K, gs, sym, torch.bfloat16, M + sym)
+    x = torch.randn(M, K).bfloat16()
+    bias = torch.randn(N).bfloat16()
+    out = ops.sparse24_int4_gemm(x, qv, meta, scales, zeros, group_size=gs, bias=bias)
+    want = ref64(x, qv, meta, scales, zeros, gs, bias)
+    assert rel_err(out, want) <= TOLERANCE[torch.bfloat16]
+    bad = meta.clone()
+    bad[N - 3, 7] = 0x11
+    with pytest.raises(RuntimeError, match=r"^sparse24_int4_gemm: meta"):
+        ops.sparse24_int4_gemm(x, qv, bad, scales, zeros, group_size=gs, bias=bias)
