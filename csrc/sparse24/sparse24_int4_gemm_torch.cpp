@@ -1,8 +1,9 @@
 // Torch glue of sparse24_int4_gemm on the CPU (ROW layout): checks, then the CPU kernel
 // (bitpress/sparse24/sparse24_cpu.h). bf16 x with M >= kSparse24Int4ViaValuesMinRows: the kept
-// values dequantized to bf16, then sparse24_gemm's kernel; other M <= 16: the kernel's read
-// stream; M > 16 (fp16 / fp32 x): the weight is dequantized once per call to float32 and the dense
-// float32 GEMM takes the product.
+// values dequantized to bf16 (blocks of rows in an L2-sized buffer up to
+// kSparse24Int4ValuesBlockMaxM rows of x, a weight-size workspace above), then sparse24_gemm's
+// kernel; other M <= 16: the kernel's read stream; M > 16 (fp16 / fp32 x): the weight is
+// dequantized once per call to float32 and the dense float32 GEMM takes the product.
 #include <ATen/ops/linear.h>
 
 #include <vector>
