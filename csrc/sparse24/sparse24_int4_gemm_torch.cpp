@@ -72,10 +72,11 @@ at::Tensor sparse24_int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qv
   p.group_size = group_size == -1 ? K : group_size;
   p.x_dtype = to_dtype(x.scalar_type());
   if (x.scalar_type() == at::kBFloat16 && M >= kSparse24Int4ViaValuesMinRows &&
-      M <= kSparse24Int4ValuesBlockMaxM) {
+      M <= kSparse24Int4ValuesBlockMaxM && active_cpu_isa() >= CpuIsa::kAvx512) {
     // The kept values dequantized to bf16 one block of rows at a time into a per-thread buffer,
     // then sparse24_gemm's kernel on the block with the same meta (no weight-size workspace).
-    // The weights are rounded once to bf16 (relative 2^-9), as x is.
+    // The weights are rounded once to bf16 (relative 2^-9), as x is. Not below AVX-512, where
+    // sparse24_gemm widens x to float32 on every call, i.e. per block.
     const at::Tensor x2 = rows_contiguous(x.reshape({M, K}));
     const at::Tensor bs = bias ? bias->contiguous() : at::Tensor();
     p.x = x2.data_ptr();
