@@ -36,6 +36,26 @@ BITPRESS_TARGET_AVX2 inline bool meta_rows_ok_avx2(const uint8_t* m, int64_t len
   }
   return true;
 }
+
+// The same, 64 bytes per step, for the AVX-512 kernels (inlined into them: no call to SSE code).
+BITPRESS_TARGET_AVX512 inline bool meta_rows_ok_avx512(const uint8_t* m, int64_t len) {
+  const __m512i table =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, -1, 0, 0, 0, -1, -1, 0, 0, -1, -1, -1, 0));
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  int64_t i = 0;
+  __m512i all = _mm512_set1_epi8(-1);
+  for (; i + 64 <= len; i += 64) {
+    const __m512i b = _mm512_loadu_si512(m + i);
+    const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(b, low));
+    const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(b, 4), low));
+    all = _mm512_ternarylogic_epi32(all, lo, hi, 0x80);  // all & lo & hi
+  }
+  if (_mm512_movepi8_mask(all) != ~__mmask64(0)) return false;
+  for (; i < len; ++i) {
+    if (!sparse24_meta_byte_valid(m[i])) return false;
+  }
+  return true;
+}
 #endif
 
 // Whether every nibble of the `len` metadata bytes at m is ordered (idx0 < idx1).

@@ -41,7 +41,10 @@ constexpr int kRowBlock = 8;  // rows of x per register block
 constexpr int64_t kPrefetchBytes = 4096;
 
 // Scale and zero of every group of weight row n, as float32 (scales / zeros are [G, N]).
-void row_groups(const Sparse24Int4GemmParams& p, int64_t n, float* s, float* z) {
+// Inlined into the kernels that call it: compiled for their ISA (a call from AVX-512 code to
+// SSE code with the upper register halves in use costs a transition on every instruction).
+inline __attribute__((always_inline)) void row_groups(const Sparse24Int4GemmParams& p, int64_t n,
+                                                      float* s, float* z) {
   if (p.scales_dtype == DType::kBFloat16) {  // the common case, without a switch per element
     const uint16_t* sp = static_cast<const uint16_t*>(p.scales) + n;
     for (int64_t g = 0; g < p.G; ++g) s[g] = bf16_bits_to_float(sp[g * p.N]);
@@ -53,7 +56,8 @@ void row_groups(const Sparse24Int4GemmParams& p, int64_t n, float* s, float* z) 
   }
 }
 
-void prefetch_groups(const Sparse24Int4GemmParams& p, int64_t n) {
+inline __attribute__((always_inline)) void prefetch_groups(const Sparse24Int4GemmParams& p,
+                                                           int64_t n) {
   const int64_t es = dtype_size(p.scales_dtype);
   const char* sb = static_cast<const char*>(p.scales) + n * es;
   for (int64_t g = 0; g < p.G; ++g) __builtin_prefetch(sb + g * p.N * es, 0, 2);
@@ -183,13 +187,85 @@ BITPRESS_TARGET_AVX2 void block_avx2(const Sparse24Int4GemmParams& p, const floa
 //   y += s (sum x (128 + q) - (128 + z) sum x).
 // kSym (zeros None, z = 8): the codes become the bf16 pairs (q - 8) (exact; a 16-entry vpermw
 // table) and one vdpbf16ps per row sums x (q - 8) over the group: y += s sum x (q - 8).
+//
+// A full step decodes its 32 values in a permuted order: word p of the registers holds value
+// perm(p) = 8 (p % 4) + p / 4 of the step, alike in the positions, the codes and the gathered x
+// (the pairs summed by vdpbf16ps change, not the products). In that order a broadcast of the
+// step's 8 metadata bytes and one 64-bit shift bring every value's 2-bit position to the low
+// bits of its word (word p of each 64-bit lane holds metadata bits 16 (p % 4) .. + 15, values
+// 8 (p % 4) .. + 7; the shift, 2 (p / 4), is the same for the 4 words of a lane: vpsrlvq, not
+// the slower vpsrlvw), so the positions take no cross-lane shuffle; the codes, broadcast to the
+// four 128-bit lanes by the load, take one in-lane vpshufb (the word of the 16 code bytes holding
+// the value's nibble; a vpermw measured 2x its cost) and a vpsrlvq (by 4 (perm(p) % 4), again
+// p / 4's). Per step and row of x: 4 loads and 7 vector instructions (3 on the shuffle port) in
+// the symmetric case, 13 in the natural order before. Each row alternates two accumulator
+// chains (a vdpbf16ps takes longer than a step). A partial last step (K % 64 = 16, 32 or 48) keeps
+// the natural order with masked loads.
+struct PermTables {
+  uint64_t meta_shift[8];  // per 64-bit lane l = p / 4: 2 l
+  uint64_t code_shift[8];  // the nibble's shift in its code word: 4 (perm(p) % 4) = 4 (l % 4)
+  uint16_t base[32];       // first dense column of the value's group of 4 in the step
+  // vpshufb control: the two bytes of the word of the step's 16 code bytes (broadcast to every
+  // 128-bit lane) that holds the value's nibble
+  uint8_t code_bytes[64];
+};
+
+constexpr PermTables make_perm_tables() {
+  PermTables t{};
+  for (int p = 0; p < 32; ++p) {
+    const int v = 8 * (p % 4) + p / 4;
+    t.meta_shift[p / 4] = uint64_t(2 * (p / 4));
+    t.code_shift[p / 4] = uint64_t(4 * (v % 4));
+    t.base[p] = uint16_t(4 * (v / 2));
+    t.code_bytes[2 * p] = uint8_t(2 * (v / 4));
+    t.code_bytes[2 * p + 1] = uint8_t(2 * (v / 4) + 1);
+  }
+  return t;
+}
+
+alignas(64) constexpr PermTables kPerm = make_perm_tables();
+
+// bf16 of q - 8 for q = 0..15, twice: vpermw reads 5 index bits, and bit 4 of a shifted code word
+// is the next code's.
+alignas(64) constexpr uint16_t kSymTable[32] = {
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000,
+    0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040,
+    0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+
+constexpr int kTernaryAndOr = 0xEA;  // vpternlog: (a & b) | c
+
+// One full step st (64 dense columns) of rows m0 .. m0 + MB - 1 of x into aq (and ax).
 template <int MB, bool kSym>
-BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int64_t n,
-                                           const float* s, const float* z, int64_t m0, float* acc) {
-  const int64_t K = p.K;
-  const int32_t* q = p.qvalues + n * (K / 16);
-  const uint8_t* meta = p.meta + n * (K / 8);
-  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+BITPRESS_TARGET_AVX512BF16 inline __attribute__((always_inline)) void bf16_full_step(
+    const int32_t* q, const uint8_t* meta, const uint16_t* x, int64_t ldx, int64_t st, __m512* aq,
+    __m512* ax) {
+  int64_t mw;
+  memcpy(&mw, meta + 8 * st, 8);
+  const __m512i idx = _mm512_ternarylogic_epi32(
+      _mm512_srlv_epi64(_mm512_set1_epi64(mw), _mm512_load_si512(kPerm.meta_shift)),
+      _mm512_set1_epi16(3), _mm512_load_si512(kPerm.base), kTernaryAndOr);
+  const __m512i cw =
+      _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 4 * st)));
+  const __m512i c = _mm512_srlv_epi64(_mm512_shuffle_epi8(cw, _mm512_load_si512(kPerm.code_bytes)),
+                                      _mm512_load_si512(kPerm.code_shift));
+  const __m512i qp = kSym ? _mm512_permutexvar_epi16(c, _mm512_load_si512(kSymTable))
+                          : _mm512_ternarylogic_epi32(c, _mm512_set1_epi16(0xF),
+                                                      _mm512_set1_epi16(0x4300), kTernaryAndOr);
+  for (int i = 0; i < MB; ++i) {
+    const uint16_t* xr = x + i * ldx + 64 * st;
+    const __m512i xs =
+        _mm512_permutex2var_epi16(_mm512_loadu_si512(xr), idx, _mm512_loadu_si512(xr + 32));
+    aq[i] = _mm512_dpbf16_ps(aq[i], (__m512bh)xs, (__m512bh)qp);
+    if (!kSym)
+      ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)_mm512_set1_epi32(0x3F803F80));
+  }
+}
+
+// The partial last step st (dense = 16, 32 or 48 columns), natural order, masked loads.
+template <int MB, bool kSym>
+BITPRESS_TARGET_AVX512BF16 void bf16_tail_step(const int32_t* q, const uint8_t* meta,
+                                               const uint16_t* x, int64_t ldx, int64_t st,
+                                               int64_t dense, __m512* aq, __m512* ax) {
   alignas(64) static constexpr uint16_t kWord[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1,
                                                      1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
                                                      2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
@@ -199,90 +275,161 @@ BITPRESS_TARGET_AVX512BF16 void block_bf16(const Sparse24Int4GemmParams& p, int6
   alignas(64) static constexpr uint16_t kBase[32] = {0,  0,  4,  4,  8,  8,  12, 12, 16, 16, 20,
                                                      20, 24, 24, 28, 28, 32, 32, 36, 36, 40, 40,
                                                      44, 44, 48, 48, 52, 52, 56, 56, 60, 60};
-  const __m512i word = _mm512_load_si512(kWord), shift = _mm512_load_si512(kShift);
-  const __m512i base = _mm512_load_si512(kBase), three = _mm512_set1_epi16(3);
-  const __m512i ones = _mm512_set1_epi32(0x3F803F80);  // bf16 pair (1, 1)
-  // bf16 of q - 8 for q = 0..15 (words 16..31 unused: the codes are 0..15).
-  alignas(64) static constexpr uint16_t kSymTable[32] = {
-      0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000,
-      0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0,      0,      0,      0,      0,      0,
-      0,      0,      0,      0,      0,      0,      0,      0,      0,      0};
-  const __m512i sym = _mm512_load_si512(kSymTable);
-  __m512 y[MB], aq[MB], ax[MB];
-  for (int i = 0; i < MB; ++i) y[i] = aq[i] = ax[i] = _mm512_setzero_ps();
-  const int64_t steps = (K + 63) / 64, per_group = p.group_size / 64;
+  uint64_t mw = 0;
+  memcpy(&mw, meta + 8 * st, size_t(dense / 8));
+  __m512i idx = _mm512_permutexvar_epi16(_mm512_load_si512(kWord), _mm512_set1_epi64(int64_t(mw)));
+  idx = _mm512_add_epi16(
+      _mm512_and_si512(_mm512_srlv_epi16(idx, _mm512_load_si512(kShift)), _mm512_set1_epi16(3)),
+      _mm512_load_si512(kBase));
+  // Codes: byte i holds values 2i (low nibble) and 2i + 1: dword lane i becomes the pair.
+  const __mmask16 qm = __mmask16((1u << (dense / 4)) - 1);
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(qm, q + 4 * st));
+  __m512i qp =
+      _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
+                      _mm512_and_si512(_mm512_slli_epi32(d, 12), _mm512_set1_epi32(0xF0000)));
+  // Lanes past the row's end: x loads as zero, so their pairs add nothing.
+  if (kSym) {
+    qp = _mm512_permutexvar_epi16(qp, _mm512_load_si512(kSymTable));
+  } else {
+    qp = _mm512_or_si512(qp, _mm512_set1_epi32(0x43004300));
+  }
+  const __mmask32 xm0 = dense >= 32 ? ~__mmask32(0) : __mmask32((1u << dense) - 1);
+  const __mmask32 xm1 = dense <= 32 ? 0 : __mmask32((1u << (dense - 32)) - 1);
+  for (int i = 0; i < MB; ++i) {
+    const uint16_t* xr = x + i * ldx + 64 * st;
+    const __m512i xs = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(xm0, xr), idx,
+                                                 _mm512_maskz_loadu_epi16(xm1, xr + 32));
+    aq[i] = _mm512_dpbf16_ps(aq[i], (__m512bh)xs, (__m512bh)qp);
+    if (!kSym)
+      ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)_mm512_set1_epi32(0x3F803F80));
+  }
+}
+
+// Folds a group's sums into y: y += s sum x q' (symmetric), else y += s (sum x q' - (128 + z)
+// sum x); the chains restart at zero.
+template <int MB, bool kSym, int kChains>
+BITPRESS_TARGET_AVX512BF16 inline __attribute__((always_inline)) void bf16_flush(__m512 (*aq)[MB],
+                                                                                 __m512 (*ax)[MB],
+                                                                                 __m512* y, float s,
+                                                                                 float z) {
+  const __m512 sv = _mm512_set1_ps(s), szv = _mm512_set1_ps(-s * (128.f + z));
+  for (int i = 0; i < MB; ++i) {
+    __m512 a = aq[0][i], b = ax[0][i];
+    if (kChains == 2) {
+      a = _mm512_add_ps(a, aq[1][i]);
+      b = _mm512_add_ps(b, ax[1][i]);
+    }
+    y[i] =
+        kSym ? _mm512_fmadd_ps(a, sv, y[i]) : _mm512_fmadd_ps(a, sv, _mm512_fmadd_ps(b, szv, y[i]));
+    for (int c = 0; c < kChains; ++c) aq[c][i] = ax[c][i] = _mm512_setzero_ps();
+  }
+}
+
+// Weight row n times rows m0 .. m0 + MB - 1 of x into acc[m0 ..]. kPg: steps per group
+// (group_size / 64) when fixed at compile time (2: group 128, the common case, whose groups are
+// then straight-line code), 0 when read from p.
+template <int MB, bool kSym, int kPg>
+BITPRESS_TARGET_AVX512BF16 inline __attribute__((always_inline)) void block_bf16(
+    const Sparse24Int4GemmParams& p, int64_t n, const float* s, const float* z, int64_t m0,
+    float* acc) {
+  const int64_t K = p.K;
+  const int32_t* q = p.qvalues + n * (K / 16);
+  const uint8_t* meta = p.meta + n * (K / 8);
+  const uint16_t* x = static_cast<const uint16_t*>(p.x) + m0 * p.x_row_stride;
+  const int64_t ldx = p.x_row_stride;
+  // Two accumulator chains per row while they fit in the 32 registers.
+  constexpr int kChains = MB <= 4 ? 2 : 1;
+  __m512 y[MB], aq[kChains][MB], ax[kChains][MB];
+  for (int i = 0; i < MB; ++i) {
+    y[i] = _mm512_setzero_ps();
+    for (int c = 0; c < kChains; ++c) aq[c][i] = ax[c][i] = _mm512_setzero_ps();
+  }
+  const int64_t pg = kPg > 0 ? kPg : p.group_size / 64;
+  // full steps, and the groups made of full steps only (all but a last partial group)
+  const int64_t full = K / 64, gfull = full / pg;
   // The first block of rows of x prefetches the row's streams 4 KiB ahead (the hardware
-  // prefetchers stop at each 4 KiB page): codes every 4 steps, metadata every 8.
+  // prefetchers stop at each 4 KiB page): codes and metadata every 2 steps (a line holds 4 and 8
+  // steps; the extra prefetches cost a load slot each).
   const bool pf = m0 == 0;
   const char* qpf = reinterpret_cast<const char*>(q) + kPrefetchBytes;
   const char* mpf = reinterpret_cast<const char*>(meta) + kPrefetchBytes;
-  // Steps left in the current group, and the group: no division per step or group (a 64-bit
-  // division per group cost more than the group's two steps).
-  int64_t left = per_group, group = 0;
-  for (int64_t st = 0; st < steps; ++st) {
-    if (pf && (st & 3) == 0) {
-      __builtin_prefetch(qpf + 16 * st, 0, 2);
-      if ((st & 7) == 0) __builtin_prefetch(mpf + 8 * st, 0, 2);
-    }
-    const int64_t dense = std::min<int64_t>(64, K - 64 * st);  // 16..64, a multiple of 16
-    uint64_t mw = 0;
-    // A constant size for the full steps: one load, not a call to memcpy per step.
-    if (dense == 64) {
-      memcpy(&mw, meta + 8 * st, 8);
-    } else {
-      memcpy(&mw, meta + 8 * st, size_t(dense / 8));
-    }
-    __m512i idx = _mm512_permutexvar_epi16(word, _mm512_set1_epi64(int64_t(mw)));
-    idx = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(idx, shift), three), base);
-    // Codes: byte i holds values 2i (low nibble) and 2i + 1: dword lane i becomes the pair.
-    const __mmask16 qm = dense == 64 ? __mmask16(0xFFFF) : __mmask16((1u << (dense / 4)) - 1);
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(qm, q + 4 * st));
-    __m512i qp =
-        _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xF)),
-                        _mm512_and_si512(_mm512_slli_epi32(d, 12), _mm512_set1_epi32(0xF0000)));
-    // Lanes past the row's end: x loads as zero, so their (128 + 0) pairs add nothing.
-    if (kSym) {
-      qp = _mm512_permutexvar_epi16(qp, sym);
-    } else {
-      qp = _mm512_or_si512(qp, _mm512_set1_epi32(0x43004300));
-    }
-    const __mmask32 xm0 = dense >= 32 ? ~__mmask32(0) : __mmask32((1u << dense) - 1);
-    const __mmask32 xm1 = dense <= 32   ? 0
-                          : dense == 64 ? ~__mmask32(0)
-                                        : __mmask32((1u << (dense - 32)) - 1);
-    for (int i = 0; i < MB; ++i) {
-      const uint16_t* xr = x + (m0 + i) * p.x_row_stride + 64 * st;
-      const __m512i xs = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(xm0, xr), idx,
-                                                   _mm512_maskz_loadu_epi16(xm1, xr + 32));
-      aq[i] = _mm512_dpbf16_ps(aq[i], (__m512bh)xs, (__m512bh)qp);
-      if (!kSym) ax[i] = _mm512_dpbf16_ps(ax[i], (__m512bh)xs, (__m512bh)ones);
-    }
-    if (--left == 0 || st + 1 == steps) {
-      left = per_group;
-      const int64_t g = group++;
-      const __m512 sv = _mm512_set1_ps(s[g]), szv = _mm512_set1_ps(-s[g] * (128.f + z[g]));
-      for (int i = 0; i < MB; ++i) {
-        y[i] = kSym ? _mm512_fmadd_ps(aq[i], sv, y[i])
-                    : _mm512_fmadd_ps(aq[i], sv, _mm512_fmadd_ps(ax[i], szv, y[i]));
-        aq[i] = ax[i] = _mm512_setzero_ps();
+  int64_t st = 0;
+  for (int64_t g = 0; g < gfull; ++g) {
+    for (int64_t j = 0; j + 1 < pg; j += 2, st += 2) {
+      if (pf) {
+        __builtin_prefetch(qpf + 16 * st, 0, 2);
+        __builtin_prefetch(mpf + 8 * st, 0, 2);
       }
+      bf16_full_step<MB, kSym>(q, meta, x, ldx, st, aq[0], ax[0]);
+      bf16_full_step<MB, kSym>(q, meta, x, ldx, st + 1, aq[kChains - 1], ax[kChains - 1]);
     }
+    if (pg & 1) {
+      if (pf) __builtin_prefetch(qpf + 16 * st, 0, 2);
+      bf16_full_step<MB, kSym>(q, meta, x, ldx, st++, aq[0], ax[0]);
+    }
+    bf16_flush<MB, kSym, kChains>(aq, ax, y, s[g], z[g]);
+  }
+  if (gfull < p.G) {  // the last group, partial: its full steps, then the partial step
+    for (; st < full; ++st) bf16_full_step<MB, kSym>(q, meta, x, ldx, st, aq[0], ax[0]);
+    if (K % 64) bf16_tail_step<MB, kSym>(q, meta, x, ldx, full, K % 64, aq[0], ax[0]);
+    bf16_flush<MB, kSym, kChains>(aq, ax, y, s[gfull], z[gfull]);
   }
   for (int i = 0; i < MB; ++i) acc[m0 + i] = _mm512_reduce_add_ps(y[i]);
 }
 
-using BlockFn = void (*)(const Sparse24Int4GemmParams&, const float*, int64_t, const float*,
-                         const float*, int64_t, float*);
+// Rows m0 .. m0 + MB - 1 of x and one weight row, for M > kRowBlock.
+template <int MB, bool kSym>
+BITPRESS_TARGET_AVX512BF16 void block_bf16_call(const Sparse24Int4GemmParams& p, int64_t n,
+                                                const float* s, const float* z, int64_t m0,
+                                                float* acc) {
+  block_bf16<MB, kSym, 0>(p, n, s, z, m0, acc);
+}
+
+// Weight rows [n0, n1) when all of x is one block (M = MB <= kRowBlock, the decode case): one
+// call per task rather than per row, the block's setup and the per-row dispatch hoisted. s / z:
+// G floats each. False on an unordered metadata nibble.
+template <int MB, bool kSym, int kPg>
+BITPRESS_TARGET_AVX512BF16 bool rows_bf16(const Sparse24Int4GemmParams& p, int64_t n0, int64_t n1,
+                                          float* s, float* z) {
+  float acc[MB];
+  for (int64_t n = n0; n < n1; ++n) {
+    if (!sparse24_detail::meta_rows_ok_avx512(p.meta + n * (p.K / 8), p.K / 8)) return false;
+    if ((n & 15) == 0 && n + 64 < p.N) prefetch_groups(p, n + 64);
+    if (kSym && p.scales_dtype == DType::kBFloat16) {  // the zeros are not read: scales only
+      const uint16_t* sp = static_cast<const uint16_t*>(p.scales) + n;
+      for (int64_t g = 0; g < p.G; ++g) s[g] = bf16_bits_to_float(sp[g * p.N]);
+    } else {
+      row_groups(p, n, s, z);
+    }
+    block_bf16<MB, kSym, kPg>(p, n, s, z, 0, acc);
+    for (int m = 0; m < MB; ++m) {
+      store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n, acc[m], p.bias, p.bias_dtype);
+    }
+  }
+  return true;
+}
+
 using Bf16Fn = void (*)(const Sparse24Int4GemmParams&, int64_t, const float*, const float*, int64_t,
                         float*);
+using Bf16RowsFn = bool (*)(const Sparse24Int4GemmParams&, int64_t, int64_t, float*, float*);
 
 template <int... I>
 Bf16Fn bf16_fn(int mb, bool zeros, std::integer_sequence<int, I...>) {
-  static constexpr Bf16Fn fns[] = {block_bf16<I + 1, false>...};
-  static constexpr Bf16Fn sym[] = {block_bf16<I + 1, true>...};
+  static constexpr Bf16Fn fns[] = {block_bf16_call<I + 1, false>...};
+  static constexpr Bf16Fn sym[] = {block_bf16_call<I + 1, true>...};
   return zeros ? fns[mb - 1] : sym[mb - 1];
 }
 
+template <int... I>
+Bf16RowsFn bf16_rows_fn(int mb, bool zeros, bool pg2, std::integer_sequence<int, I...>) {
+  static constexpr Bf16RowsFn fns[2][2][sizeof...(I)] = {
+      {{rows_bf16<I + 1, true, 0>...}, {rows_bf16<I + 1, true, 2>...}},
+      {{rows_bf16<I + 1, false, 0>...}, {rows_bf16<I + 1, false, 2>...}}};
+  return fns[zeros][pg2][mb - 1];
+}
+
+using BlockFn = void (*)(const Sparse24Int4GemmParams&, const float*, int64_t, const float*,
+                         const float*, int64_t, float*);
 template <int... I>
 BlockFn avx512_fn(int mb, std::integer_sequence<int, I...>) {
   static constexpr BlockFn fns[] = {block_avx512<I + 1>...};
@@ -361,6 +508,15 @@ Status sparse24_int4_gemm_cpu(const Sparse24Int4GemmParams& p, const CpuThreadPo
       return;
     }
     float *s = buf, *z = buf + p.G, *acc = buf + 2 * p.G;
+#if defined(__x86_64__)
+    if (bf16 && p.M <= kRowBlock) {
+      const auto seq = std::make_integer_sequence<int, kRowBlock>{};
+      if (!bf16_rows_fn(int(p.M), p.zeros != nullptr, p.group_size == 128, seq)(p, n0, n1, s, z)) {
+        status = int(Status::kInvalidArgument);
+      }
+      return;
+    }
+#endif
     for (int64_t n = n0; n < n1; ++n) {
       if (!meta_rows_ok(p.meta + n * (p.K / 8), p.K / 8)) {
         status = int(Status::kInvalidArgument);
@@ -453,6 +609,22 @@ BITPRESS_TARGET_AVX512 int64_t values_avx512(const int32_t* qr, const uint16_t* 
   }
   return j;
 }
+
+// tb[c] = tb[c + 16] = bf16((c - z) s) for c = 0..15, rounded as float_to_bf16_bits (nearest
+// even, NaN kept quiet), 16 lanes at once: the scalar table cost ~10x the lookups it serves.
+BITPRESS_TARGET_AVX512 void table_avx512(float s, float z, uint16_t* tb) {
+  const __m512 c = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 v = _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  __m512i r = _mm512_add_epi32(
+      u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1))));
+  r = _mm512_srli_epi32(r, 16);
+  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), hi, _mm512_set1_epi32(0x40));
+  const __m256i w = _mm512_cvtepi32_epi16(r);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(tb), w);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(tb + 16), w);
+}
 #endif
 
 // The kept values of each row dequantized, in order: value j of row n is (q - z) s of its group,
@@ -460,6 +632,48 @@ BITPRESS_TARGET_AVX512 int64_t values_avx512(const int32_t* qr, const uint16_t* 
 // == 0), so no metadata is read. Per group, the 16 possible values are computed in float32 and
 // rounded once to bf16 (a table); each code is then one table lookup (a float conversion per
 // value cost ~10x more).
+namespace {
+
+// Rows [n0, n1) of sparse24_int4_values_cpu into values (row n at values + (n - n0) K/2).
+void values_rows(const Sparse24Int4GemmParams& p, int64_t n0, int64_t n1, bool avx512,
+                 uint16_t* values) {
+  const int64_t half = p.K / 2, per_group = p.group_size / 2;
+  alignas(64) uint16_t tb[32];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* qr = p.qvalues + n * (p.K / 16);
+    uint16_t* out = values + (n - n0) * half;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float sc = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
+      const float z = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
+#if defined(__x86_64__)
+      if (avx512) {
+        table_avx512(sc, z, tb);
+      } else {
+        for (int c = 0; c < 16; ++c) tb[c] = tb[c + 16] = float_to_bf16_bits((float(c) - z) * sc);
+      }
+#else
+      (void)avx512;
+      for (int c = 0; c < 16; ++c) tb[c] = tb[c + 16] = float_to_bf16_bits((float(c) - z) * sc);
+#endif
+      int64_t j = g * per_group;
+      const int64_t j1 = std::min(half, (g + 1) * per_group);
+#if defined(__x86_64__)
+      if (avx512) j = values_avx512(qr, tb, j, j1, out);
+#endif
+      for (; j < j1 && (j & 7); ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
+      for (; j + 8 <= j1; j += 8) {
+        const uint32_t word = uint32_t(qr[j >> 3]);
+        for (int i = 0; i < 8; ++i) out[j + i] = tb[(word >> (4 * i)) & 15];
+      }
+      for (; j < j1; ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
+    }
+  }
+}
+
+thread_local ThreadBuffer t_values;  // a pool thread: one block of rows' bf16 values
+
+}  // namespace
+
 Status sparse24_int4_values_cpu(const Sparse24Int4GemmParams& p, uint16_t* values,
                                 const CpuThreadPool* pool) {
   Sparse24Int4GemmParams q = p;
@@ -467,32 +681,55 @@ Status sparse24_int4_values_cpu(const Sparse24Int4GemmParams& p, uint16_t* value
   const Status st = check(q);
   if (st != Status::kSuccess || p.N == 0 || p.K == 0) return st;
   if (!values) return Status::kInvalidArgument;
-  const int64_t half = p.K / 2, per_group = p.group_size / 2;
   const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512;
   parallel_for(pool, 0, p.N, 16, [&](int64_t n0, int64_t n1) {
-    alignas(64) uint16_t tb[32];
-    for (int64_t n = n0; n < n1; ++n) {
-      const int32_t* qr = p.qvalues + n * (p.K / 16);
-      uint16_t* out = values + n * half;
-      for (int64_t g = 0; g < p.G; ++g) {
-        const float sc = load_as_float(p.scales, p.scales_dtype, g * p.N + n);
-        const float z = p.zeros ? load_as_float(p.zeros, p.zeros_dtype, g * p.N + n) : 8.f;
-        for (int c = 0; c < 16; ++c) tb[c] = tb[c + 16] = float_to_bf16_bits((float(c) - z) * sc);
-        int64_t j = g * per_group;
-        const int64_t j1 = std::min(half, (g + 1) * per_group);
-#if defined(__x86_64__)
-        if (avx512) j = values_avx512(qr, tb, j, j1, out);
-#endif
-        for (; j < j1 && (j & 7); ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
-        for (; j + 8 <= j1; j += 8) {
-          const uint32_t word = uint32_t(qr[j >> 3]);
-          for (int i = 0; i < 8; ++i) out[j + i] = tb[(word >> (4 * i)) & 15];
-        }
-        for (; j < j1; ++j) out[j] = tb[(qr[j >> 3] >> (4 * (j & 7))) & 15];
+    values_rows(p, n0, n1, avx512, values + n0 * (p.K / 2));
+  });
+  return Status::kSuccess;
+}
+
+Status sparse24_int4_gemm_via_values_cpu(const Sparse24Int4GemmParams& p,
+                                         const CpuThreadPool* pool) {
+  const Status st = check(p);
+  if (st != Status::kSuccess || p.M == 0 || p.N == 0) return st;
+  if (p.x_dtype != DType::kBFloat16 || p.K == 0) return Status::kInvalidArgument;
+  const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512;
+  const int64_t blocks = (p.N + kSparse24Int4ValuesBlockRows - 1) / kSparse24Int4ValuesBlockRows;
+  const int out_size = dtype_size(p.x_dtype);
+  std::atomic<int> status{int(Status::kSuccess)};
+  parallel_for(pool, 0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kSparse24Int4ValuesBlockRows;
+      const int64_t n1 = std::min(p.N, n0 + kSparse24Int4ValuesBlockRows);
+      uint16_t* vals = static_cast<uint16_t*>(t_values.get(size_t(n1 - n0) * size_t(p.K / 2) * 2));
+      if (!vals) {
+        status = int(Status::kOutOfMemory);
+        return;
+      }
+      values_rows(p, n0, n1, avx512, vals);
+      Sparse24GemmParams g;
+      g.x = p.x;
+      g.x_dtype = p.x_dtype;
+      g.x_row_stride = p.x_row_stride;
+      g.M = p.M;
+      g.K = p.K;
+      g.N = n1 - n0;
+      g.values = vals;
+      g.meta = p.meta + n0 * (p.K / 8);
+      if (p.bias) {
+        g.bias = static_cast<const char*>(p.bias) + n0 * dtype_size(p.bias_dtype);
+        g.bias_dtype = p.bias_dtype;
+      }
+      g.out = static_cast<char*>(p.out) + n0 * out_size;
+      g.out_row_stride = p.out_row_stride;
+      const Status s = sparse24_gemm_cpu(g, nullptr);  // this block on this thread
+      if (s != Status::kSuccess) {
+        status = int(s);
+        return;
       }
     }
   });
-  return Status::kSuccess;
+  return Status(status.load());
 }
 
 }  // namespace bitpress

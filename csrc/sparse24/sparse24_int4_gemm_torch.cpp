@@ -1,8 +1,9 @@
 // Torch glue of sparse24_int4_gemm on the CPU (ROW layout): checks, then the CPU kernel
 // (bitpress/sparse24/sparse24_cpu.h). bf16 x with M >= kSparse24Int4ViaValuesMinRows: the kept
-// values dequantized to bf16, then sparse24_gemm's kernel; other M <= 16: the kernel's read
-// stream; M > 16 (fp16 / fp32 x): the weight is dequantized once per call to float32 and the dense
-// float32 GEMM takes the product.
+// values dequantized to bf16 (blocks of rows in an L2-sized buffer up to
+// kSparse24Int4ValuesBlockMaxM rows of x, a weight-size workspace above), then sparse24_gemm's
+// kernel; other M <= 16: the kernel's read stream; M > 16 (fp16 / fp32 x): the weight is
+// dequantized once per call to float32 and the dense float32 GEMM takes the product.
 #include <ATen/ops/linear.h>
 
 #include <vector>
@@ -70,10 +71,32 @@ at::Tensor sparse24_int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qv
   p.G = G;
   p.group_size = group_size == -1 ? K : group_size;
   p.x_dtype = to_dtype(x.scalar_type());
+  if (x.scalar_type() == at::kBFloat16 && M >= kSparse24Int4ViaValuesMinRows &&
+      M <= kSparse24Int4ValuesBlockMaxM && active_cpu_isa() >= CpuIsa::kAvx512) {
+    // The kept values dequantized to bf16 one block of rows at a time into a per-thread buffer,
+    // then sparse24_gemm's kernel on the block with the same meta (no weight-size workspace).
+    // The weights are rounded once to bf16 (relative 2^-9), as x is. Not below AVX-512, where
+    // sparse24_gemm widens x to float32 on every call, i.e. per block.
+    const at::Tensor x2 = rows_contiguous(x.reshape({M, K}));
+    const at::Tensor bs = bias ? bias->contiguous() : at::Tensor();
+    p.x = x2.data_ptr();
+    p.x_row_stride = row_stride(x2);
+    if (bs.defined()) {
+      p.bias = bs.data_ptr();
+      p.bias_dtype = to_dtype(bs.scalar_type());
+    }
+    p.out = out.data_ptr();
+    p.out_row_stride = N;
+    const Status st = sparse24_int4_gemm_via_values_cpu(p, torch_thread_pool());
+    if (st == Status::kInvalidArgument) check_sparse24_meta_values(kOp, mc, N, K);
+    check_status(st, kOp);
+    return out;
+  }
   if (x.scalar_type() == at::kBFloat16 && M >= kSparse24Int4ViaValuesMinRows) {
-    // The kept values dequantized to bf16 once per call into this thread's reused workspace (no
-    // allocation in steady state), then sparse24_gemm's kernel with the same meta. The weights
-    // are rounded once to bf16 (relative 2^-9), as x is.
+    // Larger M: the kept values dequantized to bf16 once per call into this thread's reused
+    // workspace (no allocation in steady state; a block at a time would convert x per block), then
+    // sparse24_gemm's kernel with the same meta. The weights are rounded once to bf16 (relative
+    // 2^-9), as x is.
     thread_local at::Tensor ws;
     if (!ws.defined() || ws.numel() < N * (K / 2)) {
       ws = at::Tensor();

@@ -187,3 +187,49 @@ def test_bf16_paths(isa, M):
         assert rel_err(out, want) <= TOLERANCE[torch.bfloat16], (K, gs)
         # Tighter than the output rounding: the float32 sums are close to exact.
         assert rel_err(out.double(), want.bfloat16().double()) <= 5e-3, (K, gs)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "amx"])
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_bf16_decode_rows(isa, M, sym):
+    """bf16 x, M <= 8 on AVX512-BF16: the task-wide row loop with its permuted step order, group
+    128 (straight-line groups) and other multiples of 64 (an odd number of steps per group, a
+    partial last group, partial last steps of 16 / 48 columns); an unordered nibble in the
+    64-byte body or the tail of a metadata row is rejected."""
+    if not _isa_ok(isa):
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    for K, N, gs in [(4144, 9, 128), (1088, 13, 192), (320, 6, 64), (4096, 5, 128)]:
+        qv, meta, scales, zeros = _weight(N, K, gs, sym, torch.bfloat16, K + M + sym)
+        x = torch.randn(M, K).bfloat16()
+        _ext.C.set_cpu_isa(isa)
+        try:
+            out = ops.sparse24_int4_gemm(x, qv, meta, scales, zeros, group_size=gs, backend="cpu")
+            want = ref64(x, qv, meta, scales, zeros, gs)
+            assert rel_err(out.double(), want.bfloat16().double()) <= 5e-3, (K, gs)
+            for col in (5, K // 8 - 1):  # body, last byte
+                bad = meta.clone()
+                bad[N - 1, col] = 0x11
+                with pytest.raises(RuntimeError, match=r"^sparse24_int4_gemm: meta"):
+                    ops.sparse24_int4_gemm(x, qv, bad, scales, zeros, group_size=gs, backend="cpu")
+        finally:
+            _ext.C.set_cpu_isa(None)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("M", [5, 16, 17])
+def test_bf16_values_blocks(sym, M):
+    """bf16 x at 5 <= M <= 16: the kept values dequantized a block of 256 rows at a time, each
+    block multiplied on its own (three blocks, the last partial: bias and output offsets); M = 17:
+    the whole-weight workspace. An unordered nibble in the last block is rejected."""
+    K, N, gs = 256, 600, 128
+    qv, meta, scales, zeros = _weight(N, K, gs, sym, torch.bfloat16, M + sym)
+    x = torch.randn(M, K).bfloat16()
+    bias = torch.randn(N).bfloat16()
+    out = ops.sparse24_int4_gemm(x, qv, meta, scales, zeros, group_size=gs, bias=bias)
+    want = ref64(x, qv, meta, scales, zeros, gs, bias)
+    assert rel_err(out, want) <= TOLERANCE[torch.bfloat16]
+    bad = meta.clone()
+    bad[N - 3, 7] = 0x11
+    with pytest.raises(RuntimeError, match=r"^sparse24_int4_gemm: meta"):
+        ops.sparse24_int4_gemm(x, qv, bad, scales, zeros, group_size=gs, bias=bias)

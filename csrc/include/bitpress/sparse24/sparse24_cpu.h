@@ -115,6 +115,19 @@ Status sparse24_int4_values_cpu(const Sparse24Int4GemmParams& p, uint16_t* value
 // sparse24_gemm runs on the microkernel (AMX tiles where there are some).
 constexpr int64_t kSparse24Int4ViaValuesMinRows = 5;
 
+// The same product for bf16 x without a full-size workspace: each task dequantizes blocks of
+// kSparse24Int4ValuesBlockRows weight rows into a per-thread buffer (1 MiB at K = 4096: it stays
+// in L2) and runs sparse24_gemm_cpu on the block on its own thread (the values of the whole
+// weight, 1 byte per dense weight, written and read back cost more than the product at M = 16).
+// x, out, bias as in sparse24_int4_gemm_cpu; kInvalidArgument for other x dtypes or on an
+// unordered nibble.
+Status sparse24_int4_gemm_via_values_cpu(const Sparse24Int4GemmParams& p,
+                                         const CpuThreadPool* pool);
+constexpr int64_t kSparse24Int4ValuesBlockRows = 256;
+// Up to this many rows of x: at M = 128 and 512 the panel path's x^T conversion, repeated per
+// block, measured 1.25x and 2.2x slower than one weight-size workspace.
+constexpr int64_t kSparse24Int4ValuesBlockMaxM = 16;
+
 // The dense float32 weight [N, K] of a 2:4 + INT4 weight (the dense fallback for large M).
 Status sparse24_int4_dequantize_cpu(const Sparse24Int4GemmParams& p, float* w,
                                     const CpuThreadPool* pool);
