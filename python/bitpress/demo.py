@@ -640,6 +640,9 @@ def _notes(s: Settings, device: torch.device) -> list[str]:
         f"{s.calibration[1]} rows of 128 bytes of the training text; so do Wanda and SparseGPT.",
         "speed: rows that run the same kernels share one measurement (INT4 RTN and GPTQ; the "
         "2:4 rows); the student's speed model has half the decoder layers.",
+        f"the student and the recovery fine-tune train further on the same text ({s.distill_steps}"
+        f" and {s.recover_steps} steps) than the quality model itself ({s.steps} steps): their "
+        "perplexity can reach fp32's; their next-token agreement shows they are other models.",
         "speculative: the quality model as target (fp32), 64-byte held-out prompts, batch 1; "
         "a model this small is bound by per-step overheads, so the ratios say more about the "
         "generator's overhead than about a large model's decode.",
