@@ -21,7 +21,9 @@
 //    by vcvtph2ps (exact, F16C ignores DAZ) and multiplied into float32 accumulators by FMA with x
 //    in float32 (exact for every x dtype); the 2^8 is folded into the scale. M = 1 is then a pure
 //    read stream of 1 byte per weight. NaN codes (0x7F / 0xFF) decode to finite values there:
-//    a byte compare flags them and the output column becomes NaN, as the reference's.
+//    a byte compare flags them and the output column becomes NaN, as the reference's. At M = 1
+//    (AVX2 / AVX-512) each task's rows are read as options.dot_streams (4) runs at once, one row
+//    of each run per pass, so that each thread keeps 4 weight streams in flight (rows_dot_*).
 #include <math.h>
 #include <string.h>
 
@@ -245,9 +247,136 @@ BITPRESS_TARGET_AVX512 bool block_dot_avx512(const DotArgs& d, int64_t n, int64_
     return nan;
   }
 }
+
+// M = 1, R rows at once (rows_dot_*<R>): each task's rows are cut into R runs of consecutive
+// rows and row i of every run is read in the same loop, their 32-code steps interleaved, so that
+// each thread keeps R weight streams in flight (R pages prefetched ahead, R hardware-prefetcher
+// streams) instead of one. One stream per thread read at ~80% of the read floor (bench/NOTES.md:
+// latency-bound on too few misses in flight, as int4_gemm's M = 1 was). Each run is contiguous
+// in memory (ldw = K), so the prefetch ahead of a row's end fetches the run's next row. x is
+// loaded once per step for all R rows. Returns the rows whose codes held a NaN (bit u for n[u]).
+constexpr int kDotMaxStreams = 4;
+using RowsDot = uint32_t (*)(const DotArgs& d, const int64_t* n, int64_t k0, int64_t k1,
+                             float* acc);
+
+template <int R>
+BITPRESS_TARGET_AVX512 uint32_t rows_dot_avx512(const DotArgs& d, const int64_t* n, int64_t k0,
+                                                int64_t k1, float* acc) {
+  const __m512i keep = _mm512_set1_epi16(int16_t(0xBFFF));
+  const __m256i m7f = _mm256_set1_epi8(0x7F);
+  const uint8_t* w[R];
+  __m512 a[R];
+  __mmask32 nanm[R];
+  for (int u = 0; u < R; ++u) {
+    w[u] = d.p->w + n[u] * d.p->ldw;
+    a[u] = _mm512_setzero_ps();
+    nanm[u] = 0;
+  }
+  int64_t k = k0;
+  for (; k + 32 <= k1; k += 32) {
+    const __m512 x0 = _mm512_loadu_ps(d.x + k), x1 = _mm512_loadu_ps(d.x + k + 16);
+    const bool pf = k % 64 == 0;
+#pragma GCC unroll 4
+    for (int u = 0; u < R; ++u) {
+      if (pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(w[u] + k) + 2048, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w[u] + k) + 8192, _MM_HINT_T1);
+      }
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[u] + k));
+      nanm[u] |= _mm256_cmpeq_epi8_mask(_mm256_and_si256(b, m7f), m7f);
+      // sign-extended byte << 7: magnitude in bits 7..13, sign in 14 and 15; clear bit 14.
+      const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(b), 7), keep);
+      a[u] = _mm512_fmadd_ps(x0, _mm512_cvtph_ps(_mm512_castsi512_si256(h)), a[u]);
+      a[u] = _mm512_fmadd_ps(x1, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), a[u]);
+    }
+  }
+  uint32_t nan = 0;
+  for (int u = 0; u < R; ++u) {
+    float t = _mm512_reduce_add_ps(a[u]);
+    bool nu = nanm[u] != 0;
+    for (int64_t j = k; j < k1; ++j) {
+      t = fmaf(d.x[j], kF32Lut.v[w[u][j]], t);
+      nu |= e4m3_is_nan(w[u][j]);
+    }
+    acc[u] += t;
+    nan |= uint32_t(nu) << u;
+  }
+  return nan;
+}
+
+template <int R>
+BITPRESS_TARGET_AVX2 uint32_t rows_dot_avx2(const DotArgs& d, const int64_t* n, int64_t k0,
+                                            int64_t k1, float* acc) {
+  const __m128i keep = _mm_set1_epi16(int16_t(0xBFFF)), m7f = _mm_set1_epi8(0x7F);
+  const uint8_t* w[R];
+  __m256 a[R];
+  __m128i nanv[R];
+  for (int u = 0; u < R; ++u) {
+    w[u] = d.p->w + n[u] * d.p->ldw;
+    a[u] = _mm256_setzero_ps();
+    nanv[u] = _mm_setzero_si128();
+  }
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(d.x + k);
+    const bool pf = k % 64 == 0;
+#pragma GCC unroll 4
+    for (int u = 0; u < R; ++u) {
+      if (pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(w[u] + k) + 2048, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w[u] + k) + 8192, _MM_HINT_T1);
+      }
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[u] + k));
+      nanv[u] = _mm_or_si128(nanv[u], _mm_cmpeq_epi8(_mm_and_si128(b, m7f), m7f));
+      const __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), keep);
+      a[u] = _mm256_fmadd_ps(x0, _mm256_cvtph_ps(h), a[u]);
+    }
+  }
+  uint32_t nan = 0;
+  for (int u = 0; u < R; ++u) {
+    alignas(32) float t8[8];
+    _mm256_store_ps(t8, a[u]);
+    float t = ((t8[0] + t8[1]) + (t8[2] + t8[3])) + ((t8[4] + t8[5]) + (t8[6] + t8[7]));
+    bool nu = (_mm_movemask_epi8(_mm_unpacklo_epi64(nanv[u], _mm_setzero_si128())) & 0xFF) != 0;
+    for (int64_t j = k; j < k1; ++j) {
+      t = fmaf(d.x[j], kF32Lut.v[w[u][j]], t);
+      nu |= e4m3_is_nan(w[u][j]);
+    }
+    acc[u] += t;
+    nan |= uint32_t(nu) << u;
+  }
+  return nan;
+}
 #endif
 
-Status dot_path(const Fp8WeightGemmParams& p, const CpuThreadPool* pool, CpuIsa isa) {
+// y[0, n] for rows n in [n0, n1) (M = 1), `streams` runs of rows read at once: run u holds rows
+// n0 + u S .. n0 + (u + 1) S - 1 (S = ceil(rows / streams), the last runs shorter or empty).
+// fns[r] reads r rows at once (r = 1..streams).
+void dot_rows_streams(const DotArgs& d, int64_t n0, int64_t n1, int streams, const RowsDot* fns) {
+  const Fp8WeightGemmParams& p = *d.p;
+  const bool block = p.w_scale.layout == Fp8ScaleLayout::kBlock;
+  const int64_t step = block ? kFp8ScaleBlock : std::max<int64_t>(d.K, 1);
+  const int64_t S = (n1 - n0 + streams - 1) / streams;
+  for (int64_t i = 0; i < S; ++i) {
+    int64_t n[kDotMaxStreams];
+    int r = 0;  // the runs that still have a row i: a prefix of them
+    for (int u = 0; u < streams && n0 + u * S + i < n1; ++u) n[r++] = n0 + u * S + i;
+    float tot[kDotMaxStreams] = {0.f, 0.f, 0.f, 0.f};
+    uint32_t nan = 0;
+    for (int64_t k0 = 0, kb = 0; k0 < d.K; k0 += step, ++kb) {
+      float acc[kDotMaxStreams] = {0.f, 0.f, 0.f, 0.f};
+      nan |= fns[r](d, n, k0, std::min(d.K, k0 + step), acc);
+      for (int u = 0; u < r; ++u) tot[u] += acc[u] * (w_scale_of(p.w_scale, n[u], kb) * 256.f);
+    }
+    for (int u = 0; u < r; ++u) {
+      const float b = p.bias ? load_as_float(p.bias, p.bias_dtype, n[u]) : 0.f;
+      store(p.out, p.x_dtype, n[u], (nan >> u) & 1 ? NAN : tot[u] + b);
+    }
+  }
+}
+
+Status dot_path(const Fp8WeightGemmParams& p, const CpuThreadPool* pool, CpuIsa isa,
+                const Fp8CpuOptions& options) {
   const CpuFeatures& f = cpu_features();
   if (isa == CpuIsa::kAvx2 && !(f.avx2 && f.fma && f.f16c)) return Status::kUnsupported;
   if (isa >= CpuIsa::kAvx512 && !fp8_cpu::decode_available(Fp8CpuOptions::Decode::kAvx512))
@@ -260,11 +389,22 @@ Status dot_path(const Fp8WeightGemmParams& p, const CpuThreadPool* pool, CpuIsa 
     for (int64_t k = 0; k < K; ++k) x[m * K + k] = load_as_float(row, p.x_dtype, k);
   }
   const DotArgs d{x, M, K, p.N, &p};
+  const int streams = M == 1 ? std::clamp(options.dot_streams, 1, kDotMaxStreams) : 1;
   // Rows of W in chunks of 64 (64 K bytes at K = 1K .. 16 K: a task is a long, sequential read).
   const int64_t chunk = 64, n_chunks = (p.N + chunk - 1) / chunk;
   parallel_for(pool, 0, n_chunks, 1, [&](int64_t b, int64_t e) {
     const int64_t n0 = b * chunk, n1 = std::min(p.N, e * chunk);
 #if defined(__x86_64__)
+    if (streams > 1 && isa >= CpuIsa::kAvx512) {
+      static constexpr RowsDot fns[] = {nullptr, rows_dot_avx512<1>, rows_dot_avx512<2>,
+                                        rows_dot_avx512<3>, rows_dot_avx512<4>};
+      return dot_rows_streams(d, n0, n1, streams, fns);
+    }
+    if (streams > 1 && isa == CpuIsa::kAvx2) {
+      static constexpr RowsDot fns[] = {nullptr, rows_dot_avx2<1>, rows_dot_avx2<2>,
+                                        rows_dot_avx2<3>, rows_dot_avx2<4>};
+      return dot_rows_streams(d, n0, n1, streams, fns);
+    }
     if (isa >= CpuIsa::kAvx512) return dot_rows(d, n0, n1, block_dot_avx512);
     if (isa == CpuIsa::kAvx2) return dot_rows(d, n0, n1, block_dot_avx2);
 #endif
@@ -295,7 +435,7 @@ Status fp8_weight_gemm_cpu_with(const Fp8WeightGemmParams& p, const CpuThreadPoo
   if (st != Status::kSuccess) return st;
   if (p.M == 0 || p.N == 0) return Status::kSuccess;
   if (p.M <= std::min<int64_t>(options.dot_max_rows, kDotMaxRows)) {
-    return dot_path(p, pool, options.dot_isa);
+    return dot_path(p, pool, options.dot_isa, options);
   }
   using namespace fp8_cpu;
   EngineArgs e;

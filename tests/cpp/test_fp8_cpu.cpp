@@ -216,14 +216,16 @@ std::vector<Fp8CpuOptions> dot_options() {
     Fp8CpuOptions o;
     o.dot_max_rows = 4;
     o.dot_isa = isa;
-    all.push_back(o);
+    all.push_back(o);  // M = 1: 4 rows read at once (the default)
+    o.dot_streams = 1;
+    all.push_back(o);  // M = 1: one row after the other
   }
   return all;
 }
 
 const char* opt_name(const Fp8CpuOptions& o, char* buf) {
   if (o.dot_max_rows) {
-    snprintf(buf, 64, "dot-%s", cpu_isa_name(o.dot_isa));
+    snprintf(buf, 64, "dot-%s-s%d", cpu_isa_name(o.dot_isa), o.dot_streams);
   } else {
     const int d = int(o.decode);
     snprintf(buf, 64, "%s%s%s%s", cpu::gemm_kernel_name(o.kernel),
@@ -306,6 +308,70 @@ void test_weight_gemm(std::mt19937& rng) {
           CHECK(rel < tol, "weight_gemm %s M=%lld K=%lld N=%lld x=%s layout=%d: rel err %g",
                 opt_name(o, buf), (long long)M, (long long)K, (long long)N, dtype_name(xt),
                 int(layout), rel);
+        }
+      }
+    }
+  }
+}
+
+// M = 1 on the dot-product path, 1..4 weight rows read at once: every row count of a task (N
+// up to 9, and 64 + 1..8 for a full task then a ragged one) with every remainder of the stream
+// count; K = 203: a ragged tail after the AVX-512 (32) and AVX2 (8) steps and, with block
+// scales, a second K block. A NaN code in one row must make that row's output NaN and no other.
+void test_dot_streams(std::mt19937& rng) {
+  const int64_t K = 203;
+  std::normal_distribution<float> nx(0.f, 1.f);
+  std::vector<float> x(static_cast<size_t>(K));
+  for (auto& v : x) v = nx(rng);
+  std::vector<int64_t> Ns;
+  for (int64_t n = 1; n <= 9; ++n) Ns.push_back(n);
+  for (int64_t n = 65; n <= 72; ++n) Ns.push_back(n);
+  for (Fp8ScaleLayout layout : {Fp8ScaleLayout::kRow, Fp8ScaleLayout::kBlock}) {
+    for (int64_t N : Ns) {
+      std::vector<uint8_t> w = random_codes(size_t(N * K), rng);
+      for (auto& c : w) c = (c & 0x7F) == 0x7F ? 0x38 : c;  // no NaN but the one below
+      const int64_t nan_row = N > 2 ? N - 2 : -1;           // a row of the last run(s)
+      if (nan_row >= 0) w[nan_row * K + K / 2] = 0x7F;
+      Scales ws = make_scales(layout, N, K, true, rng);
+      for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+        for (int streams = 1; streams <= 4; ++streams) {
+          Fp8CpuOptions o;
+          o.dot_max_rows = 1;
+          o.dot_isa = isa;
+          o.dot_streams = streams;
+          std::vector<float> out(static_cast<size_t>(N), -12345.f);
+          Fp8WeightGemmParams p;
+          p.x = x.data();
+          p.x_dtype = DType::kFloat32;
+          p.ldx = K;
+          p.w = w.data();
+          p.ldw = K;
+          p.w_scale = ws.s;
+          p.out = out.data();
+          p.ldo = N;
+          p.M = 1;
+          p.N = N;
+          p.K = K;
+          const Status st = fp8_weight_gemm_cpu_with(p, nullptr, o);
+          if (st == Status::kUnsupported) continue;
+          CHECK(st == Status::kSuccess, "dot streams %s/%d: status %d", cpu_isa_name(isa), streams,
+                int(st));
+          for (int64_t n = 0; n < N; ++n) {
+            if (n == nan_row) {
+              CHECK(isnan(out[n]), "dot streams %s/%d N=%lld: row %lld not NaN", cpu_isa_name(isa),
+                    streams, (long long)N, (long long)n);
+              continue;
+            }
+            double ref = 0, mag = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const double t = x[k] * e4m3_value(w[n * K + k]) * scale_ref(ws.s, n, k, true);
+              ref += t;
+              mag += fabs(t);
+            }
+            CHECK(fabs(out[n] - ref) <= (K + 8) * 0x1p-24 * mag + 1e-30,  // float32 sums
+                  "dot streams %s/%d N=%lld layout=%d row %lld: %g vs %g", cpu_isa_name(isa),
+                  streams, (long long)N, int(layout), (long long)n, out[n], ref);
+          }
         }
       }
     }
@@ -430,6 +496,7 @@ int main() {
   std::mt19937 rng(123);
   test_quantize(rng);
   test_weight_gemm(rng);
+  test_dot_streams(rng);
   test_gemm(rng);
   std::printf("engine variants here:");
   char buf[64];

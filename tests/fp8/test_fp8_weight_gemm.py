@@ -55,6 +55,26 @@ def test_cpu_paths(cpu_isa, M, dtype, layout):  # noqa: F811
     assert rel_err(y, ref64(x, w, ws)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 6, 7, 9, 65, 66, 67, 68, 70])
+@pytest.mark.parametrize("layout", ["row", "block"])
+def test_cpu_m1_row_streams(cpu_isa, N, layout):  # noqa: F811
+    """M = 1 on the AVX2 / AVX-512 dot-product path reads 4 runs of weight rows at once: every
+    remainder of 4 rows in a task (N < 64: one ragged task; 64 + r: a full task, then r rows),
+    K = 203 with a ragged tail after the 32- and 8-code steps, and a NaN code in one row that
+    must reach that row's output only."""
+    K = 203
+    x = torch.randn(1, K).to(torch.bfloat16)
+    w = e4m3((N, K))
+    ws = scale(layout, N, K, weight=True)
+    y = ops.fp8_weight_gemm(x, w, ws, backend="cpu")
+    assert rel_err(y, ref64(x, w, ws)) < TOLERANCE[torch.bfloat16]
+    if N > 2:
+        w.view(torch.uint8)[N - 2, K // 2] = 0x7F  # NaN
+        y = ops.fp8_weight_gemm(x, w, ws, backend="cpu")
+        assert y[0, N - 2].isnan()
+        assert not y[0, : N - 2].isnan().any() and not y[0, N - 1 :].isnan().any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["row", "block"])
 def test_cpu_large_tasks(dtype, layout):

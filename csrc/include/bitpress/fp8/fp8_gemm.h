@@ -85,6 +85,10 @@ struct Fp8CpuOptions {
   // float32 through F16C; AVX-512 or AVX2) instead of the microkernel; 0: never.
   int64_t dot_max_rows = 0;
   CpuIsa dot_isa = CpuIsa::kScalar;  // the dot-product path's ISA (kScalar, kAvx2, kAvx512)
+  // At M = 1 on the AVX2 / AVX-512 dot-product path: weight rows read at once per thread
+  // (1..4), each from its own run of rows, so that each thread keeps that many memory streams in
+  // flight. 1: one row after the other.
+  int dot_streams = 4;
   // With kAmx, kAvx512Vbmi decode, and at most 64 columns of xᵀ (M * terms), tensor / row scales:
   // the strip kernel (32 weight rows walk K once per 32 columns, C in the tile registers) instead
   // of the panel engine.
