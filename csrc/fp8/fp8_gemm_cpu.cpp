@@ -623,6 +623,10 @@ Fp8CpuOptions fp8_cpu_default_options() {
   // at M = 1 (CPU time on one core, 4096 x 14336: 5.9-6.1 vs 6.1-6.3 ms) and 1.7x faster than
   // the dot path at M = 4, so with AMX the dot path keeps M = 1 only.
   o.dot_max_rows = o.kernel == cpu::GemmKernel::kAmx ? 1 : 4;
+  // M = 1: 4 weight streams per thread with AVX-512 (4096 x 14336, one thread, cold: 1 / 2 / 4
+  // streams 5.1 / 4.6 / 4.2 ms); with AVX2 (8 codes per step), 2 measured 4-9% faster than 4 in
+  // four runs out of four (6.3-7.4 vs 6.9-7.9 ms; AVX2 code on the AVX-512 Xeon: bench/NOTES.md).
+  o.dot_streams = o.dot_isa == CpuIsa::kAvx2 ? 2 : 4;
   return o;
 }
 
