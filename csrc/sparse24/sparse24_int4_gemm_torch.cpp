@@ -71,12 +71,9 @@ at::Tensor sparse24_int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qv
   p.G = G;
   p.group_size = group_size == -1 ? K : group_size;
   p.x_dtype = to_dtype(x.scalar_type());
-  if (x.scalar_type() == at::kBFloat16 && M >= kSparse24Int4ViaValuesMinRows &&
-      M <= kSparse24Int4ValuesBlockMaxM && active_cpu_isa() >= CpuIsa::kAvx512) {
-    // The kept values dequantized to bf16 one block of rows at a time into a per-thread buffer,
-    // then sparse24_gemm's kernel on the block with the same meta (no weight-size workspace).
-    // The weights are rounded once to bf16 (relative 2^-9), as x is. Not below AVX-512, where
-    // sparse24_gemm widens x to float32 on every call, i.e. per block.
+  // The kernels that read x, bias and out through p (every path but the dense ones below).
+  const auto run_on_x =
+      [&](Status (*kernel)(const Sparse24Int4GemmParams&, const CpuThreadPool*)) -> at::Tensor {
     const at::Tensor x2 = rows_contiguous(x.reshape({M, K}));
     const at::Tensor bs = bias ? bias->contiguous() : at::Tensor();
     p.x = x2.data_ptr();
@@ -87,10 +84,18 @@ at::Tensor sparse24_int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qv
     }
     p.out = out.data_ptr();
     p.out_row_stride = N;
-    const Status st = sparse24_int4_gemm_via_values_cpu(p, torch_thread_pool());
+    const Status st = kernel(p, torch_thread_pool());
     if (st == Status::kInvalidArgument) check_sparse24_meta_values(kOp, mc, N, K);
     check_status(st, kOp);
     return out;
+  };
+  if (x.scalar_type() == at::kBFloat16 && M >= kSparse24Int4ViaValuesMinRows &&
+      M <= kSparse24Int4ValuesBlockMaxM && active_cpu_isa() >= CpuIsa::kAvx512) {
+    // The kept values dequantized to bf16 one block of rows at a time into a per-thread buffer,
+    // then sparse24_gemm's kernel on the block with the same meta (no weight-size workspace).
+    // The weights are rounded once to bf16 (relative 2^-9), as x is. Not below AVX-512, where
+    // sparse24_gemm widens x to float32 on every call, i.e. per block.
+    return run_on_x(sparse24_int4_gemm_via_values_cpu);
   }
   if (x.scalar_type() == at::kBFloat16 && M >= kSparse24Int4ViaValuesMinRows) {
     // Larger M: the kept values dequantized to bf16 once per call into this thread's reused
@@ -136,20 +141,7 @@ at::Tensor sparse24_int4_gemm_cpu_impl(const at::Tensor& x, const at::Tensor& qv
     if (bias) b32 = bias->to(at::kFloat);
     return out.copy_(at::linear(x.to(at::kFloat), w, b32));
   }
-  const at::Tensor x2 = rows_contiguous(x.reshape({M, K}));
-  const at::Tensor bs = bias ? bias->contiguous() : at::Tensor();
-  p.x = x2.data_ptr();
-  p.x_row_stride = row_stride(x2);
-  if (bs.defined()) {
-    p.bias = bs.data_ptr();
-    p.bias_dtype = to_dtype(bs.scalar_type());
-  }
-  p.out = out.data_ptr();
-  p.out_row_stride = N;
-  const Status st = sparse24_int4_gemm_cpu(p, torch_thread_pool());
-  if (st == Status::kInvalidArgument) check_sparse24_meta_values(kOp, mc, N, K);
-  check_status(st, kOp);
-  return out;
+  return run_on_x(sparse24_int4_gemm_cpu);
 }
 
 }  // namespace
