@@ -86,6 +86,36 @@ def cuobjdump() -> str | None:
     return None
 
 
+@functools.cache
+def nvcc() -> str | None:
+    """Path of nvcc: the one on PATH, else /usr/local/cuda's; None when there is none."""
+    for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "csrc")
+
+
+@functools.cache
+def compile_cuda(
+    source: str, gencode: str
+) -> tuple[dict[str, list[str]], dict[str, ResourceUsage]]:
+    """A torch-free CUDA source compiled standalone with nvcc (the build's language flags and
+    include paths; seconds, no GPU and no CUDA build of bitpress._C needed) for one ``gencode``
+    (``"arch=compute_80,code=sm_80"``), read back with cuobjdump: ({mangled function: SASS
+    mnemonics}, {mangled function: ResourceUsage}). Cached per process."""
+    with tempfile.TemporaryDirectory(prefix="bitpress_cubin_") as tmp:
+        path = os.path.join(tmp, "out.cubin")
+        cmd = [nvcc(), "-std=c++20", "--expt-relaxed-constexpr", "-O3", "-I"]
+        cmd += [os.path.join(_CSRC, "include"), "-I", _CSRC, "-gencode", gencode]
+        _run(cmd + ["-cubin", "-o", path, source])
+        sass = _run([cuobjdump(), "--dump-sass", path])
+        res = _run([cuobjdump(), "--dump-resource-usage", path])
+    return _split_sass_functions(sass), _parse_resource_usage(res)
+
+
 def _run(args: list[str]) -> str:
     res = subprocess.run(args, capture_output=True, text=True, check=False)
     if res.returncode != 0:

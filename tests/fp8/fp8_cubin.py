@@ -7,22 +7,14 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 
-from bitpress.testing import ResourceUsage, cuobjdump
+from bitpress.testing import ResourceUsage, cuobjdump, nvcc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ["sm_80", "sm_90a"]
-
-
-def nvcc() -> str | None:
-    for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    return None
 
 
 def available() -> bool:

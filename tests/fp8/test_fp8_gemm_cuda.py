@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ import pytest
 import torch
 
 from bitpress._core import ext as _ext
-from bitpress.testing import cuobjdump, extension_path, poisoned_outputs
+from bitpress.testing import cuobjdump, extension_path, nvcc, poisoned_outputs
 
 try:  # branch fp8's plain-torch reference; the float64 formula below stands in without it
     from bitpress.fp8 import reference as fp8_reference
@@ -45,13 +44,6 @@ STAGES = {1: 6, 2: 4}
 REGISTER_BUDGET = 232
 
 
-def _nvcc() -> str | None:
-    for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
 @functools.cache
 def _compiled_cubin() -> str:
     """The kernel source compiled for sm_90a, as setup.py builds it (torch-free: seconds)."""
@@ -59,7 +51,7 @@ def _compiled_cubin() -> str:
     os.makedirs(out_dir, exist_ok=True)
     cubin = os.path.join(out_dir, "fp8_gemm_sm90a.cubin")
     cmd = [
-        _nvcc(),
+        nvcc(),
         "-std=c++20",
         "--expt-relaxed-constexpr",
         "-O3",
@@ -81,7 +73,7 @@ def _compiled_cubin() -> str:
 
 def _binary(source: str) -> str:
     if source == "compiled":
-        if _nvcc() is None or cuobjdump() is None:
+        if nvcc() is None or cuobjdump() is None:
             pytest.skip("nvcc or cuobjdump missing")
         return _compiled_cubin()[0]
     if not _ext.with_cuda() or cuobjdump() is None or "sm_90a" not in _ext.cuda_archs():
@@ -250,7 +242,7 @@ def test_ptxas_keeps_wgmma_asynchronous():
     """ptxas serializes wgmma (and says "Potential Performance Loss: wgmma.mma_async instructions
     are serialized", C7515 and friends) when accumulator registers are touched between a wgmma and
     its wait or the pipeline cannot be proven safe; the kernel must compile without that."""
-    if _nvcc() is None:
+    if nvcc() is None:
         pytest.skip("nvcc missing")
     log = _compiled_cubin()[1]
     assert "Used" in log, log  # the -v report is there, so the absence below means something

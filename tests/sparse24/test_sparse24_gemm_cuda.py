@@ -12,16 +12,13 @@ strided x, poisoned outputs, CUDA graph capture, and the errors for float32 x an
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 
 from bitpress.sparse24 import layout_mma as L
-from bitpress.testing import _parse_resource_usage, _split_sass_functions, cuobjdump
+from bitpress.testing import compile_cuda, cuobjdump, nvcc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(ROOT, "csrc", "sparse24", "sparse24_gemm_sm80.cu")
@@ -31,52 +28,13 @@ M_TILES = (1, 2, 4, 8)
 MAX_REGS = 65536 // (2 * 256)  # __launch_bounds__(256, 2)
 
 
-def _nvcc() -> str | None:
-    for cand in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
 needs_nvcc = pytest.mark.skipif(
-    _nvcc() is None or cuobjdump() is None, reason="nvcc or cuobjdump is missing"
+    nvcc() is None or cuobjdump() is None, reason="nvcc or cuobjdump is missing"
 )
 
 
-@functools.cache
 def _cubin(arch: str) -> tuple[dict[str, list[str]], dict]:
-    out_dir = os.environ.get("PYTEST_TMPDIR") or "/tmp"
-    path = os.path.join(out_dir, f"bitpress_sparse24_gemm_{arch}_{os.getpid()}.cubin")
-    subprocess.run(
-        [
-            _nvcc(),
-            "-std=c++20",
-            "--expt-relaxed-constexpr",
-            "-O3",
-            "-I",
-            os.path.join(ROOT, "csrc", "include"),
-            "-I",
-            os.path.join(ROOT, "csrc"),
-            "-gencode",
-            ARCHS[arch],
-            "-cubin",
-            "-o",
-            path,
-            SOURCE,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        sass = subprocess.run(
-            [cuobjdump(), "--dump-sass", path], capture_output=True, text=True, check=True
-        ).stdout
-        res = subprocess.run(
-            [cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True
-        ).stdout
-    finally:
-        os.remove(path)
-    return _split_sass_functions(sass), _parse_resource_usage(res)
+    return compile_cuda(SOURCE, ARCHS[arch])
 
 
 def _variants(funcs: dict, name: str) -> dict[int, str]:
