@@ -37,9 +37,7 @@ from bitpress import pipeline
 from bitpress._core.progress import progress, set_quiet
 from bitpress.int4 import Int4Linear
 from bitpress.report import measure, render
-from bitpress.sparse24 import Sparse24Linear
 from bitpress.sysinfo import info_lines
-from bitpress.testing import sqnr_db
 
 TRAIN_MODULES = [
     "argparse",
@@ -173,52 +171,9 @@ def perplexity(model, data: torch.Tensor) -> float:
     return measure.quality(model, data[: n * SEQ].reshape(n, SEQ)).perplexity
 
 
-@torch.no_grad()
-def layer_sqnr(model_q, model_ref, ids: torch.Tensor) -> dict[str, float]:
-    """Output SQNR of every quantized Linear: its output on the reference model's own inputs."""
-
-    inputs = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0]))
-        for n, m in model_ref.named_modules()
-        if isinstance(m, nn.Linear)
-    ]
-    model_ref(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    out = {}
-    for name, m in model_q.named_modules():
-        if isinstance(m, Int4Linear):
-            ref = model_ref.get_submodule(name)
-            out[name] = sqnr_db(ref(inputs[name]), m(inputs[name]))
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # The trained models: the quality model, its distilled student, its recovered 2:4 version
 # ------------------------------------------------------------------------------------------------
-
-
-def _densified(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A state_dict with every Sparse24Linear as its dense (2:4-patterned) weight."""
-    state = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, Sparse24Linear):
-            state[f"{name}.weight"] = mod.dense_weight()
-            if mod.bias is not None:
-                state[f"{name}.bias"] = mod.bias
-    for key, value in model.state_dict().items():
-        owner = key.rsplit(".", 1)[0]
-        if not isinstance(_get(model, owner), Sparse24Linear):
-            state[key] = value
-    return state
-
-
-def _get(model: nn.Module, name: str):
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def student_model(teacher, train_batches, s: Settings, log, cache) -> tuple[nn.Module, float]:
@@ -250,7 +205,9 @@ def recovered_model(teacher, train_batches, calibration, s: Settings, log, cache
         prune=bitpress.Sparse24Config(method="sparsegpt", calibration=calibration),
         recover=pipeline.RecoverConfig(steps=s.recover_steps),
     )
-    torch.save(_densified(res.model), path)
+    dense = copy.deepcopy(res.model)
+    pipeline.densify_24(dense)  # cached as dense 2:4 weights: a plain Llama state_dict
+    torch.save(dense.state_dict(), path)
     return res.model, res.seconds["prune"] + res.seconds["recover"]
 
 

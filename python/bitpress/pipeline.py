@@ -111,9 +111,9 @@ def layer_subset_student(teacher: nn.Module, keep_layers: Sequence[int] | None =
     return student.to(next(teacher.parameters()).dtype)
 
 
-def _masked_dense(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Turn every Sparse24Linear into an nn.Linear holding its dense 2:4 weight; returns the masks
-    (True: kept) by layer name."""
+def densify_24(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Turn every Sparse24Linear of ``model`` into an nn.Linear holding its dense 2:4 weight, in
+    place; returns the masks (True: kept) by layer name."""
     masks = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Sparse24Linear):
@@ -142,7 +142,7 @@ def recover_(
     dtypes = {n: m.dtype for n, m in model.named_modules() if isinstance(m, Sparse24Linear)}
     if not dtypes:
         raise ValueError("recover_: the model has no Sparse24Linear layer to fine-tune")
-    masks = _masked_dense(model)
+    masks = densify_24(model)
     hooks = [
         model.get_submodule(name).weight.register_hook(lambda g, m=mask: g * m)
         for name, mask in masks.items()
