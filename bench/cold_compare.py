@@ -9,6 +9,7 @@ from other processes hits all of them alike. Prints min / median per variant (ms
 variant's read floor (its weight bytes / the read bandwidth measured in this run).
 
   PYTHONPATH=python python bench/cold_compare.py 4096 14336 1,16,128,512 [--rounds 6]
+      [--only Sparse24Linear,Int4Linear]   (F.linear bf16, the baseline, always runs)
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main(argv):
         "Sparse24Linear": bitpress.Sparse24Linear.from_linear(lin, "magnitude"),
         "Sparse24Int4Linear": bitpress.Sparse24Int4Linear.from_linear(lin, "magnitude"),
     }
+    if "--only" in argv:
+        keep = set(argv[argv.index("--only") + 1].split(",")) | {"F.linear bf16"}
+        layers = {k: v for k, v in layers.items() if k in keep}
     rot, floor = {}, {}
     for name, layer in layers.items():
         size = layer_bytes(layer)

@@ -1,6 +1,7 @@
 // sparse24_gemm on the CPU (ROW layout): y = x Wᵀ + bias with W the dense weight of
 // (values [N, K/2], meta [N, K/8]). The paths and the dispatch are described in
 // bitpress/sparse24/sparse24_cpu.h.
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,6 +15,7 @@
 #include "bitpress/sparse24/sparse24_cpu.h"
 #include "common/isa.h"
 #include "common/thread_buffer.h"
+#include "cpu/avx512_transpose.h"
 #include "sparse24/sparse24_cpu_common.h"
 
 #if defined(__x86_64__)
@@ -30,7 +32,6 @@ thread_local ThreadBuffer t_x;      // the calling thread: x widened to float32,
 thread_local ThreadBuffer t_panel;  // a pool thread: the expanded weight panel and its C block
 
 constexpr int kPanelRows = 32;     // weight rows per panel: the microkernel's 2 x 16-row tiles
-constexpr int64_t kMaxCols = 256;  // rows of x per microkernel call (C block 32 x 256 float32)
 constexpr int kFmaRowBlock = 8;    // rows of x per register block of the float32 paths
 constexpr int kBf16RowBlock = 16;  // rows of x per register block of the vdpbf16ps path
 
@@ -232,9 +233,16 @@ void direct_bf16_row(const Sparse24GemmParams& p, int64_t n, float* acc) {
 }
 
 // Expands 32 values (64 dense columns, 8 metadata bytes) into the dense bf16 row with vpexpandw:
-// the kept-position mask of each metadata byte comes from a 256-entry table.
+// the kept-position mask of each metadata byte comes from a 256-entry table. Step s prefetches
+// the values at vpf + 64 s and the metadata at mpf + 8 s (L2): the caller points them at what it
+// expands next (4 KiB ahead in a whole-row sweep; the next row's slice in a K-chunked one, whose
+// own continuation is a row's length away).
+//
+// Dense column c lands at row[(c / 32) seg + c % 32]: seg = 32 is a plain row, seg = 1024 the
+// microkernel's tiled A layout (32-column segments of the 32 rows of a panel stored together).
 BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vbmi2(
-    const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row) {
+    const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row, const char* vpf,
+    const char* mpf, int64_t seg = 32) {
   static const auto kMask = [] {
     struct T {
       uint8_t m[256];
@@ -246,8 +254,6 @@ BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vb
     }
     return t;
   }();
-  const char* vpf = reinterpret_cast<const char*>(vals) + kPrefetchBytes;
-  const char* mpf = reinterpret_cast<const char*>(meta) + kPrefetchBytes;
   int64_t s = 0;
   for (; 64 * (s + 1) <= K; ++s) {
     __builtin_prefetch(vpf + 64 * s, 0, 2);
@@ -261,18 +267,26 @@ BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vb
         _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + 32 * s)));
     const __m512i v1 = _mm512_castsi256_si512(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + 32 * s + 16)));
-    _mm512_storeu_si512(row + 64 * s, _mm512_maskz_expand_epi16(lo, v0));
-    _mm512_storeu_si512(row + 64 * s + 32, _mm512_maskz_expand_epi16(hi, v1));
+    _mm512_storeu_si512(row + 2 * s * seg, _mm512_maskz_expand_epi16(lo, v0));
+    _mm512_storeu_si512(row + (2 * s + 1) * seg, _mm512_maskz_expand_epi16(hi, v1));
   }
-  for (int64_t k = 64 * s; k < K; ++k) row[k] = 0;
-  for (int64_t j = 32 * s; j < K / 2; ++j) row[sparse24_value_col(meta, j)] = vals[j];
+  for (int64_t k = 64 * s; k < K; ++k) row[(k / 32) * seg + k % 32] = 0;
+  for (int64_t j = 32 * s; j < K / 2; ++j) {
+    const int64_t c = sparse24_value_col(meta, j);
+    row[(c / 32) * seg + c % 32] = vals[j];
+  }
 }
 
 #endif  // __x86_64__
 
-void expand_row_scalar(const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row) {
-  memset(row, 0, size_t(K) * 2);
-  for (int64_t j = 0; j < K / 2; ++j) row[sparse24_value_col(meta, j)] = vals[j];
+void expand_row_scalar(const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row,
+                       int64_t seg = 32) {
+  for (int64_t k = 0; k < K; k += 32)
+    memset(row + (k / 32) * seg, 0, size_t(std::min<int64_t>(32, K - k)) * 2);
+  for (int64_t j = 0; j < K / 2; ++j) {
+    const int64_t c = sparse24_value_col(meta, j);
+    row[(c / 32) * seg + c % 32] = vals[j];
+  }
 }
 
 bool have_vbmi2() {
@@ -374,89 +388,208 @@ Status run_direct(const Sparse24GemmParams& p, const CpuThreadPool* pool) {
   return bad ? Status::kInvalidArgument : Status::kSuccess;
 }
 
+#if defined(__x86_64__)
+// x^T pairs for rows [m0, m0 + 16) of x (m0 % 16 == 0, rows past M zero) and pairs [q0, q0 + 16):
+// 16 rows of 16 pairs loaded, transposed in registers, stored as 16 runs of 16 pairs at
+// dst(q) (the 16 columns m0.. of pair row q, contiguous in both layouts).
+template <class Dst>
+BITPRESS_TARGET_AVX512 void xt_block16(const Sparse24GemmParams& p, int64_t m0, int64_t q0,
+                                       Dst dst) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  const int64_t qn = std::min<int64_t>(16, p.K / 2 - q0);  // pairs of x left (K % 8 == 0)
+  const __mmask16 mask = qn <= 0 ? 0 : __mmask16((1u << qn) - 1);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = m0 + i < p.M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(
+                              mask, x + (m0 + i) * p.x_row_stride + 2 * q0))
+                        : _mm512_setzero_ps();
+  }
+  transpose16(r);
+  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(dst(q0 + j)), r[j]);
+}
+
+// y[m, n0 + r] = C[r, m] (+ bias) for r in [r0, r0 + 16) and m in [m0, m0 + 16) ∩ [0, M): C^T
+// block of one panel (row stride ldc) transposed in registers, 16 outputs of row m stored at once.
+BITPRESS_TARGET_AVX512 void store_ct_block16(const Sparse24GemmParams& p, const float* c,
+                                             int64_t ldc, int64_t n0, int64_t r0, int64_t m0) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(c + (r0 + i) * ldc + m0);
+  transpose16(r);
+  alignas(64) float b[16] = {};
+  if (p.bias) {
+    for (int i = 0; i < 16; ++i) b[i] = load_as_float(p.bias, p.bias_dtype, n0 + r0 + i);
+  }
+  const __m512 vb = _mm512_load_ps(b);
+  for (int j = 0; j < 16 && m0 + j < p.M; ++j) {
+    store16(p.out, p.x_dtype, (m0 + j) * p.out_row_stride + n0 + r0, _mm512_add_ps(r[j], vb));
+  }
+}
+#endif
+
+// Blocking of the panel path. The microkernel sweeps the whole K of its call for every 32 x 32
+// block of C, reading its A rows (the weight panel) and B columns (x^T) from wherever they are. In
+// one call over all of K the x^T operand is Kp * Mp * 2 bytes: 3.5 MiB at K = 14336, M = 128, more
+// than the 2 MiB L2 of the Intel cores, so every panel re-read all of x from L3 and the call ran
+// at 0.77x F.linear where the K = 4096 shapes (1 MiB of x^T, L2-resident) ran at 1.45x. So K is cut
+// into chunks whose x^T slice fits in kXChunkBytes, and a thread runs each chunk over a group of
+// panels whose C block (float32, accumulated across the chunks) fits in kCGroupBytes, before the
+// next chunk: x^T is read from L3 once per group instead of once per panel.
+constexpr int64_t kXChunkBytes = int64_t(512) << 10;  // x^T slice of a K chunk (L2: 2 MiB)
+constexpr int64_t kCGroupBytes = int64_t(512) << 10;  // C of a group of panels
+constexpr int64_t kMinChunkK = 256;
+
 Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* pool) {
   const int64_t Mp = (p.M + 15) / 16 * 16, Kp = (p.K + 31) / 32 * 32;
-  // Panel rows 64 bytes longer than Kp: a power-of-two row stride (8 KiB at K = 4096) would put
-  // the 16 rows of an A tile in one L1 set.
-  const int64_t lda = Kp + 32;
-  // x^T as VNNI pairs [Kp/2, Mp]: pair (x[m, 2q], x[m, 2q+1]) of column m at b[q * Mp + m].
-  uint32_t* xb = static_cast<uint32_t*>(t_x.get(size_t(Kp / 2) * Mp * 4));
+  const cpu::GemmKernel gk = cpu::GemmKernel(kernel);
+  // The AMX variants read both operands in the microkernel's tiled layout (contiguous 1 KiB tile
+  // loads: 1.3-1.8x faster than strided rows from L2, bench/NOTES.md "tiled operands").
+  const bool tiled = gk == cpu::GemmKernel::kAmx || gk == cpu::GemmKernel::kAmxEmulated;
+  // x^T as VNNI pairs, pair (x[m, 2q], x[m, 2q+1]) of column m at
+  //   row-major [Kp/2, Mp]:                   xb[q * Mp + m]
+  //   tiled [Mp/32][Kp/32][16][32] (b_block): xb[(m / 32) b_block + (q / 16) 512 + (q % 16) 32 + m
+  //   % 32]
+  const int64_t b_block = (Kp / 32) * 512;
+  const int64_t x_pairs = tiled ? (Mp + 31) / 32 * b_block : Kp / 2 * Mp;
+  uint32_t* xb = static_cast<uint32_t*>(t_x.get(size_t(x_pairs) * 4));
   if (!xb) return Status::kOutOfMemory;
+  auto xpos = [&](int64_t q, int64_t m) {
+    return tiled ? (m / 32) * b_block + (q / 16) * 512 + (q % 16) * 32 + m % 32 : q * Mp + m;
+  };
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
-  parallel_for(pool, 0, Kp / 2, 64, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      uint32_t* dst = xb + q * Mp;
-      if (2 * q >= p.K) {
-        memset(dst, 0, size_t(Mp) * 4);
+#if defined(__x86_64__)
+  const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512;
+#else
+  const bool avx512 = false;
+#endif
+  parallel_for(pool, 0, Kp / 32, 4, [&](int64_t s0, int64_t s1) {
+    for (int64_t q0 = 16 * s0; q0 < 16 * s1; q0 += 16) {
+#if defined(__x86_64__)
+      if (avx512) {
+        for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+          xt_block16(p, m0, q0, [&](int64_t q) { return xb + xpos(q, m0); });
+        }
         continue;
       }
-      for (int64_t m = 0; m < p.M; ++m) {
-        uint32_t pair;
-        memcpy(&pair, x + m * p.x_row_stride + 2 * q, 4);
-        dst[m] = pair;
+#endif
+      for (int64_t q = q0; q < q0 + 16; ++q) {
+        for (int64_t m = 0; m < Mp; ++m) {
+          uint32_t pair = 0;
+          if (m < p.M && 2 * q < p.K) memcpy(&pair, x + m * p.x_row_stride + 2 * q, 4);
+          xb[xpos(q, m)] = pair;
+        }
       }
-      for (int64_t m = p.M; m < Mp; ++m) dst[m] = 0;
     }
   });
   const bool vbmi2 = have_vbmi2();
-  const cpu::GemmKernel gk = cpu::GemmKernel(kernel);
   const int64_t panels = (p.N + kPanelRows - 1) / kPanelRows;
-  const int64_t cols = std::min(Mp, kMaxCols);
+  // K chunk: a multiple of 64 (whole metadata bytes and expansion steps; 32 for the tiles).
+  int64_t kc = std::min(Kp, std::max(kMinChunkK, kXChunkBytes / (Mp * 2) / 64 * 64));
+  int64_t group = std::max<int64_t>(1, kCGroupBytes / (kPanelRows * Mp * 4));
+  // BITPRESS_SPARSE24_PANEL_BLOCK="chunk,group" overrides both (tests: many chunks and groups on
+  // small shapes); read per call.
+  if (const char* s = getenv("BITPRESS_SPARSE24_PANEL_BLOCK")) {
+    long long c = 0, gr = 0;
+    if (sscanf(s, "%lld,%lld", &c, &gr) == 2 && c > 0 && c % 64 == 0 && gr > 0) {
+      kc = std::min<int64_t>(Kp, c);
+      group = gr;
+    }
+  }
+  // Row-major panel rows 64 bytes longer than the chunk: a power-of-two row stride (8 KiB at 4096)
+  // would put the 16 rows of an A tile in one L1 set. Tiled: [kc/32][32 rows][32] (seg 1024).
+  const int64_t lda = tiled ? 32 : kc + 32, seg = tiled ? 32 * kPanelRows : 32;
   std::atomic<int> status{int(Status::kSuccess)};
   parallel_for(pool, 0, panels, 1, [&](int64_t i0, int64_t i1) {
-    const size_t a_bytes = size_t(kPanelRows) * lda * 2, c_bytes = size_t(kPanelRows) * cols * 4;
+    const int64_t gn = std::min(group, i1 - i0);
+    const size_t a_bytes = size_t(kPanelRows) * (kc + 32) * 2;
+    const size_t c_bytes = size_t(gn) * kPanelRows * Mp * 4;
     char* ws = static_cast<char*>(t_panel.get(align64(a_bytes) + c_bytes));
     if (!ws) {
       status = int(Status::kOutOfMemory);
       return;
     }
     uint16_t* a = reinterpret_cast<uint16_t*>(ws);
-    float* c = reinterpret_cast<float*>(ws + align64(a_bytes));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n0 = i * kPanelRows, nb = std::min<int64_t>(kPanelRows, p.N - n0);
-      for (int64_t r = 0; r < nb; ++r) {
-        const uint8_t* meta = p.meta + (n0 + r) * (p.K / 8);
-        if (!meta_rows_ok(meta, p.K / 8)) {
-          status = int(Status::kInvalidArgument);
-          return;
+    float* cbuf = reinterpret_cast<float*>(ws + align64(a_bytes));
+    for (int64_t g0 = i0; g0 < i1; g0 += group) {
+      const int64_t g1 = std::min(i1, g0 + group);
+      for (int64_t i = g0; i < g1; ++i) {
+        const int64_t n0 = i * kPanelRows, nb = std::min<int64_t>(kPanelRows, p.N - n0);
+        for (int64_t r = 0; r < nb; ++r) {
+          if (!meta_rows_ok(p.meta + (n0 + r) * (p.K / 8), p.K / 8)) {
+            status = int(Status::kInvalidArgument);
+            return;
+          }
         }
-        const uint16_t* vals = static_cast<const uint16_t*>(p.values) + (n0 + r) * (p.K / 2);
-        uint16_t* row = a + r * lda;
-#if defined(__x86_64__)
-        if (vbmi2) {
-          expand_row_vbmi2(vals, meta, p.K, row);
-        } else {
-          expand_row_scalar(vals, meta, p.K, row);
-        }
-#else
-        (void)vbmi2;
-        expand_row_scalar(vals, meta, p.K, row);
-#endif
-        for (int64_t k = p.K; k < Kp; ++k) row[k] = 0;
       }
-      for (int64_t c0 = 0; c0 < Mp; c0 += cols) {
-        const int64_t cn = std::min(cols, Mp - c0);
-        cpu::GemmBf16Args g;
-        g.a = a;
-        g.lda = lda;
-        g.b = xb + c0;
-        g.ldb = Mp;
-        g.c = c;
-        g.ldc = cn;
-        g.M = nb;
-        g.N = cn;
-        g.K = Kp;
-        g.accumulate = false;
-        const Status st = cpu::gemm_bf16(gk, g);
-        if (st != Status::kSuccess) {
-          status = int(st);
-          return;
-        }
-        // C^T block: C[r, m - c0] is y[m, n0 + r].
-        for (int64_t m = c0; m < std::min(p.M, c0 + cn); ++m) {
+      for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+        const int64_t kp = std::min(kc, Kp - k0);                         // the chunk's tile steps
+        const int64_t kk = std::max<int64_t>(0, std::min(kp, p.K - k0));  // its real columns
+        for (int64_t i = g0; i < g1; ++i) {
+          const int64_t n0 = i * kPanelRows, nb = std::min<int64_t>(kPanelRows, p.N - n0);
           for (int64_t r = 0; r < nb; ++r) {
-            store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n0 + r, c[r * cn + (m - c0)],
-                            p.bias, p.bias_dtype);
+            const uint8_t* meta = p.meta + (n0 + r) * (p.K / 8) + k0 / 8;
+            const uint16_t* vals =
+                static_cast<const uint16_t*>(p.values) + (n0 + r) * (p.K / 2) + k0 / 2;
+            uint16_t* row = a + r * lda;
+#if defined(__x86_64__)
+            if (vbmi2) {
+              // Prefetch the slice of the row ~4 KiB of values ahead (rows of this chunk).
+              const int64_t ahead = std::min(p.N - 1 - (n0 + r), std::max<int64_t>(1, 4096 / kc));
+              expand_row_vbmi2(vals, meta, kk, row,
+                               reinterpret_cast<const char*>(vals + ahead * (p.K / 2)),
+                               reinterpret_cast<const char*>(meta + ahead * (p.K / 8)), seg);
+            } else {
+              expand_row_scalar(vals, meta, kk, row, seg);
+            }
+#else
+            (void)vbmi2;
+            expand_row_scalar(vals, meta, kk, row, seg);
+#endif
+            for (int64_t k = kk; k < kp; ++k) row[(k / 32) * seg + k % 32] = 0;
+          }
+          cpu::GemmBf16Args g;
+          g.a = a;
+          g.lda = lda;
+          if (tiled) {
+            g.a_kstep = 32 * kPanelRows;
+            g.b = xb + (k0 / 32) * 512;
+            g.ldb = 32;
+            g.b_kstep = 512;
+            g.b_block = b_block;
+          } else {
+            g.b = xb + (k0 / 2) * Mp;
+            g.ldb = Mp;
+          }
+          g.c = cbuf + (i - g0) * kPanelRows * Mp;
+          g.ldc = Mp;
+          g.M = nb;
+          g.N = Mp;
+          g.K = kp;
+          g.accumulate = k0 > 0;
+          const Status st = cpu::gemm_bf16(gk, g);
+          if (st != Status::kSuccess) {
+            status = int(st);
+            return;
+          }
+        }
+      }
+      // C^T blocks: C[r, m] of panel i is y[m, i * 32 + r]; whole 16 x 16 blocks transposed in
+      // registers (AVX-512), the rows of a ragged last panel one by one.
+      for (int64_t i = g0; i < g1; ++i) {
+        const int64_t n0 = i * kPanelRows, nb = std::min<int64_t>(kPanelRows, p.N - n0);
+        const float* c = cbuf + (i - g0) * kPanelRows * Mp;
+        int64_t r16 = 0;
+#if defined(__x86_64__)
+        if (avx512) {
+          r16 = nb / 16 * 16;
+          for (int64_t r0 = 0; r0 < r16; r0 += 16) {
+            for (int64_t m0 = 0; m0 < p.M; m0 += 16) store_ct_block16(p, c, Mp, n0, r0, m0);
+          }
+        }
+#endif
+        for (int64_t m = 0; m < p.M; ++m) {
+          for (int64_t r = r16; r < nb; ++r) {
+            store_row_value(p.out, p.x_dtype, p.out_row_stride, m, n0 + r, c[r * Mp + m], p.bias,
+                            p.bias_dtype);
           }
         }
       }
@@ -505,7 +638,9 @@ Status sparse24_expand16_cpu(const uint16_t* values, const uint8_t* meta, int64_
       }
 #if defined(__x86_64__)
       if (vbmi2) {
-        expand_row_vbmi2(values + n * (K / 2), m, K, w + n * K);
+        expand_row_vbmi2(values + n * (K / 2), m, K, w + n * K,
+                         reinterpret_cast<const char*>(values + n * (K / 2)) + kPrefetchBytes,
+                         reinterpret_cast<const char*>(m) + kPrefetchBytes);
         continue;
       }
 #endif

@@ -15,6 +15,7 @@
 
 #include <vector>
 
+#include "bitpress/common/cpu.h"
 #include "sparse24_args.h"
 
 namespace bitpress {
@@ -24,14 +25,19 @@ constexpr const char* kOp = "sparse24_gemm";
 
 // bf16 x from this many rows on: the weight is decompressed into the calling thread's reused bf16
 // workspace [N, K] and multiplied by the dense GEMM (oneDNN: AMX tiles or AVX-512, blocked for
-// large M; exact, as the decompressed weight holds the same bf16 values). The panel path re-reads
-// x for every 32 weight rows (x^T 4 MiB at M = 512, K = 4096: past L2), which dominates at large
-// M. BITPRESS_SPARSE24_DENSE_ROWS overrides it (read per call, so benchmarks compare both paths).
+// large M; exact, as the decompressed weight holds the same bf16 values). The panel path blocks K
+// and the panels for L2 (sparse24_gemm_cpu.cpp) but not M: from ~768 rows its x^T slices shrink
+// below a useful K chunk. Measured on the Intel Xeon with AMX (bench/NOTES.md, "2:4 panels:
+// blocking and tiled operands"): panels 1.05-1.12x F.linear at M = 512 where the dense path ran
+// 0.86-0.91x; even at 768; dense ahead at 1024 (0.95x against 0.85x). Without AMX (AVX512-BF16
+// panels) the crossover stays at the earlier 256 (not re-measured: no such machine this session).
+// BITPRESS_SPARSE24_DENSE_ROWS overrides it (read per call, so benchmarks compare both paths).
 constexpr int64_t kSparse24DenseMinRows = 256;
+constexpr int64_t kSparse24DenseMinRowsAmx = 768;
 
 int64_t dense_min_rows() {
   if (const char* s = getenv("BITPRESS_SPARSE24_DENSE_ROWS")) return atoll(s);
-  return kSparse24DenseMinRows;
+  return active_cpu_isa() == CpuIsa::kAmx ? kSparse24DenseMinRowsAmx : kSparse24DenseMinRows;
 }
 
 // The calling thread's workspace: grown when a call needs more, then reused (it stays warm in a

@@ -112,6 +112,38 @@ def test_paths_agree_exactly_where_the_sums_are_exact():
                     _ext.C.set_cpu_isa(None)
 
 
+@pytest.mark.parametrize("block", ["64,1", "128,2", "192,3"])
+@pytest.mark.parametrize("M,K,N", [(17, 200, 37), (40, 456, 100), (97, 1000, 161)])
+def test_panel_k_chunks_and_panel_groups(cpu_isa, monkeypatch, block, M, K, N):
+    """The panel path cuts K into chunks (x^T slice in L2) run over groups of panels whose C
+    accumulates across the chunks; forced small here (BITPRESS_SPARSE24_PANEL_BLOCK), with ragged
+    last chunks (K not a multiple of the chunk or of 64) and last groups, bias, and bit-exact
+    against the direct path where the sums are exact."""
+    monkeypatch.setenv("BITPRESS_SPARSE24_PANEL_BLOCK", block)
+    monkeypatch.setenv("BITPRESS_SPARSE24_DIRECT_ROWS", "1")
+    values, meta = _weight(N, K, torch.bfloat16, M + K + N)
+    x = torch.randn(M, K).bfloat16()
+    bias = torch.randn(N).bfloat16()
+    out = ops.sparse24_gemm(x, values, meta, bias, backend="cpu")
+    assert rel_err(out, ref64(x, values, meta, bias)) <= TOLERANCE[torch.bfloat16], cpu_isa
+    gen = torch.Generator().manual_seed(M)
+    w = layout.decompress(values, meta, torch.float32)
+    w = torch.where(w != 0, torch.randint(-8, 8, (N, K), generator=gen).float(), w)
+    vi, mi = layout.compress(w.bfloat16())
+    xi = torch.randint(-8, 8, (M, K), generator=gen).bfloat16()
+    want = (xi.double() @ w.double().t()).bfloat16()
+    assert torch.equal(ops.sparse24_gemm(xi, vi, mi, backend="cpu"), want), cpu_isa
+
+
+@pytest.mark.parametrize("M,K,N", [(200, 5000, 70)])
+def test_panel_default_blocking_many_chunks(M, K, N):
+    """The default blocking at a shape that takes several K chunks (M = 200: 2496 columns)."""
+    values, meta = _weight(N, K, torch.bfloat16, 3)
+    x = torch.randn(M, K).bfloat16()
+    out = ops.sparse24_gemm(x, values, meta, backend="cpu")
+    assert rel_err(out, ref64(x, values, meta)) <= TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("M,K,N", [(1, 64, 16), (3, 232, 19), (5, 72, 7), (256, 136, 33)])
 def test_bf16_dense_fallback(cpu_isa, monkeypatch, M, K, N):
     """bf16 x from BITPRESS_SPARSE24_DENSE_ROWS rows on (default 256): the weight expanded into
