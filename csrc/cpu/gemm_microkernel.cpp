@@ -51,16 +51,9 @@ Status gemm_bf16_check(GemmKernel k, const GemmBf16Args& g) {
   if (g.M < 0 || g.N < 0 || g.K < 0 || g.K % 2 || g.N % 16) return Status::kInvalidArgument;
   const bool amx = k == GemmKernel::kAmx || k == GemmKernel::kAmxEmulated;
   if (amx && g.K % 32) return Status::kInvalidArgument;
-  const bool tiled = g.a_block || g.a_kstep || g.b_block || g.b_kstep;
-  if (tiled && (!amx || g.a_block < 0 || g.a_kstep < 0 || g.b_block < 0 || g.b_kstep < 0)) {
-    return Status::kInvalidArgument;
-  }
   if (g.M == 0 || g.N == 0) return Status::kSuccess;
   if (!g.c || g.ldc < g.N) return Status::kInvalidArgument;
-  if (g.K > 0 && tiled && (!g.a || !g.b || g.lda < 32 || g.lda % 2 || g.ldb < 32)) {
-    return Status::kInvalidArgument;
-  }
-  if (g.K > 0 && !tiled && (!g.a || !g.b || g.lda < g.K || g.lda % 2 || g.ldb < g.N)) {
+  if (g.K > 0 && (!g.a || !g.b || g.lda < g.K || g.lda % 2 || g.ldb < g.N)) {
     return Status::kInvalidArgument;
   }
   // A tile row stride is at most 2^31 bytes (tileloadd's 32-bit scaled index): far beyond use.

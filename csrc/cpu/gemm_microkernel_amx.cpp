@@ -71,7 +71,7 @@ inline int config_key(int r0, int r1, int nc) { return (r0 * 17 + r1) * 3 + nc; 
 // are not renamed, so a load waits for the products that read the tile it overwrites).
 template <class Ops, int R, int NC>
 BITPRESS_TARGET_AMX inline void amx_block(const GemmBf16Args& g, const uint16_t* a0, float* c0,
-                                          const uint32_t* b0, int64_t a_step, int64_t b_step) {
+                                          const uint32_t* b0) {
   const int64_t lda_b = g.lda * 2, ldb_b = g.ldb * 4, ldc_b = g.ldc * 4;
   const uint16_t* a1 = a0 + 16 * g.lda;
   float* c1 = c0 + 16 * g.ldc;
@@ -86,11 +86,11 @@ BITPRESS_TARGET_AMX inline void amx_block(const GemmBf16Args& g, const uint16_t*
     if (R > 1) Ops::template zero<kC10>();
     if (R > 1 && NC > 1) Ops::template zero<kC11>();
   }
-  // B rows are pairs: K rows k0..k0+31 are pair rows k0/2..k0/2+15, one step of b_step pairs
-  // (16 ldb row-major); A's step is a_step elements (32 row-major).
-  for (int64_t k0 = 0; k0 < g.K; k0 += 32, a0 += a_step, a1 += a_step, b0 += b_step) {
-    Ops::template load<kA0>(a0, lda_b);
-    if (R > 1) Ops::template load<kA1>(a1, lda_b);
+  // B rows are pairs: K rows k0..k0+31 are pair rows k0/2..k0/2+15.
+  const int64_t b_step = 16 * g.ldb;
+  for (int64_t k0 = 0; k0 < g.K; k0 += 32, b0 += b_step) {
+    Ops::template load<kA0>(a0 + k0, lda_b);
+    if (R > 1) Ops::template load<kA1>(a1 + k0, lda_b);
     Ops::template load<kB0>(b0, ldb_b);
     if (NC > 1) Ops::template load<kB1>(b0 + 16, ldb_b);
     Ops::template dp<kC00, kA0, kB0>();
@@ -107,15 +107,10 @@ BITPRESS_TARGET_AMX inline void amx_block(const GemmBf16Args& g, const uint16_t*
 // The loop nest: C[M, N] (+)= A[M, K] B over 32 x 32 blocks (row tiles of r0, r1 rows).
 template <class Ops>
 BITPRESS_TARGET_AMX inline void amx_gemm(const GemmBf16Args& g, ConfigState& st) {
-  // The general addresses of the header (row-major: the defaults).
-  const int64_t a_block = g.a_block ? g.a_block : 32 * g.lda;
-  const int64_t a_step = g.a_kstep ? g.a_kstep : 32;
-  const int64_t b_block = g.b_block ? g.b_block : 32;
-  const int64_t b_step = g.b_kstep ? g.b_kstep : 16 * g.ldb;
   for (int64_t m0 = 0; m0 < g.M; m0 += 32) {
     const int r0 = int(g.M - m0 < 16 ? g.M - m0 : 16);
     const int r1 = int(g.M - m0 <= 16 ? 0 : g.M - m0 - 16 < 16 ? g.M - m0 - 16 : 16);
-    const uint16_t* a0 = g.a + (m0 / 32) * a_block;
+    const uint16_t* a0 = g.a + m0 * g.lda;
     for (int64_t n0 = 0; n0 < g.N; n0 += 32) {
       const int nc = g.N - n0 >= 32 ? 2 : 1;
       const int key = config_key(r0, r1, nc);
@@ -125,15 +120,15 @@ BITPRESS_TARGET_AMX inline void amx_gemm(const GemmBf16Args& g, ConfigState& st)
         st.key = key;
       }
       float* c0 = g.c + m0 * g.ldc + n0;
-      const uint32_t* b0 = g.b + (n0 / 32) * b_block;
+      const uint32_t* b0 = g.b + n0;
       if (r1 && nc > 1) {
-        amx_block<Ops, 2, 2>(g, a0, c0, b0, a_step, b_step);
+        amx_block<Ops, 2, 2>(g, a0, c0, b0);
       } else if (r1) {
-        amx_block<Ops, 2, 1>(g, a0, c0, b0, a_step, b_step);
+        amx_block<Ops, 2, 1>(g, a0, c0, b0);
       } else if (nc > 1) {
-        amx_block<Ops, 1, 2>(g, a0, c0, b0, a_step, b_step);
+        amx_block<Ops, 1, 2>(g, a0, c0, b0);
       } else {
-        amx_block<Ops, 1, 1>(g, a0, c0, b0, a_step, b_step);
+        amx_block<Ops, 1, 1>(g, a0, c0, b0);
       }
     }
   }

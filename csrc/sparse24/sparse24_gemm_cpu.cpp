@@ -237,12 +237,9 @@ void direct_bf16_row(const Sparse24GemmParams& p, int64_t n, float* acc) {
 // the values at vpf + 64 s and the metadata at mpf + 8 s (L2): the caller points them at what it
 // expands next (4 KiB ahead in a whole-row sweep; the next row's slice in a K-chunked one, whose
 // own continuation is a row's length away).
-//
-// Dense column c lands at row[(c / 32) seg + c % 32]: seg = 32 is a plain row, seg = 1024 the
-// microkernel's tiled A layout (32-column segments of the 32 rows of a panel stored together).
 BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vbmi2(
     const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row, const char* vpf,
-    const char* mpf, int64_t seg = 32) {
+    const char* mpf) {
   static const auto kMask = [] {
     struct T {
       uint8_t m[256];
@@ -267,26 +264,18 @@ BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vb
         _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + 32 * s)));
     const __m512i v1 = _mm512_castsi256_si512(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + 32 * s + 16)));
-    _mm512_storeu_si512(row + 2 * s * seg, _mm512_maskz_expand_epi16(lo, v0));
-    _mm512_storeu_si512(row + (2 * s + 1) * seg, _mm512_maskz_expand_epi16(hi, v1));
+    _mm512_storeu_si512(row + 64 * s, _mm512_maskz_expand_epi16(lo, v0));
+    _mm512_storeu_si512(row + 64 * s + 32, _mm512_maskz_expand_epi16(hi, v1));
   }
-  for (int64_t k = 64 * s; k < K; ++k) row[(k / 32) * seg + k % 32] = 0;
-  for (int64_t j = 32 * s; j < K / 2; ++j) {
-    const int64_t c = sparse24_value_col(meta, j);
-    row[(c / 32) * seg + c % 32] = vals[j];
-  }
+  for (int64_t k = 64 * s; k < K; ++k) row[k] = 0;
+  for (int64_t j = 32 * s; j < K / 2; ++j) row[sparse24_value_col(meta, j)] = vals[j];
 }
 
 #endif  // __x86_64__
 
-void expand_row_scalar(const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row,
-                       int64_t seg = 32) {
-  for (int64_t k = 0; k < K; k += 32)
-    memset(row + (k / 32) * seg, 0, size_t(std::min<int64_t>(32, K - k)) * 2);
-  for (int64_t j = 0; j < K / 2; ++j) {
-    const int64_t c = sparse24_value_col(meta, j);
-    row[(c / 32) * seg + c % 32] = vals[j];
-  }
+void expand_row_scalar(const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row) {
+  memset(row, 0, size_t(K) * 2);
+  for (int64_t j = 0; j < K / 2; ++j) row[sparse24_value_col(meta, j)] = vals[j];
 }
 
 bool have_vbmi2() {
@@ -389,12 +378,11 @@ Status run_direct(const Sparse24GemmParams& p, const CpuThreadPool* pool) {
 }
 
 #if defined(__x86_64__)
-// x^T pairs for rows [m0, m0 + 16) of x (m0 % 16 == 0, rows past M zero) and pairs [q0, q0 + 16):
-// 16 rows of 16 pairs loaded, transposed in registers, stored as 16 runs of 16 pairs at
-// dst(q) (the 16 columns m0.. of pair row q, contiguous in both layouts).
-template <class Dst>
+// x^T pairs for rows [m0, m0 + 16) of x (m0 % 16 == 0, rows past M zero) and pairs [q0, q0 + 16)
+// (past K / 2 zero): 16 rows of 16 pairs loaded, transposed in registers, stored as 16 runs of 16
+// pairs, run j at dst + j ldd.
 BITPRESS_TARGET_AVX512 void xt_block16(const Sparse24GemmParams& p, int64_t m0, int64_t q0,
-                                       Dst dst) {
+                                       uint32_t* dst, int64_t ldd) {
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const int64_t qn = std::min<int64_t>(16, p.K / 2 - q0);  // pairs of x left (K % 8 == 0)
   const __mmask16 mask = qn <= 0 ? 0 : __mmask16((1u << qn) - 1);
@@ -405,7 +393,7 @@ BITPRESS_TARGET_AVX512 void xt_block16(const Sparse24GemmParams& p, int64_t m0, 
                         : _mm512_setzero_ps();
   }
   transpose16(r);
-  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(dst(q0 + j)), r[j]);
+  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(dst + j * ldd), r[j]);
 }
 
 // y[m, n0 + r] = C[r, m] (+ bias) for r in [r0, r0 + 16) and m in [m0, m0 + 16) ∩ [0, M): C^T
@@ -441,20 +429,9 @@ constexpr int64_t kMinChunkK = 256;
 Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* pool) {
   const int64_t Mp = (p.M + 15) / 16 * 16, Kp = (p.K + 31) / 32 * 32;
   const cpu::GemmKernel gk = cpu::GemmKernel(kernel);
-  // The AMX variants read both operands in the microkernel's tiled layout (contiguous 1 KiB tile
-  // loads: 1.3-1.8x faster than strided rows from L2, bench/NOTES.md "tiled operands").
-  const bool tiled = gk == cpu::GemmKernel::kAmx || gk == cpu::GemmKernel::kAmxEmulated;
-  // x^T as VNNI pairs, pair (x[m, 2q], x[m, 2q+1]) of column m at
-  //   row-major [Kp/2, Mp]:                   xb[q * Mp + m]
-  //   tiled [Mp/32][Kp/32][16][32] (b_block): xb[(m / 32) b_block + (q / 16) 512 + (q % 16) 32 + m
-  //   % 32]
-  const int64_t b_block = (Kp / 32) * 512;
-  const int64_t x_pairs = tiled ? (Mp + 31) / 32 * b_block : Kp / 2 * Mp;
-  uint32_t* xb = static_cast<uint32_t*>(t_x.get(size_t(x_pairs) * 4));
+  // x^T as VNNI pairs [Kp/2, Mp]: pair (x[m, 2q], x[m, 2q+1]) of column m at xb[q * Mp + m].
+  uint32_t* xb = static_cast<uint32_t*>(t_x.get(size_t(Kp / 2) * Mp * 4));
   if (!xb) return Status::kOutOfMemory;
-  auto xpos = [&](int64_t q, int64_t m) {
-    return tiled ? (m / 32) * b_block + (q / 16) * 512 + (q % 16) * 32 + m % 32 : q * Mp + m;
-  };
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
 #if defined(__x86_64__)
   const bool avx512 = active_cpu_isa() >= CpuIsa::kAvx512;
@@ -466,7 +443,7 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
 #if defined(__x86_64__)
       if (avx512) {
         for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
-          xt_block16(p, m0, q0, [&](int64_t q) { return xb + xpos(q, m0); });
+          xt_block16(p, m0, q0, xb + q0 * Mp + m0, Mp);
         }
         continue;
       }
@@ -475,7 +452,7 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
         for (int64_t m = 0; m < Mp; ++m) {
           uint32_t pair = 0;
           if (m < p.M && 2 * q < p.K) memcpy(&pair, x + m * p.x_row_stride + 2 * q, 4);
-          xb[xpos(q, m)] = pair;
+          xb[q * Mp + m] = pair;
         }
       }
     }
@@ -494,13 +471,13 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
       group = gr;
     }
   }
-  // Row-major panel rows 64 bytes longer than the chunk: a power-of-two row stride (8 KiB at 4096)
-  // would put the 16 rows of an A tile in one L1 set. Tiled: [kc/32][32 rows][32] (seg 1024).
-  const int64_t lda = tiled ? 32 : kc + 32, seg = tiled ? 32 * kPanelRows : 32;
+  // Panel rows 64 bytes longer than the chunk: a power-of-two row stride (8 KiB at 4096) would put
+  // the 16 rows of an A tile in one L1 set.
+  const int64_t lda = kc + 32;
   std::atomic<int> status{int(Status::kSuccess)};
   parallel_for(pool, 0, panels, 1, [&](int64_t i0, int64_t i1) {
     const int64_t gn = std::min(group, i1 - i0);
-    const size_t a_bytes = size_t(kPanelRows) * (kc + 32) * 2;
+    const size_t a_bytes = size_t(kPanelRows) * lda * 2;
     const size_t c_bytes = size_t(gn) * kPanelRows * Mp * 4;
     char* ws = static_cast<char*>(t_panel.get(align64(a_bytes) + c_bytes));
     if (!ws) {
@@ -536,29 +513,21 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
               const int64_t ahead = std::min(p.N - 1 - (n0 + r), std::max<int64_t>(1, 4096 / kc));
               expand_row_vbmi2(vals, meta, kk, row,
                                reinterpret_cast<const char*>(vals + ahead * (p.K / 2)),
-                               reinterpret_cast<const char*>(meta + ahead * (p.K / 8)), seg);
+                               reinterpret_cast<const char*>(meta + ahead * (p.K / 8)));
             } else {
-              expand_row_scalar(vals, meta, kk, row, seg);
+              expand_row_scalar(vals, meta, kk, row);
             }
 #else
             (void)vbmi2;
-            expand_row_scalar(vals, meta, kk, row, seg);
+            expand_row_scalar(vals, meta, kk, row);
 #endif
-            for (int64_t k = kk; k < kp; ++k) row[(k / 32) * seg + k % 32] = 0;
+            for (int64_t k = kk; k < kp; ++k) row[k] = 0;
           }
           cpu::GemmBf16Args g;
           g.a = a;
           g.lda = lda;
-          if (tiled) {
-            g.a_kstep = 32 * kPanelRows;
-            g.b = xb + (k0 / 32) * 512;
-            g.ldb = 32;
-            g.b_kstep = 512;
-            g.b_block = b_block;
-          } else {
-            g.b = xb + (k0 / 2) * Mp;
-            g.ldb = Mp;
-          }
+          g.b = xb + (k0 / 2) * Mp;
+          g.ldb = Mp;
           g.c = cbuf + (i - g0) * kPanelRows * Mp;
           g.ldc = Mp;
           g.M = nb;

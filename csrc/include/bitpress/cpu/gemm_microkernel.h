@@ -10,17 +10,6 @@
 //                          consume, so a decoder writes it once for every variant.
 //   C  float32 [M, N]      row m at c + m * ldc; accumulate: C += A B, else C = A B.
 //
-// The AMX variants (and their emulation) also read a tiled layout, where each 32-wide step of K
-// of a 32-row block of A, and each 16-pair step of a 32-column block of B, is one contiguous 2 KiB
-// piece: the addresses are the general
-//   A[m, k]   at a + (m / 32) a_block + (m % 32) lda + (k / 32) a_kstep + k % 32
-//   B pair (p, n) at b + (n / 32) b_block + (n % 32) + (p / 16) b_kstep + (p % 16) ldb
-// with the defaults (0 given) a_block = 32 lda, a_kstep = 32, b_block = 32, b_kstep = 16 ldb,
-// i.e. the plain row-major layouts above. Tiled: lda = 32, a_kstep = 1024 (a_block = 1024 K/32),
-// ldb = 32, b_kstep = 512 (b_block = 512 K/32). A tile load then reads 1 KiB in address order,
-// which the L2 streamers follow; with row strides of kilobytes the loads of an L2-resident
-// operand ran 1.3-1.8x slower per block (bench/NOTES.md, "tiled operands").
-//
 // Every product is an exact bf16 x bf16 product (8-bit significands: 16 bits, exact in float32);
 // only the float32 sums round, and the variants differ in summation order only (see the bound in
 // tests/cpp/test_gemm_microkernel.cpp). Inputs that are bf16 denormals count as zero and float32
@@ -74,9 +63,6 @@ struct GemmBf16Args {
   int64_t ldc = 0;
   int64_t M = 0, N = 0, K = 0;
   bool accumulate = true;  // C += A B; false: C = A B (C is not read)
-  // The tiled layout (AMX variants only; 0: the row-major default), see above. Elements of A,
-  // pairs of B.
-  int64_t a_block = 0, a_kstep = 0, b_block = 0, b_kstep = 0;
 };
 
 // True when this CPU (and OS) can run the variant here and now; the emulations always can.
@@ -86,8 +72,7 @@ bool gemm_kernel_available(GemmKernel k);
 // AVX512_BF16 -> kAvx512Bf16, kAvx2 -> kAvx2); kUnsupported status from gemm_bf16 below kAvx2.
 GemmKernel gemm_bf16_kernel_for_active_isa();
 
-// The shape rules of the variant (K, N multiples, lda even, pointers, strides; the tiled layout
-// fields only for the AMX variants).
+// The shape rules of the variant (K, N multiples, lda even, pointers, strides).
 Status gemm_bf16_check(GemmKernel k, const GemmBf16Args& args);
 
 // C (+)= A B with variant k. kInvalidArgument when a shape rule fails; kUnsupported when this CPU
