@@ -271,6 +271,60 @@ BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vb
   for (int64_t j = 32 * s; j < K / 2; ++j) row[sparse24_value_col(meta, j)] = vals[j];
 }
 
+// R rows at once (values, metadata and output rows at strides vs, ms, rs), their 64-column steps
+// interleaved: R read streams per thread keep more misses in flight than one row after another
+// (the M = 16 panel path is bound by this stream, not by the tiles). Prefetches as above for each
+// row, pf_rows rows ahead.
+template <int R>
+BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_rows_vbmi2(
+    const uint16_t* vals, int64_t vs, const uint8_t* meta, int64_t ms, int64_t K, uint16_t* row,
+    int64_t rs, int64_t pf_rows) {
+  if (R == 1) {
+    expand_row_vbmi2(vals, meta, K, row, reinterpret_cast<const char*>(vals + pf_rows * vs),
+                     reinterpret_cast<const char*>(meta + pf_rows * ms));
+    return;
+  }
+  static const auto kMask = [] {
+    struct T {
+      uint8_t m[256];
+    } t{};
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t lo = b & 0xF, hi = b >> 4;
+      t.m[b] = uint8_t((1u << sparse24_idx0(lo)) | (1u << sparse24_idx1(lo)) |
+                       ((1u << sparse24_idx0(hi)) << 4) | ((1u << sparse24_idx1(hi)) << 4));
+    }
+    return t;
+  }();
+  int64_t s = 0;
+  for (; 64 * (s + 1) <= K; ++s) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* v = vals + r * vs;
+      const uint8_t* m = meta + r * ms + 8 * s;
+      __builtin_prefetch(reinterpret_cast<const char*>(v + pf_rows * vs) + 64 * s, 0, 2);
+      if ((s & 7) == 0) __builtin_prefetch(m + pf_rows * ms, 0, 2);
+      const uint32_t lo = uint32_t(kMask.m[m[0]]) | uint32_t(kMask.m[m[1]]) << 8 |
+                          uint32_t(kMask.m[m[2]]) << 16 | uint32_t(kMask.m[m[3]]) << 24;
+      const uint32_t hi = uint32_t(kMask.m[m[4]]) | uint32_t(kMask.m[m[5]]) << 8 |
+                          uint32_t(kMask.m[m[6]]) << 16 | uint32_t(kMask.m[m[7]]) << 24;
+      const __m512i v0 =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * s)));
+      const __m512i v1 = _mm512_castsi256_si512(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32 * s + 16)));
+      uint16_t* o = row + r * rs;
+      _mm512_storeu_si512(o + 64 * s, _mm512_maskz_expand_epi16(lo, v0));
+      _mm512_storeu_si512(o + 64 * s + 32, _mm512_maskz_expand_epi16(hi, v1));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* v = vals + r * vs;
+    const uint8_t* m = meta + r * ms;
+    uint16_t* o = row + r * rs;
+    for (int64_t k = 64 * s; k < K; ++k) o[k] = 0;
+    for (int64_t j = 32 * s; j < K / 2; ++j) o[sparse24_value_col(m, j)] = v[j];
+  }
+}
+
 #endif  // __x86_64__
 
 void expand_row_scalar(const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row) {
@@ -425,6 +479,9 @@ BITPRESS_TARGET_AVX512 void store_ct_block16(const Sparse24GemmParams& p, const 
 constexpr int64_t kXChunkBytes = int64_t(512) << 10;  // x^T slice of a K chunk (L2: 2 MiB)
 constexpr int64_t kCGroupBytes = int64_t(512) << 10;  // C of a group of panels
 constexpr int64_t kMinChunkK = 256;
+// Rows a thread expands at once (read streams; 4 measured 5-10% faster than 1 at M = 16, 8 no
+// better than 4).
+constexpr int kExpandStreams = 4;
 
 Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* pool) {
   const int64_t Mp = (p.M + 15) / 16 * 16, Kp = (p.K + 31) / 32 * 32;
@@ -502,26 +559,44 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
         const int64_t kk = std::max<int64_t>(0, std::min(kp, p.K - k0));  // its real columns
         for (int64_t i = g0; i < g1; ++i) {
           const int64_t n0 = i * kPanelRows, nb = std::min<int64_t>(kPanelRows, p.N - n0);
-          for (int64_t r = 0; r < nb; ++r) {
+          for (int64_t r = 0; r < nb;) {
             const uint8_t* meta = p.meta + (n0 + r) * (p.K / 8) + k0 / 8;
             const uint16_t* vals =
                 static_cast<const uint16_t*>(p.values) + (n0 + r) * (p.K / 2) + k0 / 2;
             uint16_t* row = a + r * lda;
 #if defined(__x86_64__)
             if (vbmi2) {
-              // Prefetch the slice of the row ~4 KiB of values ahead (rows of this chunk).
-              const int64_t ahead = std::min(p.N - 1 - (n0 + r), std::max<int64_t>(1, 4096 / kc));
-              expand_row_vbmi2(vals, meta, kk, row,
-                               reinterpret_cast<const char*>(vals + ahead * (p.K / 2)),
-                               reinterpret_cast<const char*>(meta + ahead * (p.K / 8)));
-            } else {
-              expand_row_scalar(vals, meta, kk, row);
+              // R rows at once; prefetch the rows expanded next (their slice of this chunk), at
+              // least ~4 KiB of values ahead.
+              const int R = int(std::min<int64_t>(kExpandStreams, nb - r));
+              const int64_t ahead = std::min(p.N - 1 - (n0 + r),
+                                             std::max<int64_t>(R, 4096 / std::max<int64_t>(kk, 1)));
+              const int64_t vs = p.K / 2, ms = p.K / 8;
+              switch (R) {
+                case 4:
+                  expand_rows_vbmi2<4>(vals, vs, meta, ms, kk, row, lda, ahead);
+                  break;
+                case 3:
+                  expand_rows_vbmi2<3>(vals, vs, meta, ms, kk, row, lda, ahead);
+                  break;
+                case 2:
+                  expand_rows_vbmi2<2>(vals, vs, meta, ms, kk, row, lda, ahead);
+                  break;
+                default:
+                  expand_rows_vbmi2<1>(vals, vs, meta, ms, kk, row, lda, ahead);
+              }
+              for (int j = 0; j < R; ++j)
+                for (int64_t k = kk; k < kp; ++k) row[j * lda + k] = 0;
+              r += R;
+              continue;
             }
+            expand_row_scalar(vals, meta, kk, row);
 #else
             (void)vbmi2;
             expand_row_scalar(vals, meta, kk, row);
 #endif
             for (int64_t k = kk; k < kp; ++k) row[k] = 0;
+            ++r;
           }
           cpu::GemmBf16Args g;
           g.a = a;
