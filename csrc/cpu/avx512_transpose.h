@@ -61,6 +61,26 @@ BITPRESS_TARGET_AVX512 inline void store16(void* out, DType t, int64_t i, __m512
   }
 }
 
+// 16 x 16 pairs of bf16 (32-bit words) from row-major to column-major: rows [0, 16) of src (row
+// stride ld_src bf16 elements, any alignment; rows >= rows_valid read as zero) and pairs [0, 16)
+// of each (pairs >= words_valid zero) become 16 runs of 16 words, run j (pair j of every row) at
+// dst + j ld_dst. The VNNI-pair xᵀ of the CPU GEMMs built from bf16 x, one register transpose
+// per block.
+BITPRESS_TARGET_AVX512 inline void transpose_pairs16(const uint16_t* src, int64_t ld_src,
+                                                     int64_t rows_valid, int64_t words_valid,
+                                                     uint32_t* dst, int64_t ld_dst) {
+  const __mmask16 mask = words_valid <= 0    ? 0
+                         : words_valid >= 16 ? 0xFFFF
+                                             : __mmask16((1u << words_valid) - 1);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < rows_valid ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mask, src + i * ld_src))
+                          : _mm512_setzero_ps();
+  }
+  transpose16(r);
+  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(dst + j * ld_dst), r[j]);
+}
+
 }  // namespace bitpress
 
 #endif  // __x86_64__

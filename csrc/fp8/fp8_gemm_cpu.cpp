@@ -41,6 +41,11 @@ inline int64_t col_chunk(int64_t terms) { return terms == 3 ? 384 : 512; }
 // K per microkernel call (a multiple of 32, the AMX k-step; and of 128, the scale block); 128 and
 // 512 measured slower at M = 512.
 constexpr int64_t kKChunk = 256;
+// Blocking of the panel engine for L2 (run_engine): the xᵀ slice of a K piece, and the C blocks
+// of a group of tiles.
+constexpr int64_t kXtWholeBytes = int64_t(3) << 19;  // 1.5 MiB
+constexpr int64_t kXtPieceBytes = int64_t(640) << 10;
+constexpr int64_t kCGroupBytes = int64_t(1) << 20;
 
 struct Lut {
   uint16_t v[256];
@@ -104,17 +109,21 @@ struct ByteTables {
 const ByteTables kBytes;
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c"))) void
-decode_bf16_vbmi(const uint8_t* src, uint16_t* dst, int64_t n) {
+decode_bf16_vbmi(const uint8_t* src, uint16_t* dst, int64_t n, const uint8_t* next) {
   const __m512i lo0 = _mm512_load_si512(kBytes.lo), lo1 = _mm512_load_si512(kBytes.lo + 64);
   const __m512i hi0 = _mm512_load_si512(kBytes.hi), hi1 = _mm512_load_si512(kBytes.hi + 64);
   const __m512i perm = _mm512_load_si512(kBytes.perm), sgn = _mm512_set1_epi8(int8_t(0x80));
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(src + i) + 1024, _MM_HINT_T0);
-    // Into L2 only within this segment: the engine decodes 4096-long pieces of rows that are K
-    // apart, and past the piece this fetched the row's next piece, evicted before its use (14336 x
-    // 4096, M = 128, CPU time on one AMX core: 35.0 -> 33.6 ms; neutral at K = 4096).
-    if (i + 8192 < n) _mm_prefetch(reinterpret_cast<const char*>(src + i) + 8192, _MM_HINT_T1);
+    if (next) {
+      // The engine decodes n-long pieces of rows K apart: past its piece a prefetch ahead in the
+      // row fetches that row's next piece, used only after the whole panel (evicted by then), and
+      // nothing of the next row's piece, which is decoded next. So the caller names that piece.
+      _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(src + i) + 1024, _MM_HINT_T0);
+      if (i + 8192 < n) _mm_prefetch(reinterpret_cast<const char*>(src + i) + 8192, _MM_HINT_T1);
+    }
     const __m512i c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(src + i));
     const __m512i l = _mm512_permutex2var_epi8(lo0, c, lo1);
     const __m512i h =
@@ -161,9 +170,10 @@ bool decode_available(Fp8CpuOptions::Decode decode) {
 #endif
 }
 
-void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, Fp8CpuOptions::Decode decode) {
+void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, Fp8CpuOptions::Decode decode,
+                 const uint8_t* next) {
 #if defined(__x86_64__)
-  if (decode == Fp8CpuOptions::Decode::kAvx512Vbmi) return decode_bf16_vbmi(src, dst, n);
+  if (decode == Fp8CpuOptions::Decode::kAvx512Vbmi) return decode_bf16_vbmi(src, dst, n, next);
   if (decode == Fp8CpuOptions::Decode::kAvx512) return decode_bf16_avx512(src, dst, n);
 #endif
   (void)decode;
@@ -417,12 +427,28 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   // block), so that NT does not shrink with K: each task streams all of xᵀ once, and N / NT
   // tasks stream it N / NT times (for K = 14336 and whole-K panels, NT = 32: 128 x 15 MiB of xᵀ
   // per call at M = 512).
-  const int64_t PK = std::min(Kp, std::max<int64_t>(128, o.panel_k / 128 * 128));
+  int64_t PK = std::min(Kp, std::max<int64_t>(128, o.panel_k / 128 * 128));
+  // Where all of xᵀ (Kp / 2 pair rows x ldx) is larger than kXtWholeBytes, PK is also at most
+  // 4096 / 2^j long so that a piece's slice stays within kXtPieceBytes (L2): the tiles of a group
+  // (below) then read it from L2, not L3. (An xᵀ of ~1.2 MiB, K = 4096 at M = 128, stays
+  // L2-resident whole: halving PK there measured 7% slower.)
+  if (Kp * ldx * 2 > kXtWholeBytes) {
+    while (PK > 512 && PK % 256 == 0 && PK * ldx * 2 > kXtPieceBytes) PK /= 2;
+  }
   const int64_t n_pk = std::max<int64_t>(1, (Kp + PK - 1) / std::max<int64_t>(PK, 1));
   int64_t NT =
       std::max<int64_t>(16, std::min<int64_t>(max_nt, panel_bytes / (2 * (PK + 32)) / 16 * 16));
   while (NT > 16 && (N + NT - 1) / NT < 8) NT = std::max<int64_t>(16, NT / 2 / 16 * 16);
   const int64_t n_tiles = (N + NT - 1) / NT;
+  // Tiles per group: with K in several pieces, a thread runs each piece over a group of tiles
+  // whose C blocks (float32, accumulated across the pieces) fit in kCGroupBytes, before the next
+  // piece, so that a piece's slice of xᵀ is read from L3 once per group instead of once per tile.
+  // 14336 x 4096, M = 128, CPU time on one AMX core: 29.0 ms (whole-K tiles, xᵀ 4 MiB from L3
+  // per tile) -> 21.4 ms (PK 2048, groups of 8; with the next row's piece prefetched).
+  const int64_t c_tile_bytes =
+      ((ncols + chunk - 1) / chunk) * NT * kCStride * int64_t(sizeof(float));
+  const int64_t group =
+      n_pk == 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(16, kCGroupBytes / c_tile_bytes));
   Status status = Status::kSuccess;
 #if defined(__x86_64__)
   if (o.strip && o.kernel == cpu::GemmKernel::kAmx &&
@@ -465,88 +491,93 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
     // One C block per column chunk when K spans several panels (they accumulate across the
     // panels), else one reused block.
     const int64_t c_blocks = n_pk > 1 ? (ncols + chunk - 1) / chunk : 1;
+    const int64_t c_tile = c_blocks * NT * kCStride;  // floats of one tile's C blocks
     uint16_t* panel = static_cast<uint16_t*>(t_panel.get(size_t(NT * lda) * 2 + 64));
-    float* c = static_cast<float*>(t_c.get(size_t(c_blocks * NT * kCStride) * 4 + 64));
+    float* c = static_cast<float*>(t_c.get(size_t(group * c_tile) * 4 + 64));
     float* cb = block ? static_cast<float*>(t_cb.get(size_t(NT * kCStride) * 4 + 64)) : nullptr;
     if (!panel || !c || (block && !cb)) {
       status = Status::kOutOfMemory;
       return;
     }
-    for (int64_t tile = tb; tile < te; ++tile) {
-      const int64_t n0 = tile * NT, nt = std::min(NT, N - n0);
+    for (int64_t tg = tb; tg < te; tg += group) {
       for (int64_t pk = 0; pk < n_pk; ++pk) {
-        // The panel: rows n0 .. n0 + nt, K from ka, kn long (a multiple of 32; zero past K).
-        const int64_t ka = pk * PK, kn = std::min(PK, Kp - ka);
-        const int64_t valid = std::max<int64_t>(0, std::min(kn, K - ka));
-        for (int64_t r = 0; r < nt; ++r) {
-          uint16_t* dst = panel + r * lda;
-          decode_bf16(e.w + (n0 + r) * e.ldw + ka, dst, valid, o.decode);
-          memset(dst + valid, 0, size_t(kn - valid) * 2);
-        }
-        const bool last = pk == n_pk - 1;
-        for (int64_t c0 = 0, ci = 0; c0 < ncols; c0 += chunk, ++ci) {
-          const int64_t cc = std::min(chunk, ncols - c0);
-          float* cblk = c + (c_blocks > 1 ? ci * NT * kCStride : 0);
-          cpu::GemmBf16Args g;
-          g.a = panel;
-          g.lda = lda;
-          g.ldb = ldx;
-          g.ldc = kCStride;
-          g.M = nt;
-          g.N = cc;
-          if (!block) {
-            // K in chunks: each call's A block (32 rows x kKChunk) and B block (kKChunk x 32
-            // columns) stay in L1 across the microkernel's loops; C accumulates in L1 / L2.
-            if (Kp == 0) {
-              for (int64_t r = 0; r < nt; ++r) memset(cblk + r * kCStride, 0, size_t(cc) * 4);
-            }
-            for (int64_t k0 = 0; k0 < kn; k0 += kKChunk) {
-              g.a = panel + k0;
-              g.b = e.xp + ((ka + k0) / 2) * ldx + c0;
-              g.c = cblk;
-              g.K = std::min(kKChunk, kn - k0);
-              g.accumulate = ka + k0 > 0;
-              const Status st = cpu::gemm_bf16(o.kernel, g);
-              if (st != Status::kSuccess) {
-                status = st;
-                return;
+        for (int64_t tile = tg; tile < std::min(te, tg + group); ++tile) {
+          const int64_t n0 = tile * NT, nt = std::min(NT, N - n0);
+          // The panel: rows n0 .. n0 + nt, K from ka, kn long (a multiple of 32; zero past K).
+          const int64_t ka = pk * PK, kn = std::min(PK, Kp - ka);
+          const int64_t valid = std::max<int64_t>(0, std::min(kn, K - ka));
+          for (int64_t r = 0; r < nt; ++r) {
+            uint16_t* dst = panel + r * lda;
+            // Prefetch the next row's piece (the last row of the call: none, its own ahead).
+            const uint8_t* src = e.w + (n0 + r) * e.ldw + ka;
+            decode_bf16(src, dst, valid, o.decode, n0 + r + 1 < N ? src + e.ldw : nullptr);
+            memset(dst + valid, 0, size_t(kn - valid) * 2);
+          }
+          const bool last = pk == n_pk - 1;
+          for (int64_t c0 = 0, ci = 0; c0 < ncols; c0 += chunk, ++ci) {
+            const int64_t cc = std::min(chunk, ncols - c0);
+            float* cblk = c + (tile - tg) * c_tile + (c_blocks > 1 ? ci * NT * kCStride : 0);
+            cpu::GemmBf16Args g;
+            g.a = panel;
+            g.lda = lda;
+            g.ldb = ldx;
+            g.ldc = kCStride;
+            g.M = nt;
+            g.N = cc;
+            if (!block) {
+              // K in chunks: each call's A block (32 rows x kKChunk) and B block (kKChunk x 32
+              // columns) stay in L1 across the microkernel's loops; C accumulates in L1 / L2.
+              if (Kp == 0) {
+                for (int64_t r = 0; r < nt; ++r) memset(cblk + r * kCStride, 0, size_t(cc) * 4);
               }
-            }
-          } else {
-            if (pk == 0) {
-              for (int64_t r = 0; r < nt; ++r) memset(cblk + r * kCStride, 0, size_t(cc) * 4);
-            }
-            for (int64_t k0 = 0; k0 < kn; k0 += kFp8ScaleBlock) {
-              const int64_t kb = (ka + k0) / kFp8ScaleBlock;  // PK is a multiple of the block
-              g.a = panel + k0;
-              g.b = e.xp + ((ka + k0) / 2) * ldx + c0;
-              g.c = cb;
-              g.K = std::min(kFp8ScaleBlock, kn - k0);
-              g.accumulate = false;
-              const Status st = cpu::gemm_bf16(o.kernel, g);
-              if (st != Status::kSuccess) {
-                status = st;
-                return;
+              for (int64_t k0 = 0; k0 < kn; k0 += kKChunk) {
+                g.a = panel + k0;
+                g.b = e.xp + ((ka + k0) / 2) * ldx + c0;
+                g.c = cblk;
+                g.K = std::min(kKChunk, kn - k0);
+                g.accumulate = ka + k0 > 0;
+                const Status st = cpu::gemm_bf16(o.kernel, g);
+                if (st != Status::kSuccess) {
+                  status = st;
+                  return;
+                }
               }
-              // yᵀ += s_w(n, kb) s_x(m, kb) * (this block's float32 sum), in float32.
-              for (int64_t r = 0; r < nt; ++r) {
-                const float sw =
-                    e.w_scale.data[((n0 + r) / kFp8ScaleBlock) * e.w_scale.row_stride + kb];
-                float* cr = cblk + r * kCStride;
-                const float* br = cb + r * kCStride;
-                if (!e.x_scale.data) {
-                  for (int64_t j = 0; j < cc; ++j) cr[j] += sw * br[j];
-                } else {
-                  for (int64_t j = 0; j < cc; ++j) {
-                    const int64_t m = std::min((c0 + j) / T, M - 1);  // padding columns hold 0
-                    cr[j] += sw * e.x_scale.data[m * e.x_scale.row_stride + kb] * br[j];
+            } else {
+              if (pk == 0) {
+                for (int64_t r = 0; r < nt; ++r) memset(cblk + r * kCStride, 0, size_t(cc) * 4);
+              }
+              for (int64_t k0 = 0; k0 < kn; k0 += kFp8ScaleBlock) {
+                const int64_t kb = (ka + k0) / kFp8ScaleBlock;  // PK is a multiple of the block
+                g.a = panel + k0;
+                g.b = e.xp + ((ka + k0) / 2) * ldx + c0;
+                g.c = cb;
+                g.K = std::min(kFp8ScaleBlock, kn - k0);
+                g.accumulate = false;
+                const Status st = cpu::gemm_bf16(o.kernel, g);
+                if (st != Status::kSuccess) {
+                  status = st;
+                  return;
+                }
+                // yᵀ += s_w(n, kb) s_x(m, kb) * (this block's float32 sum), in float32.
+                for (int64_t r = 0; r < nt; ++r) {
+                  const float sw =
+                      e.w_scale.data[((n0 + r) / kFp8ScaleBlock) * e.w_scale.row_stride + kb];
+                  float* cr = cblk + r * kCStride;
+                  const float* br = cb + r * kCStride;
+                  if (!e.x_scale.data) {
+                    for (int64_t j = 0; j < cc; ++j) cr[j] += sw * br[j];
+                  } else {
+                    for (int64_t j = 0; j < cc; ++j) {
+                      const int64_t m = std::min((c0 + j) / T, M - 1);  // padding columns hold 0
+                      cr[j] += sw * e.x_scale.data[m * e.x_scale.row_stride + kb] * br[j];
+                    }
                   }
                 }
               }
             }
-          }
-          if (last) {
-            epilogue(e, cblk, n0, nt, c0, cc, block, o.decode != Fp8CpuOptions::Decode::kTable);
+            if (last) {
+              epilogue(e, cblk, n0, nt, c0, cc, block, o.decode != Fp8CpuOptions::Decode::kTable);
+            }
           }
         }
       }

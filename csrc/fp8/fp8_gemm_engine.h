@@ -47,8 +47,10 @@ struct EngineArgs {
 // Runs the engine with `options.kernel` and `options.decode`.
 Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOptions& options);
 
-// E4M3 codes -> bf16 bits, n of them (exact; NaN codes -> NaN).
-void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, Fp8CpuOptions::Decode decode);
+// E4M3 codes -> bf16 bits, n of them (exact; NaN codes -> NaN). `next`: the n codes decoded next
+// (prefetched meanwhile, AVX512-VBMI decode), or null: the codes ahead of src in memory.
+void decode_bf16(const uint8_t* src, uint16_t* dst, int64_t n, Fp8CpuOptions::Decode decode,
+                 const uint8_t* next = nullptr);
 
 // The pair-row count and column count of xp for M rows, `terms` parts, K.
 inline int64_t engine_kp(int64_t K) { return (K + 31) / 32 * 32; }

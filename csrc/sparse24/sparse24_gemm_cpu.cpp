@@ -432,24 +432,6 @@ Status run_direct(const Sparse24GemmParams& p, const CpuThreadPool* pool) {
 }
 
 #if defined(__x86_64__)
-// x^T pairs for rows [m0, m0 + 16) of x (m0 % 16 == 0, rows past M zero) and pairs [q0, q0 + 16)
-// (past K / 2 zero): 16 rows of 16 pairs loaded, transposed in registers, stored as 16 runs of 16
-// pairs, run j at dst + j ldd.
-BITPRESS_TARGET_AVX512 void xt_block16(const Sparse24GemmParams& p, int64_t m0, int64_t q0,
-                                       uint32_t* dst, int64_t ldd) {
-  const uint16_t* x = static_cast<const uint16_t*>(p.x);
-  const int64_t qn = std::min<int64_t>(16, p.K / 2 - q0);  // pairs of x left (K % 8 == 0)
-  const __mmask16 mask = qn <= 0 ? 0 : __mmask16((1u << qn) - 1);
-  __m512 r[16];
-  for (int i = 0; i < 16; ++i) {
-    r[i] = m0 + i < p.M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(
-                              mask, x + (m0 + i) * p.x_row_stride + 2 * q0))
-                        : _mm512_setzero_ps();
-  }
-  transpose16(r);
-  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(dst + j * ldd), r[j]);
-}
-
 // y[m, n0 + r] = C[r, m] (+ bias) for r in [r0, r0 + 16) and m in [m0, m0 + 16) ∩ [0, M): C^T
 // block of one panel (row stride ldc) transposed in registers, 16 outputs of row m stored at once.
 BITPRESS_TARGET_AVX512 void store_ct_block16(const Sparse24GemmParams& p, const float* c,
@@ -500,7 +482,9 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
 #if defined(__x86_64__)
       if (avx512) {
         for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
-          xt_block16(p, m0, q0, xb + q0 * Mp + m0, Mp);
+          // (Rows past M are not read: any valid pointer will do.)
+          transpose_pairs16(m0 < p.M ? x + m0 * p.x_row_stride + 2 * q0 : x, p.x_row_stride,
+                            p.M - m0, p.K / 2 - q0, xb + q0 * Mp + m0, Mp);
         }
         continue;
       }

@@ -55,6 +55,21 @@ def test_cpu_paths(cpu_isa, M, dtype, layout):  # noqa: F811
     assert rel_err(y, ref64(x, w, ws)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("M", [5, 16, 17, 40])
+@pytest.mark.parametrize("K", [301, 64, 36])
+def test_cpu_bf16_xt_blocks(cpu_isa, M, K):  # noqa: F811
+    """bf16 x reaches the engine as xᵀ pairs built by 16 x 16 register transposes (AVX-512):
+    odd K (the last pair half empty), K below one block of pairs, M not a multiple of 16, and x
+    with a row stride (a column slice of a wider tensor)."""
+    N = 45
+    xw = torch.randn(M, K + 7).bfloat16()
+    x = xw[:, 3 : 3 + K]
+    w = e4m3((N, K))
+    ws = scale("row", N, K, weight=True)
+    y = ops.fp8_weight_gemm(x, w, ws, backend="cpu")
+    assert rel_err(y, ref64(x, w, ws)) < TOLERANCE[torch.bfloat16], cpu_isa
+
+
 @pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 6, 7, 9, 65, 66, 67, 68, 70])
 @pytest.mark.parametrize("layout", ["row", "block"])
 def test_cpu_m1_row_streams(cpu_isa, N, layout):  # noqa: F811
