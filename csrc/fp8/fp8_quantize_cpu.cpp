@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "bitpress/common/cpu.h"
 #include "bitpress/fp8/fp8.h"
 #include "bitpress/fp8/fp8_quantize.h"
 #include "common/isa.h"
@@ -73,6 +74,88 @@ void quantize_range(const void* row, DType t, int64_t k0, int64_t k1, float scal
   }
 }
 
+#if defined(__x86_64__)
+// AVX-512 versions of amax_range / quantize_range, 16 elements per step (masked tails), bit for bit
+// the scalar ones: x / scale is the same IEEE division, float_to_e4m3's integer steps are done
+// per lane (its subnormal float add too, under the same MXCSR), and the amax is the maximum of
+// the non-NaN |x| or NaN if any was (the scalar max is NaN from its first NaN on).
+BITPRESS_TARGET_AVX512 inline __m512 load16(const void* row, DType t, int64_t k, __mmask16 m) {
+  switch (t) {
+    case DType::kFloat32:
+      return _mm512_maskz_loadu_ps(m, static_cast<const float*>(row) + k);
+    case DType::kBFloat16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(row) + k)),
+          16));
+    default:
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(row) + k));
+  }
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1); }
+
+BITPRESS_TARGET_AVX512 float amax_range_avx512(const void* row, DType t, int64_t k0, int64_t k1) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __mmask16 lm = tail_mask(k1 - k);
+    const __m512 a =
+        _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(load16(row, t, k, lm)), abs_mask));
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, a);  // masked-off lanes are +0
+  }
+  return nan ? NAN : _mm512_reduce_max_ps(m);
+}
+
+BITPRESS_TARGET_AVX512 void quantize_range_avx512(const void* row, DType t, int64_t k0, int64_t k1,
+                                                  float scale, uint8_t* q) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+  const __m512i sat = _mm512_set1_epi32(0x43E00000), min_normal = _mm512_set1_epi32(121 << 23);
+  const __m512i magic = _mm512_set1_epi32(141 << 23), one = _mm512_set1_epi32(1);
+  const __m512i rebias = _mm512_set1_epi32(int32_t(uint32_t(7 - 127) << 23) + 0x7FFFF);
+  for (int64_t k = k0; k < k1; k += 16) {
+    const __mmask16 lm = tail_mask(k1 - k);
+    const __m512i bits = _mm512_castps_si512(_mm512_div_ps(load16(row, t, k, lm), sv));
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80));
+    const __m512i a = _mm512_and_si512(bits, abs_mask);
+    // Normal: rebias and round the 20 dropped mantissa bits to nearest even.
+    __m512i out =
+        _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(a, rebias),
+                                           _mm512_and_si512(_mm512_srli_epi32(a, 20), one)),
+                          20);
+    // Subnormal (|v| < 2^-6): the float add of 2^14 rounds to the 2^-9 step.
+    const __mmask16 sub = _mm512_cmplt_epu32_mask(a, min_normal);
+    const __m512i r = _mm512_sub_epi32(
+        _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(magic))),
+        magic);
+    out = _mm512_mask_mov_epi32(out, sub, r);
+    out = _mm512_mask_mov_epi32(out, _mm512_cmpge_epu32_mask(a, sat),
+                                _mm512_set1_epi32(kE4M3MaxCode));
+    out = _mm512_mask_mov_epi32(out, _mm512_cmpgt_epu32_mask(a, inf),
+                                _mm512_set1_epi32(kE4M3NaNCode));
+    out = _mm512_and_si512(_mm512_or_si512(out, sign), _mm512_set1_epi32(0xFF));
+    _mm_mask_storeu_epi8(q + k, lm, _mm512_cvtepi32_epi8(out));
+  }
+}
+#endif
+
+// The active ISA's versions.
+float amax_of(const void* row, DType t, int64_t k0, int64_t k1) {
+#if defined(__x86_64__)
+  if (active_cpu_isa() >= CpuIsa::kAvx512) return amax_range_avx512(row, t, k0, k1);
+#endif
+  return amax_range(row, t, k0, k1);
+}
+
+void quantize_of(const void* row, DType t, int64_t k0, int64_t k1, float scale, uint8_t* q) {
+#if defined(__x86_64__)
+  if (active_cpu_isa() >= CpuIsa::kAvx512) return quantize_range_avx512(row, t, k0, k1, scale, q);
+#endif
+  quantize_range(row, t, k0, k1, scale, q);
+}
+
 inline const void* row_ptr(const Fp8QuantizeParams& p, int64_t r) {
   return static_cast<const char*>(p.x) + r * p.x_row_stride * dtype_size(p.x_dtype);
 }
@@ -120,7 +203,7 @@ Status fp8_quantize_cpu(const Fp8QuantizeParams& p, const CpuThreadPool* pool) {
         for (int64_t c = b; c < e; ++c) {
           float m = 0.f;
           for (int64_t r = c * chunk; r < std::min(R, (c + 1) * chunk); ++r) {
-            const float rm = amax_range(row_ptr(p, r), t, 0, K);
+            const float rm = amax_of(row_ptr(p, r), t, 0, K);
             m = (rm > m || rm != rm) ? rm : m;
           }
           part[size_t(c)] = m;
@@ -134,7 +217,7 @@ Status fp8_quantize_cpu(const Fp8QuantizeParams& p, const CpuThreadPool* pool) {
     parallel_for(pool, 0, K > 0 ? R : 0, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)),
                  [&](int64_t b, int64_t e) {
                    for (int64_t r = b; r < e; ++r) {
-                     quantize_range(row_ptr(p, r), t, 0, K, s, p.q + r * p.q_row_stride);
+                     quantize_of(row_ptr(p, r), t, 0, K, s, p.q + r * p.q_row_stride);
                    }
                  });
     return Status::kSuccess;
@@ -145,8 +228,8 @@ Status fp8_quantize_cpu(const Fp8QuantizeParams& p, const CpuThreadPool* pool) {
                  [&](int64_t b, int64_t e) {
                    for (int64_t r = b; r < e; ++r) {
                      float* sp = p.scale + r * p.scale_row_stride;
-                     if (!p.static_scale) *sp = scale_of(amax_range(row_ptr(p, r), t, 0, K));
-                     quantize_range(row_ptr(p, r), t, 0, K, *sp, p.q + r * p.q_row_stride);
+                     if (!p.static_scale) *sp = scale_of(amax_of(row_ptr(p, r), t, 0, K));
+                     quantize_of(row_ptr(p, r), t, 0, K, *sp, p.q + r * p.q_row_stride);
                    }
                  });
     return Status::kSuccess;
@@ -165,14 +248,14 @@ Status fp8_quantize_cpu(const Fp8QuantizeParams& p, const CpuThreadPool* pool) {
         if (!p.static_scale) {
           float m = 0.f;
           for (int64_t r = r0; r < r1; ++r) {
-            const float rm = amax_range(row_ptr(p, r), t, k0, k1);
+            const float rm = amax_of(row_ptr(p, r), t, k0, k1);
             m = (rm > m || rm != rm) ? rm : m;
           }
           srow[bc] = scale_of(m);
         }
         const float s = srow[bc];
         for (int64_t r = r0; r < r1; ++r) {
-          quantize_range(row_ptr(p, r), t, k0, k1, s, p.q + r * p.q_row_stride);
+          quantize_of(row_ptr(p, r), t, k0, k1, s, p.q + r * p.q_row_stride);
         }
       }
     }
