@@ -180,7 +180,7 @@ void prepare_row(const Int4GemmParams& p, const Workspace& w, int64_t m, bool pa
 
 // acc [mb][64] + bias -> out rows m0.., columns 64t.. (< N), rounded to the output dtype.
 void store_tile(const Int4GemmParams& p, int64_t t, int64_t m0, int mb, const float* acc,
-                cpu::ConvertFn convert) {
+                cpu::ConvertFn convert, int64_t acc_stride = kInt4TileN) {
   const int64_t n0 = t * kInt4TileN;
   const int64_t nn = std::min<int64_t>(kInt4TileN, p.N - n0);
   const int osz = dtype_size(p.out_dtype);
@@ -188,7 +188,7 @@ void store_tile(const Int4GemmParams& p, int64_t t, int64_t m0, int mb, const fl
   for (int m = 0; m < mb; ++m) {
     for (int64_t c = 0; c < nn; ++c) {
       row[c] =
-          acc[m * kInt4TileN + c] + (p.bias ? load_as_float(p.bias, p.bias_dtype, n0 + c) : 0.f);
+          acc[m * acc_stride + c] + (p.bias ? load_as_float(p.bias, p.bias_dtype, n0 + c) : 0.f);
     }
     convert(row, static_cast<char*>(p.out) + ((m0 + m) * p.out_row_stride + n0) * osz, nn);
   }
@@ -603,7 +603,8 @@ bool amx_groups_ok(const Int4GemmParams& p) {
 // which made the fold about half as costly as the tile products at M = 512. The pair comes from a
 // 32-entry table (vpermw): index = q + 16 - z, table[i] = bf16(i - 16).
 BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_t t, int64_t g,
-                                                 int64_t o0, int no, uint32_t* wb) {
+                                                 int64_t o0, int no, uint32_t* wb,
+                                                 int64_t ld = kInt4TileN) {
   alignas(64) static const uint16_t kTable[32] = {
       0xc180, 0xc170, 0xc160, 0xc150, 0xc140, 0xc130, 0xc120, 0xc110,  // -16 .. -9
       0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,  // -8 .. -1
@@ -641,7 +642,7 @@ BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_
         // one, which the symmetric table (q - 8, twice) ignores; no mask, no add.
 #pragma GCC unroll 4
         for (int pr = 0; pr < 4; ++pr) {
-          _mm512_store_si512(wb + (4 * o + pr) * kInt4TileN + 16 * v,
+          _mm512_store_si512(wb + (4 * o + pr) * ld + 16 * v,
                              _mm512_permutexvar_epi16(_mm512_srli_epi32(words, 4 * pr), sym));
         }
         continue;
@@ -649,7 +650,7 @@ BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_
 #pragma GCC unroll 4
       for (int pr = 0; pr < 4; ++pr) {
         const __m512i q = _mm512_and_si512(_mm512_srli_epi32(words, 4 * pr), nib);
-        _mm512_store_si512(wb + (4 * o + pr) * kInt4TileN + 16 * v,
+        _mm512_store_si512(wb + (4 * o + pr) * ld + 16 * v,
                            _mm512_permutexvar_epi16(_mm512_add_epi16(q, bias[v]), table));
       }
     }
@@ -736,6 +737,157 @@ void chunk_amx(const Int4GemmParams& p, const Workspace& w, bool lo, int64_t t0,
   if (have) fold_amx(p, pending.t, pending.g, ct[buf ^ 1], pending.rows, pending.acc, 0, 4);
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// Dequantized panels on AMX (int4_gemm_cpu_dequant_amx): the weight decoded per K chunk to
+// bf16((q - z) s), then plain tile products over the chunk.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kDqTiles = 4;
+constexpr int64_t kDqChunkOctets = 32;  // K per panel: 256 (4 tiles: 128 KiB of bf16 pairs)
+
+#if defined(__x86_64__)
+// float32 -> bf16 bits in the low half of each lane: round to nearest even, NaN stays NaN (quiet),
+// as float_to_bf16_bits.
+BITPRESS_TARGET_AVX512 inline __m512i to_bf16_lanes(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
+                       _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))),
+      16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+}
+
+// In place on the bf16 pairs of octets [o0, o0 + no) of tile t (all in group g), as written by
+// unpack_panel_amx: bf16(q - z) -> bf16((q - z) s), the product in float32 (q - z exact) rounded
+// once to nearest even with the bits of float_to_bf16_bits (NaN stays NaN): the value the dense
+// path's decode writes.
+BITPRESS_TARGET_AVX512 void scale_panel_amx(const Int4GemmParams& p, int64_t t, int64_t g, int no,
+                                            uint32_t* wb, int64_t ld) {
+  const int64_t sg = (t * p.G + g) * kInt4TileN;
+  const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  for (int v = 0; v < 4; ++v) {
+    const __m512 s = _mm512_loadu_ps(p.scales + sg + 16 * v);
+    for (int i = 0; i < 4 * no; ++i) {
+      uint32_t* w = wb + i * ld + 16 * v;
+      const __m512i q = _mm512_load_si512(w);
+      const __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(q, 16)), s);
+      const __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(q, hi_mask)), s);
+      _mm512_store_si512(
+          w, _mm512_or_si512(to_bf16_lanes(lo), _mm512_slli_epi32(to_bf16_lanes(hi), 16)));
+    }
+  }
+}
+#endif
+
+thread_local ThreadBuffer t_xpad;  // the calling thread: x gathered row-major, padded (dequant)
+
+}  // namespace
+
+Status int4_gemm_cpu_dequant_amx(const Int4GemmParams& p, const CpuThreadPool* pool) {
+  const Status st = int4_gemm_check(p);
+  if (st != Status::kSuccess || p.M == 0 || p.N == 0) return st;
+#if defined(__x86_64__)
+  if (!int4_gemm_dequant_amx_supported(p)) return Status::kUnsupported;
+  // x gathered by perm (rows of x that no packed row names multiply nothing), zero past K and
+  // past M up to 16 rows, row-major with a row stride 64 bytes longer than Kp (a power-of-two
+  // stride would put the 16 rows of a tile in a few L1 sets).
+  const int64_t Mp = (p.M + 15) / 16 * 16, lda = p.Kp + 32;
+  uint16_t* xp = static_cast<uint16_t*>(t_xpad.get(size_t(Mp) * lda * 2));
+  if (!xp) return Status::kOutOfMemory;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
+  parallel_for(pool, 0, Mp, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      uint16_t* row = xp + m * lda;
+      if (m >= p.M) {
+        memset(row, 0, size_t(p.Kp) * 2);
+        continue;
+      }
+      const uint16_t* src = x + m * p.x_row_stride;
+      if (p.perm) {
+        for (int64_t r = 0; r < p.Kp; ++r) row[r] = p.perm[r] >= 0 ? src[p.perm[r]] : 0;
+      } else {
+        memcpy(row, src, size_t(p.K) * 2);
+        memset(row + p.K, 0, size_t(p.Kp - p.K) * 2);
+      }
+    }
+  });
+  const int64_t Nt = (p.N + kInt4TileN - 1) / kInt4TileN;
+  const cpu::ConvertFn convert = cpu::converter(p.out_dtype, CpuIsa::kAmx);
+  const int64_t blocks = Mp / 16, chunks = (Mp + kAmxChunkRows - 1) / kAmxChunkRows;
+  const int64_t groups = (Nt + kDqTiles - 1) / kDqTiles;
+  const int64_t n_oct = p.Kp / 8;
+  bool oom = false;
+  parallel_for(pool, 0, groups * chunks, 1, [&](int64_t i0, int64_t i1) {
+    cpu::gemm_amx_thread_begin();
+    float* acc = static_cast<float*>(
+        t_acc.get(size_t(kDqTiles) * kAmxChunkRows * kInt4TileN * sizeof(float) +
+                  size_t(4 * kDqChunkOctets) * kDqTiles * kInt4TileN * 4));
+    if (!acc) {
+      oom = true;
+      return;
+    }
+    uint32_t* wb = reinterpret_cast<uint32_t*>(acc + kDqTiles * kAmxChunkRows * kInt4TileN);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = i % chunks;
+      const int64_t m0 = blocks * c / chunks * 16, m1 = blocks * (c + 1) / chunks * 16;
+      const int64_t t0 = i / chunks * kDqTiles, t1 = std::min(Nt, t0 + kDqTiles);
+      const int64_t rows = m1 - m0, ld = (t1 - t0) * kInt4TileN;
+      // The tiles' panels side by side (B [pairs][ld]) and C [rows][ld]: one microkernel call
+      // per chunk sweeps all their columns, so each 32-row block of x (16 KiB of the chunk, L1)
+      // serves 8 column blocks instead of 2.
+      cpu::GemmBf16Args a;
+      a.lda = lda;
+      a.b = wb;
+      a.ldb = ld;
+      a.c = acc;
+      a.ldc = ld;
+      a.M = rows;
+      a.N = ld;
+      for (int64_t oc = 0, g = 0; oc < n_oct; oc += kDqChunkOctets) {
+        const int64_t oe = std::min(n_oct, oc + kDqChunkOctets);
+        for (int64_t t = t0; t < t1; ++t) {
+          // The chunk's pairs of tile t, group by group.
+          int64_t gg = g;
+          for (int64_t o = oc; o < oe;) {
+            while (p.group_starts[gg + 1] <= o) ++gg;
+            const int64_t no = std::min<int64_t>(oe, p.group_starts[gg + 1]) - o;
+            uint32_t* dst = wb + 4 * (o - oc) * ld + (t - t0) * kInt4TileN;
+            unpack_panel_amx(p, t, gg, o, int(no), dst, ld);
+            scale_panel_amx(p, t, gg, int(no), dst, ld);
+            o += no;
+          }
+        }
+        a.a = xp + m0 * lda + 8 * oc;
+        a.K = 8 * (oe - oc);
+        a.accumulate = oc > 0;
+        cpu::gemm_bf16_amx(a);
+        while (g < p.G && p.group_starts[g + 1] <= oe) ++g;
+      }
+      const int mb = int(std::min(m1, p.M) - m0);
+      for (int64_t t = t0; t < t1 && mb > 0; ++t) {
+        store_tile(p, t, m0, mb, acc + (t - t0) * kInt4TileN, convert, ld);
+      }
+    }
+  });
+  return oom ? Status::kOutOfMemory : Status::kSuccess;
+#else
+  return Status::kUnsupported;
+#endif
+}
+
+bool int4_gemm_dequant_amx_supported(const Int4GemmParams& p) {
+#if defined(__x86_64__)
+  return active_cpu_isa() == CpuIsa::kAmx && cpu_features().avx512_bf16 &&
+         p.x_dtype == DType::kBFloat16 && p.Kp % 32 == 0 && p.M > 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+namespace {
 
 template <int MB>
 void tile_fp32_portable(const Int4GemmParams& p, const Workspace& w, int64_t t, int64_t m0,

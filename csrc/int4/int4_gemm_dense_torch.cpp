@@ -12,7 +12,10 @@
 // twice, alternating, and later calls of that key take the faster one. The dense path must win by
 // 3% to be chosen, since it holds a K x N workspace. Its weights are rounded once to x's dtype ((q
 // - z) s in float32, then bf16/fp16; exact for fp32 x), which is the only numerical difference from
-// the fused path.
+// the fused path. On AMX with bf16 x the dense path needs no workspace: int4_gemm_cpu_dequant_amx
+// decodes the same bf16 weights per 256-long K chunk of 4 tiles and multiplies them on the tiles
+// at once, with no per-group fold (bench/NOTES.md, "int4_gemm: dequantized panels on AMX"): at
+// M = 512 it ran 10-15% faster than the fused kernel and 1.3-1.5x faster than decode + oneDNN.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <stdlib.h>
@@ -131,6 +134,15 @@ void clear_choices() {
 
 void run_dense(const Int4GemmParams& p, const at::Tensor& x2, const at::Tensor& bias,
                at::Tensor& out2d) {
+  // On AMX with bf16 x the same arithmetic runs without the workspace: panels decoded per K chunk
+  // and multiplied on the tiles as they are made (int4_gemm_cpu_dequant_amx; p already points at
+  // out2d and the bias). BITPRESS_INT4_DENSE_GEMM=onednn (read per call) keeps the workspace and
+  // oneDNN's GEMM, for comparisons.
+  const char* gemm = getenv("BITPRESS_INT4_DENSE_GEMM");
+  if (!(gemm && !strcmp(gemm, "onednn")) && int4_gemm_dequant_amx_supported(p)) {
+    glue::check_status(int4_gemm_cpu_dequant_amx(p, glue::torch_thread_pool()), "int4_gemm");
+    return;
+  }
   const at::ScalarType t = x2.scalar_type();
   at::Tensor& ws = workspace(t, p.K * p.N);
   glue::check_status(

@@ -16,6 +16,7 @@ from int4_data import make_quantized
 from bitpress import ops, reference
 from bitpress._core import ext as _ext
 from bitpress.int4 import layout as int4_layout
+from bitpress.int4 import reference as int4_reference
 from bitpress.testing import rel_err
 
 # The dense path rounds each weight once to x's dtype (2^-9 relative in bf16, 2^-12 in fp16) on
@@ -78,6 +79,38 @@ def test_dense_and_fused_agree(path):
     path("dense")
     dense = ops.int4_gemm(x, p)
     assert rel_err(dense, fused) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "M,K,N,gs,sym,act",
+    [
+        (70, 512, 130, 128, False, True),
+        (33, 256, 65, 32, True, False),
+        (200, 1024, 300, 64, False, False),
+        (16, 4096, 64, 128, True, False),
+    ],
+)
+def test_dequant_tiles_match_the_workspace_path(path, monkeypatch, M, K, N, gs, sym, act):
+    """On AMX the bf16 dense path decodes per K chunk on the tiles (no workspace): the weights are
+    the workspace path's (bf16((q - z) s)), so both agree to float32 summation order, and both
+    match the float64 product with those rounded weights closely."""
+    if _ext.C.best_cpu_isa() != "amx":
+        pytest.skip("the dequantized-panel path runs on AMX only")
+    gen = torch.Generator().manual_seed(M + K + N)
+    q = make_quantized(K, N, gs, sym, act)
+    p = int4_layout.pack(q)
+    x = torch.randn(M, 2 * K, generator=gen).bfloat16()[:, ::2]  # rows with a stride
+    b = torch.randn(N, generator=gen).bfloat16()
+    path("dense")
+    tiles = ops.int4_gemm(x, p, b)
+    monkeypatch.setenv("BITPRESS_INT4_DENSE_GEMM", "onednn")
+    onednn = ops.int4_gemm(x, p, b)
+    assert rel_err(tiles, onednn) < 2e-3
+    assert (
+        rel_err(tiles, reference.int4_gemm(x.double(), p, b.double())) < TOLERANCE[torch.bfloat16]
+    )
+    w = int4_reference.dequantize_packed(p, torch.bfloat16).double()  # bf16((q - z) s)
+    assert rel_err(tiles, x.double() @ w.t() + b.double()) < 2.5e-3
 
 
 def test_auto_measures_once_per_key(path):

@@ -78,6 +78,15 @@ Status int4_gemm_check(const Int4GemmParams& p);
 // thread and shape).
 Status int4_gemm_cpu(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
 
+// The dense path's arithmetic without its workspace, on AMX: per chunk of 512 rows of K, the
+// weight of 4 tiles decoded to bf16 pairs of (q - z) s (float32 product, rounded once to bf16:
+// the values int4_gemm_decode_cpu writes for bf16) and multiplied by bf16 x on the tiles, the
+// float32 C accumulated across the chunks (no per-group fold: the scale is in the weight). bf16 x
+// only, Kp a multiple of 32, AMX active (int4_gemm_dequant_amx_supported); else kUnsupported.
+// Threads: the pool; per-thread buffers as int4_gemm_cpu's.
+bool int4_gemm_dequant_amx_supported(const Int4GemmParams& p);
+Status int4_gemm_cpu_dequant_amx(const Int4GemmParams& p, const CpuThreadPool* pool = nullptr);
+
 // Dense decode (the dense path of int4_gemm: decode once into a reused workspace, then a dense
 // GEMM): Wt[k, n] = W[n, k] = (q - z) * s for every row k of x, computed in float32 and rounded
 // once to wt_dtype (float32, float16 or bfloat16). Wt is [K, N] with row stride wt_row_stride
