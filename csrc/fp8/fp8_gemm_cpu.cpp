@@ -432,8 +432,11 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   // 4096 / 2^j long so that a piece's slice stays within kXtPieceBytes (L2): the tiles of a group
   // (below) then read it from L2, not L3. (An xᵀ of ~1.2 MiB, K = 4096 at M = 128, stays
   // L2-resident whole: halving PK there measured 7% slower.)
-  if (Kp * ldx * 2 > kXtWholeBytes) {
-    while (PK > 512 && PK % 256 == 0 && PK * ldx * 2 > kXtPieceBytes) PK /= 2;
+  // (The budgets are for the 2 MiB L2 of the Intel AMX cores; halved for the other variants: Zen 5
+  // has 1 MiB per core. Not measured there.)
+  const int l2_shift = amx ? 0 : 1;
+  if (Kp * ldx * 2 > (kXtWholeBytes >> l2_shift)) {
+    while (PK > 512 && PK % 256 == 0 && PK * ldx * 2 > (kXtPieceBytes >> l2_shift)) PK /= 2;
   }
   const int64_t n_pk = std::max<int64_t>(1, (Kp + PK - 1) / std::max<int64_t>(PK, 1));
   int64_t NT =
@@ -448,7 +451,9 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   const int64_t c_tile_bytes =
       ((ncols + chunk - 1) / chunk) * NT * kCStride * int64_t(sizeof(float));
   const int64_t group =
-      n_pk == 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(16, kCGroupBytes / c_tile_bytes));
+      n_pk == 1
+          ? 1
+          : std::max<int64_t>(1, std::min<int64_t>(16, (kCGroupBytes >> l2_shift) / c_tile_bytes));
   Status status = Status::kSuccess;
 #if defined(__x86_64__)
   if (o.strip && o.kernel == cpu::GemmKernel::kAmx &&

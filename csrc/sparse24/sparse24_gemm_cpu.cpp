@@ -501,8 +501,11 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
   const bool vbmi2 = have_vbmi2();
   const int64_t panels = (p.N + kPanelRows - 1) / kPanelRows;
   // K chunk: a multiple of 64 (whole metadata bytes and expansion steps; 32 for the tiles).
-  int64_t kc = std::min(Kp, std::max(kMinChunkK, kXChunkBytes / (Mp * 2) / 64 * 64));
-  int64_t group = std::max<int64_t>(1, kCGroupBytes / (kPanelRows * Mp * 4));
+  // The budgets are for the 2 MiB L2 of the Intel (AMX) cores; halved for the other variants (Zen 5
+  // has 1 MiB of L2 per core; not measured there).
+  const int l2_shift = gk == cpu::GemmKernel::kAmx ? 0 : 1;
+  int64_t kc = std::min(Kp, std::max(kMinChunkK, (kXChunkBytes >> l2_shift) / (Mp * 2) / 64 * 64));
+  int64_t group = std::max<int64_t>(1, (kCGroupBytes >> l2_shift) / (kPanelRows * Mp * 4));
   // BITPRESS_SPARSE24_PANEL_BLOCK="chunk,group" overrides both (tests: many chunks and groups on
   // small shapes); read per call.
   if (const char* s = getenv("BITPRESS_SPARSE24_PANEL_BLOCK")) {
