@@ -24,8 +24,6 @@ from bitpress.fp8.reference import to_e4m3
 
 SHAPES = [(4096, 14336), (4096, 4096), (14336, 4096)]  # Llama-3-8B: gate/up, q/o, down
 MS = [1, 16, 128, 512]
-COLD_BYTES = 960 * 2**20  # > 2x the 480 MiB L3 of the Intel machines
-COPIES = 24
 
 
 def _weights(K, N, layout):
@@ -52,8 +50,8 @@ def _rotations(K, N, layout):
         _CACHE[key] = (
             w,
             ws,
-            Rotating(lambda: (w.clone(), ws.clone()), w.numel(), COLD_BYTES, COPIES),
-            Rotating(lambda: dense.clone(), dense.numel() * 2, COLD_BYTES, COPIES),
+            Rotating(lambda: (w.clone(), ws.clone()), w.numel()),
+            Rotating(lambda: dense.clone(), dense.numel() * 2),
         )
     return _CACHE[key]
 

@@ -27,11 +27,10 @@ from bitpress.sparse24.layout import compress
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # Llama-3-8B: q/o, gate/up, down
 MS = [1, 4, 16, 32, 128, 512]
-COLD_BYTES = 1 << 30  # > 2 x 480 MiB
 
 
 def _rotating(make, nbytes):
-    return Rotating(make, nbytes, min_bytes=COLD_BYTES, max_copies=64)
+    return Rotating(make, nbytes)
 
 
 _CACHE: dict = {}

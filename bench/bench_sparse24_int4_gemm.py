@@ -22,11 +22,10 @@ from bitpress.sparse24.cases import random_int4_24
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # Llama-3-8B: q/o, gate/up, down
 MS = [1, 4, 16]
 GROUP = 128
-COLD_BYTES = 1 << 30  # > 2 x 480 MiB
 
 
 def _rotating(make, nbytes):
-    return Rotating(make, nbytes, min_bytes=COLD_BYTES, max_copies=64)
+    return Rotating(make, nbytes)
 
 
 _CACHE: dict = {}
