@@ -278,10 +278,10 @@ BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vb
 template <int R>
 BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_rows_vbmi2(
     const uint16_t* vals, int64_t vs, const uint8_t* meta, int64_t ms, int64_t K, uint16_t* row,
-    int64_t rs, int64_t pf_rows) {
+    int64_t rs, int64_t pf_v, int64_t pf_m) {
   if (R == 1) {
-    expand_row_vbmi2(vals, meta, K, row, reinterpret_cast<const char*>(vals + pf_rows * vs),
-                     reinterpret_cast<const char*>(meta + pf_rows * ms));
+    expand_row_vbmi2(vals, meta, K, row, reinterpret_cast<const char*>(vals + pf_v),
+                     reinterpret_cast<const char*>(meta + pf_m));
     return;
   }
   static const auto kMask = [] {
@@ -301,8 +301,8 @@ BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_rows_v
     for (int r = 0; r < R; ++r) {
       const uint16_t* v = vals + r * vs;
       const uint8_t* m = meta + r * ms + 8 * s;
-      __builtin_prefetch(reinterpret_cast<const char*>(v + pf_rows * vs) + 64 * s, 0, 2);
-      if ((s & 7) == 0) __builtin_prefetch(m + pf_rows * ms, 0, 2);
+      __builtin_prefetch(reinterpret_cast<const char*>(v + pf_v) + 64 * s, 0, 2);
+      if ((s & 7) == 0) __builtin_prefetch(m + pf_m, 0, 2);
       const uint32_t lo = uint32_t(kMask.m[m[0]]) | uint32_t(kMask.m[m[1]]) << 8 |
                           uint32_t(kMask.m[m[2]]) << 16 | uint32_t(kMask.m[m[3]]) << 24;
       const uint32_t hi = uint32_t(kMask.m[m[4]]) | uint32_t(kMask.m[m[5]]) << 8 |
@@ -464,6 +464,7 @@ constexpr int64_t kMinChunkK = 256;
 // Rows a thread expands at once (read streams; 4 measured 5-10% faster than 1 at M = 16, 8 no
 // better than 4).
 constexpr int kExpandStreams = 4;
+constexpr int64_t kSpreadMaxCols = 32;  // rows of x (padded) up to which the streams are spread
 
 Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* pool) {
   const int64_t Mp = (p.M + 15) / 16 * 16, Kp = (p.K + 31) / 32 * 32;
@@ -546,35 +547,48 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
         const int64_t kk = std::max<int64_t>(0, std::min(kp, p.K - k0));  // its real columns
         for (int64_t i = g0; i < g1; ++i) {
           const int64_t n0 = i * kPanelRows, nb = std::min<int64_t>(kPanelRows, p.N - n0);
-          for (int64_t r = 0; r < nb;) {
+          // Decode-sized M (the expansion's read stream dominates): a full panel's streams are
+          // kPanelRows / kExpandStreams rows apart (rows r, r + 8, r + 16, r + 24), each
+          // prefetching its next row, 4-8% faster than adjacent rows at M = 16-32; at M = 128
+          // adjacent rows were 5% faster (measured at 4096 x 14336 and 14336 x 4096,
+          // bench/NOTES.md). Ragged panels: runs of adjacent rows.
+          const bool spread = nb == kPanelRows && Mp <= kSpreadMaxCols;
+          const int64_t step = spread ? kPanelRows / kExpandStreams : 1;
+          for (int64_t r = 0, done = 0; done < nb;) {
             const uint8_t* meta = p.meta + (n0 + r) * (p.K / 8) + k0 / 8;
             const uint16_t* vals =
                 static_cast<const uint16_t*>(p.values) + (n0 + r) * (p.K / 2) + k0 / 2;
             uint16_t* row = a + r * lda;
 #if defined(__x86_64__)
             if (vbmi2) {
-              // R rows at once; prefetch the rows expanded next (their slice of this chunk), at
-              // least ~4 KiB of values ahead.
-              const int R = int(std::min<int64_t>(kExpandStreams, nb - r));
-              const int64_t ahead = std::min(p.N - 1 - (n0 + r),
-                                             std::max<int64_t>(R, 4096 / std::max<int64_t>(kk, 1)));
-              const int64_t vs = p.K / 2, ms = p.K / 8;
+              const int R =
+                  spread ? kExpandStreams : int(std::min<int64_t>(kExpandStreams, nb - r));
+              // Prefetch: spread, each stream's next row (after the last, the next panel's, whose
+              // slice of this chunk comes next); adjacent, the rows expanded next, at least ~4 KiB
+              // of values ahead.
+              const int64_t ahead =
+                  spread ? (r + 1 < step ? 1 : kPanelRows - step + 1)
+                         : std::min(p.N - 1 - (n0 + r),
+                                    std::max<int64_t>(R, 4096 / std::max<int64_t>(kk, 1)));
+              const int64_t vs = p.K / 2 * step, ms = p.K / 8 * step;
+              const int64_t pf_v = ahead * (p.K / 2), pf_m = ahead * (p.K / 8);
               switch (R) {
                 case 4:
-                  expand_rows_vbmi2<4>(vals, vs, meta, ms, kk, row, lda, ahead);
+                  expand_rows_vbmi2<4>(vals, vs, meta, ms, kk, row, lda * step, pf_v, pf_m);
                   break;
                 case 3:
-                  expand_rows_vbmi2<3>(vals, vs, meta, ms, kk, row, lda, ahead);
+                  expand_rows_vbmi2<3>(vals, vs, meta, ms, kk, row, lda * step, pf_v, pf_m);
                   break;
                 case 2:
-                  expand_rows_vbmi2<2>(vals, vs, meta, ms, kk, row, lda, ahead);
+                  expand_rows_vbmi2<2>(vals, vs, meta, ms, kk, row, lda * step, pf_v, pf_m);
                   break;
                 default:
-                  expand_rows_vbmi2<1>(vals, vs, meta, ms, kk, row, lda, ahead);
+                  expand_rows_vbmi2<1>(vals, vs, meta, ms, kk, row, lda * step, pf_v, pf_m);
               }
               for (int j = 0; j < R; ++j)
-                for (int64_t k = kk; k < kp; ++k) row[j * lda + k] = 0;
-              r += R;
+                for (int64_t k = kk; k < kp; ++k) row[j * step * lda + k] = 0;
+              done += R;
+              r += spread ? 1 : R;
               continue;
             }
             expand_row_scalar(vals, meta, kk, row);
@@ -583,6 +597,7 @@ Status run_panels(const Sparse24GemmParams& p, int kernel, const CpuThreadPool* 
             expand_row_scalar(vals, meta, kk, row);
 #endif
             for (int64_t k = kk; k < kp; ++k) row[k] = 0;
+            ++done;
             ++r;
           }
           cpu::GemmBf16Args g;
