@@ -29,7 +29,7 @@ def bench_fp8_weight_gemm_cpu(benchmark, K, N, layout, M):
         wi, si = r_w.next()
         return ops.fp8_weight_gemm(x, wi, si)
 
-    benchmark.pedantic(ours, rounds=max(5, 64 // M), warmup_rounds=2)
+    benchmark.pedantic(ours, rounds=max(15, 256 // M), warmup_rounds=2)
     t_ours = seconds_of(benchmark)
     t_lin = timeit(lambda: F.linear(x, r_dense.next()))
     case = f"K={K} N={N} M={M} bf16 {layout}"

@@ -76,7 +76,7 @@ def bench_int4_gemm_cpu(benchmark, K, N, M):
     x = torch.randn(M, K, dtype=torch.bfloat16)
     benchmark.group = f"int4_gemm {K}x{N}"
     benchmark.pedantic(
-        lambda: ops.int4_gemm(x, r_packed.next()), rounds=max(5, 64 // M), warmup_rounds=2
+        lambda: ops.int4_gemm(x, r_packed.next()), rounds=max(15, 256 // M), warmup_rounds=2
     )
     t_ours = seconds_of(benchmark)
     t_lin = timeit(lambda: F.linear(x, r_dense.next()))

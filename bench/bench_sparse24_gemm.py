@@ -59,7 +59,7 @@ def bench_sparse24_gemm_cpu(benchmark, K, N, M):
     x = torch.randn(M, K, dtype=torch.bfloat16)
     benchmark.group = f"sparse24_gemm {K}x{N}"
     benchmark.pedantic(
-        lambda: ops.sparse24_gemm(x, *r_sparse.next()), rounds=max(5, 64 // M), warmup_rounds=2
+        lambda: ops.sparse24_gemm(x, *r_sparse.next()), rounds=max(15, 256 // M), warmup_rounds=2
     )
     t_ours = seconds_of(benchmark)
     t_lin = timeit(lambda: F.linear(x, r_dense.next()))

@@ -68,7 +68,7 @@ def bench_sparse24_int4_gemm_cpu(benchmark, K, N, M):
         qv, meta, scales = r_sparse.next()
         return ops.sparse24_int4_gemm(x, qv, meta, scales, group_size=GROUP)
 
-    benchmark.pedantic(ours, rounds=max(5, 64 // M), warmup_rounds=2)
+    benchmark.pedantic(ours, rounds=max(15, 256 // M), warmup_rounds=2)
     t_ours = seconds_of(benchmark)
     t_int4 = timeit(lambda: ops.int4_gemm(x, r_int4.next()))
     case = f"K={K} N={N} M={M} bf16 g128 sym"
