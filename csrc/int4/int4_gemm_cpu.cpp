@@ -602,8 +602,12 @@ bool amx_groups_ok(const Int4GemmParams& p) {
 // 128 + q pairs of the AVX512-BF16 path need a second one (- s z' xsum) and a broadcast of xsum,
 // which made the fold about half as costly as the tile products at M = 512. The pair comes from a
 // 32-entry table (vpermw): index = q + 16 - z, table[i] = bf16(i - 16).
-BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_t t, int64_t g,
-                                                 int64_t o0, int no, uint32_t* wb) {
+// The bf16 pairs of q - z of octets [o0, o0 + no) of tile t (all in group g), pair row
+// 4 (o - o0) + pr, 16 columns (vector v) at a time, handed to out(row, v, pairs). Prefetches 16
+// octets ahead, as unpack_panel does. ASYM: with the group's zero points, else the symmetric 8.
+template <bool ASYM, class Out>
+BITPRESS_TARGET_AVX512BF16 __attribute__((always_inline)) inline void qz_pairs(
+    const Int4GemmParams& p, int64_t t, int64_t g, int64_t o0, int no, const Out& out) {
   alignas(64) static const uint16_t kTable[32] = {
       0xc180, 0xc170, 0xc160, 0xc150, 0xc140, 0xc130, 0xc120, 0xc110,  // -16 .. -9
       0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,  // -8 .. -1
@@ -618,7 +622,7 @@ BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_
   const int64_t sg = (t * p.G + g) * kInt4TileN;
   for (int v = 0; v < 4; ++v) {
     bias[v] = _mm512_set1_epi32(0x00080008);
-    if (p.zeros) {
+    if (ASYM) {
       const __m512i z = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v)));
       const __m512i c = _mm512_sub_epi32(_mm512_set1_epi32(16), z);
@@ -626,7 +630,6 @@ BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_
     }
   }
   const int32_t* wp = p.qweight + (t * (p.Kp / 8) + o0) * kInt4TileN;
-  // Prefetch 16 octets ahead, as unpack_panel does.
   const int32_t* end = p.qweight + ((p.N + kInt4TileN - 1) / kInt4TileN) * (p.Kp / 8) * kInt4TileN;
   for (int o = 0; o < no; ++o) {
     const int32_t* pf = wp + (o + kPanelOctets) * kInt4TileN;
@@ -636,23 +639,37 @@ BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_
     }
     for (int v = 0; v < 4; ++v) {
       const __m512i words = _mm512_loadu_si512(wp + o * kInt4TileN + 16 * v);
-      if (!p.zeros) {
-        // vpermw reads the low 5 bits of each index: the nibble and the lowest bit of the next
-        // one, which the symmetric table (q - 8, twice) ignores; no mask, no add.
-#pragma GCC unroll 4
-        for (int pr = 0; pr < 4; ++pr) {
-          _mm512_store_si512(wb + (4 * o + pr) * kInt4TileN + 16 * v,
-                             _mm512_permutexvar_epi16(_mm512_srli_epi32(words, 4 * pr), sym));
-        }
-        continue;
-      }
 #pragma GCC unroll 4
       for (int pr = 0; pr < 4; ++pr) {
-        const __m512i q = _mm512_and_si512(_mm512_srli_epi32(words, 4 * pr), nib);
-        _mm512_store_si512(wb + (4 * o + pr) * kInt4TileN + 16 * v,
-                           _mm512_permutexvar_epi16(_mm512_add_epi16(q, bias[v]), table));
+        // Symmetric: vpermw reads the low 5 bits of each index, the nibble and the lowest bit of
+        // the next one, which the symmetric table (q - 8, twice) ignores; no mask, no add.
+        const __m512i qz =
+            ASYM ? _mm512_permutexvar_epi16(
+                       _mm512_add_epi16(_mm512_and_si512(_mm512_srli_epi32(words, 4 * pr), nib),
+                                        bias[v]),
+                       table)
+                 : _mm512_permutexvar_epi16(_mm512_srli_epi32(words, 4 * pr), sym);
+        out(4 * o + pr, v, qz);
       }
     }
+  }
+}
+
+// Stores the pairs as they are: wb[row * 64 + c].
+struct StorePairs {
+  uint32_t* wb;
+  BITPRESS_TARGET_AVX512BF16 __attribute__((always_inline)) void operator()(int row, int v,
+                                                                            __m512i qz) const {
+    _mm512_store_si512(wb + row * kInt4TileN + 16 * v, qz);
+  }
+};
+
+BITPRESS_TARGET_AVX512BF16 void unpack_panel_amx(const Int4GemmParams& p, int64_t t, int64_t g,
+                                                 int64_t o0, int no, uint32_t* wb) {
+  if (p.zeros) {
+    qz_pairs<true>(p, t, g, o0, no, StorePairs{wb});
+  } else {
+    qz_pairs<false>(p, t, g, o0, no, StorePairs{wb});
   }
 }
 
@@ -746,6 +763,21 @@ constexpr int64_t kDqTiles = 4;
 constexpr int64_t kDqChunkOctets = 32;  // K per panel: 256 (4 tiles: 128 KiB of bf16 pairs)
 
 #if defined(__x86_64__)
+// Stores bf16((q - z) s): wb[row * ld + c], s the group's scales of the columns.
+struct StoreScaledPairs {
+  uint32_t* wb;
+  int64_t ld;
+  __m512 sc[4];
+  __m512i pairs, hi_mask;
+  BITPRESS_TARGET_AVX512BF16 __attribute__((always_inline)) void operator()(int row, int v,
+                                                                            __m512i qz) const {
+    const __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(qz, 16)), sc[v]);
+    const __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(qz, hi_mask)), sc[v]);
+    const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+    _mm512_store_si512(wb + row * ld + 16 * v, _mm512_permutexvar_epi16(pairs, b));
+  }
+};
+
 // The pairs of octets [o0, o0 + no) of tile t (group g) as bf16((q - z) s), laid out as
 // unpack_panel_amx's with row stride ld: (q - z) from the same tables, the float32 products
 // rounded by vcvtne2ps2bf16 (nearest even; NaN quiet, as float_to_bf16_bits; a denormal product
@@ -754,56 +786,20 @@ constexpr int64_t kDqChunkOctets = 32;  // K per panel: 256 (4 tiles: 128 KiB of
 BITPRESS_TARGET_AVX512BF16 void unpack_scaled_panel_amx(const Int4GemmParams& p, int64_t t,
                                                         int64_t g, int64_t o0, int no, uint32_t* wb,
                                                         int64_t ld) {
-  alignas(64) static const uint16_t kTable[32] = {
-      0xc180, 0xc170, 0xc160, 0xc150, 0xc140, 0xc130, 0xc120, 0xc110,  // -16 .. -9
-      0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,  // -8 .. -1
-      0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,  // 0 .. 7
-      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,  // 8 .. 15
-  };
   alignas(64) static const uint16_t kPairs[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
                                                   21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
                                                   11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i table = _mm512_load_si512(kTable), pairs = _mm512_load_si512(kPairs);
-  const __m512i sym = _mm512_shuffle_i64x2(table, table, 0x99);
-  const __m512i nib = _mm512_set1_epi32(0x000F000F);
-  const __m512i hi_mask = _mm512_set1_epi32(int32_t(0xFFFF0000u));
-  __m512i bias[4];
-  __m512 sc[4];
+  StoreScaledPairs out;
+  out.wb = wb;
+  out.ld = ld;
+  out.pairs = _mm512_load_si512(kPairs);
+  out.hi_mask = _mm512_set1_epi32(int32_t(0xFFFF0000u));
   const int64_t sg = (t * p.G + g) * kInt4TileN;
-  for (int v = 0; v < 4; ++v) {
-    sc[v] = _mm512_loadu_ps(p.scales + sg + 16 * v);
-    bias[v] = _mm512_set1_epi32(0x00080008);
-    if (p.zeros) {
-      const __m512i z = _mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zeros + sg + 16 * v)));
-      const __m512i c = _mm512_sub_epi32(_mm512_set1_epi32(16), z);
-      bias[v] = _mm512_or_si512(c, _mm512_slli_epi32(c, 16));
-    }
-  }
-  const int32_t* wp = p.qweight + (t * (p.Kp / 8) + o0) * kInt4TileN;
-  const int32_t* end = p.qweight + ((p.N + kInt4TileN - 1) / kInt4TileN) * (p.Kp / 8) * kInt4TileN;
-  for (int o = 0; o < no; ++o) {
-    const int32_t* pf = wp + (o + kPanelOctets) * kInt4TileN;
-    if (pf < end) {
-      for (int l = 0; l < 4; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(pf + 16 * l), _MM_HINT_T0);
-    }
-    for (int v = 0; v < 4; ++v) {
-      const __m512i words = _mm512_loadu_si512(wp + o * kInt4TileN + 16 * v);
-#pragma GCC unroll 4
-      for (int pr = 0; pr < 4; ++pr) {
-        const __m512i qz =
-            p.zeros ? _mm512_permutexvar_epi16(
-                          _mm512_add_epi16(_mm512_and_si512(_mm512_srli_epi32(words, 4 * pr), nib),
-                                           bias[v]),
-                          table)
-                    : _mm512_permutexvar_epi16(_mm512_srli_epi32(words, 4 * pr), sym);
-        const __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(qz, 16)), sc[v]);
-        const __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(qz, hi_mask)), sc[v]);
-        const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-        _mm512_store_si512(wb + (4 * o + pr) * ld + 16 * v, _mm512_permutexvar_epi16(pairs, b));
-      }
-    }
+  for (int v = 0; v < 4; ++v) out.sc[v] = _mm512_loadu_ps(p.scales + sg + 16 * v);
+  if (p.zeros) {
+    qz_pairs<true>(p, t, g, o0, no, out);
+  } else {
+    qz_pairs<false>(p, t, g, o0, no, out);
   }
 }
 
