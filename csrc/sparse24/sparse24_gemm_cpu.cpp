@@ -232,58 +232,18 @@ void direct_bf16_row(const Sparse24GemmParams& p, int64_t n, float* acc) {
   }
 }
 
-// Expands 32 values (64 dense columns, 8 metadata bytes) into the dense bf16 row with vpexpandw:
-// the kept-position mask of each metadata byte comes from a 256-entry table. Step s prefetches
-// the values at vpf + 64 s and the metadata at mpf + 8 s (L2): the caller points them at what it
-// expands next (4 KiB ahead in a whole-row sweep; the next row's slice in a K-chunked one, whose
-// own continuation is a row's length away).
-BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_row_vbmi2(
-    const uint16_t* vals, const uint8_t* meta, int64_t K, uint16_t* row, const char* vpf,
-    const char* mpf) {
-  static const auto kMask = [] {
-    struct T {
-      uint8_t m[256];
-    } t{};
-    for (int b = 0; b < 256; ++b) {
-      const uint32_t lo = b & 0xF, hi = b >> 4;
-      t.m[b] = uint8_t((1u << sparse24_idx0(lo)) | (1u << sparse24_idx1(lo)) |
-                       ((1u << sparse24_idx0(hi)) << 4) | ((1u << sparse24_idx1(hi)) << 4));
-    }
-    return t;
-  }();
-  int64_t s = 0;
-  for (; 64 * (s + 1) <= K; ++s) {
-    __builtin_prefetch(vpf + 64 * s, 0, 2);
-    if ((s & 7) == 0) __builtin_prefetch(mpf + 8 * s, 0, 2);
-    const uint8_t* m = meta + 8 * s;
-    const uint32_t lo = uint32_t(kMask.m[m[0]]) | uint32_t(kMask.m[m[1]]) << 8 |
-                        uint32_t(kMask.m[m[2]]) << 16 | uint32_t(kMask.m[m[3]]) << 24;
-    const uint32_t hi = uint32_t(kMask.m[m[4]]) | uint32_t(kMask.m[m[5]]) << 8 |
-                        uint32_t(kMask.m[m[6]]) << 16 | uint32_t(kMask.m[m[7]]) << 24;
-    const __m512i v0 =
-        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + 32 * s)));
-    const __m512i v1 = _mm512_castsi256_si512(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + 32 * s + 16)));
-    _mm512_storeu_si512(row + 64 * s, _mm512_maskz_expand_epi16(lo, v0));
-    _mm512_storeu_si512(row + 64 * s + 32, _mm512_maskz_expand_epi16(hi, v1));
-  }
-  for (int64_t k = 64 * s; k < K; ++k) row[k] = 0;
-  for (int64_t j = 32 * s; j < K / 2; ++j) row[sparse24_value_col(meta, j)] = vals[j];
-}
-
-// R rows at once (values, metadata and output rows at strides vs, ms, rs), their 64-column steps
-// interleaved: R read streams per thread keep more misses in flight than one row after another
-// (the M = 16 panel path is bound by this stream, not by the tiles). Prefetches as above for each
-// row, pf_rows rows ahead.
+// Expands R rows (values, metadata and output rows at strides vs, ms, rs) into dense bf16 rows
+// with vpexpandw, 32 values (64 dense columns, 8 metadata bytes) per step: the kept-position mask
+// of each metadata byte comes from a 256-entry table. The rows' steps are interleaved: R read
+// streams per thread keep more misses in flight than one row after another (the M = 16 panel
+// path is bound by this stream, not by the tiles). Step s of a row prefetches (L2) its values
+// pf_v elements and its metadata pf_m bytes ahead: the caller points them at what it expands
+// next (4 KiB ahead in a whole-row sweep; the next row's slice in a K-chunked one, whose own
+// continuation is a row's length away).
 template <int R>
 BITPRESS_TARGET_AVX512 __attribute__((target("avx512vbmi2"))) void expand_rows_vbmi2(
     const uint16_t* vals, int64_t vs, const uint8_t* meta, int64_t ms, int64_t K, uint16_t* row,
     int64_t rs, int64_t pf_v, int64_t pf_m) {
-  if (R == 1) {
-    expand_row_vbmi2(vals, meta, K, row, reinterpret_cast<const char*>(vals + pf_v),
-                     reinterpret_cast<const char*>(meta + pf_m));
-    return;
-  }
   static const auto kMask = [] {
     struct T {
       uint8_t m[256];
@@ -684,9 +644,8 @@ Status sparse24_expand16_cpu(const uint16_t* values, const uint8_t* meta, int64_
       }
 #if defined(__x86_64__)
       if (vbmi2) {
-        expand_row_vbmi2(values + n * (K / 2), m, K, w + n * K,
-                         reinterpret_cast<const char*>(values + n * (K / 2)) + kPrefetchBytes,
-                         reinterpret_cast<const char*>(m) + kPrefetchBytes);
+        expand_rows_vbmi2<1>(values + n * (K / 2), 0, m, 0, K, w + n * K, 0, kPrefetchBytes / 2,
+                             kPrefetchBytes);
         continue;
       }
 #endif
