@@ -112,16 +112,10 @@ def test_paths_agree_exactly_where_the_sums_are_exact():
                     _ext.C.set_cpu_isa(None)
 
 
-@pytest.mark.parametrize("block", ["64,1", "128,2", "192,3"])
-@pytest.mark.parametrize("M,K,N", [(17, 200, 37), (40, 456, 100), (97, 1000, 161)])
-def test_panel_k_chunks_and_panel_groups(cpu_isa, monkeypatch, block, M, K, N):
-    """The panel path cuts K into chunks (x^T slice in L2) run over groups of panels whose C
-    accumulates across the chunks; forced small here (BITPRESS_SPARSE24_PANEL_BLOCK), with ragged
-    last chunks (K not a multiple of the chunk or of 64) and last groups, bias, and bit-exact
-    against the direct path where the sums are exact."""
-    monkeypatch.setenv("BITPRESS_SPARSE24_PANEL_BLOCK", block)
-    monkeypatch.setenv("BITPRESS_SPARSE24_DIRECT_ROWS", "1")
-    values, meta = _weight(N, K, torch.bfloat16, M + K + N)
+def _check_bf16_with_bias_and_exact_sums(cpu_isa, M, K, N, seed):
+    """bf16 x with bias against the float64 reference, then small integers (every float32 sum
+    exact) against the exact product bit for bit. Returns (x, values, meta)."""
+    values, meta = _weight(N, K, torch.bfloat16, seed)
     x = torch.randn(M, K).bfloat16()
     bias = torch.randn(N).bfloat16()
     out = ops.sparse24_gemm(x, values, meta, bias, backend="cpu")
@@ -133,6 +127,19 @@ def test_panel_k_chunks_and_panel_groups(cpu_isa, monkeypatch, block, M, K, N):
     xi = torch.randint(-8, 8, (M, K), generator=gen).bfloat16()
     want = (xi.double() @ w.double().t()).bfloat16()
     assert torch.equal(ops.sparse24_gemm(xi, vi, mi, backend="cpu"), want), cpu_isa
+    return x, values, meta
+
+
+@pytest.mark.parametrize("block", ["64,1", "128,2", "192,3"])
+@pytest.mark.parametrize("M,K,N", [(17, 200, 37), (40, 456, 100), (97, 1000, 161)])
+def test_panel_k_chunks_and_panel_groups(cpu_isa, monkeypatch, block, M, K, N):
+    """The panel path cuts K into chunks (x^T slice in L2) run over groups of panels whose C
+    accumulates across the chunks; forced small here (BITPRESS_SPARSE24_PANEL_BLOCK), with ragged
+    last chunks (K not a multiple of the chunk or of 64) and last groups, bias, and bit-exact
+    against the direct path where the sums are exact."""
+    monkeypatch.setenv("BITPRESS_SPARSE24_PANEL_BLOCK", block)
+    monkeypatch.setenv("BITPRESS_SPARSE24_DIRECT_ROWS", "1")
+    _check_bf16_with_bias_and_exact_sums(cpu_isa, M, K, N, M + K + N)
 
 
 @pytest.mark.parametrize("M,K,N", [(200, 5000, 70)])
@@ -150,18 +157,7 @@ def test_bf16_dense_fallback(cpu_isa, monkeypatch, M, K, N):
     a reused workspace (vpexpandw on AVX512-VBMI2, C++ below) and the dense GEMM; with bias, and
     bit-exact against the direct path where the sums are exact."""
     monkeypatch.setenv("BITPRESS_SPARSE24_DENSE_ROWS", "1" if M < 256 else "256")
-    values, meta = _weight(N, K, torch.bfloat16, M + K)
-    x = torch.randn(M, K).bfloat16()
-    bias = torch.randn(N).bfloat16()
-    out = ops.sparse24_gemm(x, values, meta, bias, backend="cpu")
-    assert rel_err(out, ref64(x, values, meta, bias)) <= TOLERANCE[torch.bfloat16], cpu_isa
-    gen = torch.Generator().manual_seed(M)
-    w = layout.decompress(values, meta, torch.float32)
-    w = torch.where(w != 0, torch.randint(-8, 8, (N, K), generator=gen).float(), w)
-    vi, mi = layout.compress(w.bfloat16())
-    xi = torch.randint(-8, 8, (M, K), generator=gen).bfloat16()
-    want = (xi.double() @ w.double().t()).bfloat16()
-    assert torch.equal(ops.sparse24_gemm(xi, vi, mi, backend="cpu"), want), cpu_isa
+    x, values, meta = _check_bf16_with_bias_and_exact_sums(cpu_isa, M, K, N, M + K)
     bad = meta.clone()
     bad[N // 2, 0] = 0x00  # idx0 == idx1: unordered
     with pytest.raises(
