@@ -448,12 +448,15 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
   // piece, so that a piece's slice of xᵀ is read from L3 once per group instead of once per tile.
   // 14336 x 4096, M = 128, CPU time on one AMX core: 29.0 ms (whole-K tiles, xᵀ 4 MiB from L3
   // per tile) -> 21.4 ms (PK 2048, groups of 8; with the next row's piece prefetched).
-  const int64_t c_tile_bytes =
-      ((ncols + chunk - 1) / chunk) * NT * kCStride * int64_t(sizeof(float));
+  // One C block per column chunk when K spans several panels (they accumulate across the panels),
+  // else one reused block; c_tile floats per tile.
+  const int64_t c_blocks = n_pk > 1 ? (ncols + chunk - 1) / chunk : 1;
+  const int64_t c_tile = c_blocks * NT * kCStride;
   const int64_t group =
       n_pk == 1
           ? 1
-          : std::max<int64_t>(1, std::min<int64_t>(16, (kCGroupBytes >> l2_shift) / c_tile_bytes));
+          : std::max<int64_t>(1, std::min<int64_t>(16, (kCGroupBytes >> l2_shift) /
+                                                           (c_tile * int64_t(sizeof(float)))));
   Status status = Status::kSuccess;
 #if defined(__x86_64__)
   if (o.strip && o.kernel == cpu::GemmKernel::kAmx &&
@@ -493,10 +496,6 @@ Status run_engine(const EngineArgs& e, const CpuThreadPool* pool, const Fp8CpuOp
     // Panel rows one cache line longer than PK: rows 4096 apart (8 KiB) would all fall in the same
     // L1 sets, and the microkernel reads 16-32 of them at once (a tile).
     const int64_t lda = PK + 32;
-    // One C block per column chunk when K spans several panels (they accumulate across the
-    // panels), else one reused block.
-    const int64_t c_blocks = n_pk > 1 ? (ncols + chunk - 1) / chunk : 1;
-    const int64_t c_tile = c_blocks * NT * kCStride;  // floats of one tile's C blocks
     uint16_t* panel = static_cast<uint16_t*>(t_panel.get(size_t(NT * lda) * 2 + 64));
     float* c = static_cast<float*>(t_c.get(size_t(group * c_tile) * 4 + 64));
     float* cb = block ? static_cast<float*>(t_cb.get(size_t(NT * kCStride) * 4 + 64)) : nullptr;
